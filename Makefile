@@ -1,0 +1,40 @@
+# fsrecrypt — every target creates or refreshes the virtualenv it needs.
+PY ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+
+.PHONY: venv demo test test-fast bench lint services clean
+
+venv: $(STAMP)
+
+$(STAMP): setup.cfg pyproject.toml
+	test -x $(BIN)/python || $(PY) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -e '.[test]'
+	touch $(STAMP)
+
+# Make sure the real parts the tests and demo need are up. PostgreSQL is a
+# system service here; the moto S3/KMS server and the ESL server are started
+# by the test fixtures themselves as separate processes.
+services:
+	@bash .ci/ensure-postgres
+
+demo: venv services
+	$(BIN)/python -m fsrecrypt.demo
+
+test: venv services
+	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
+
+test-fast: venv
+	$(BIN)/python -m pytest -q -m "not slow" $(PYTEST_ARGS)
+
+bench: venv services
+	$(BIN)/python bench/run.py
+
+lint: venv
+	$(BIN)/ruff check fsrecrypt tests bench
+	$(BIN)/ruff format --check fsrecrypt tests bench || true
+
+clean:
+	rm -rf $(VENV) .demo .pytest_cache .hypothesis *.egg-info
