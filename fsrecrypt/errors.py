@@ -55,7 +55,10 @@ class ConfigError(FsrecryptError):
 class FormatError(FsrecryptError):
     """The bytes are not a message this reader accepts."""
 
-    hint = "The object is not an intact fsrecrypt/AWS Encryption SDK message; restore it from a backup or version."
+    hint = (
+        "The object is not an intact fsrecrypt/AWS Encryption SDK message; "
+        "restore it from a backup or an earlier version"
+    )
 
 
 class MalformedMessage(FormatError):
@@ -158,14 +161,20 @@ class StorageError(FsrecryptError):
 class ObjectNotFound(StorageError):
     """The object does not exist in the store."""
 
-    hint = "The recording's object is missing from the store; check the bucket/path and its versions."
+    hint = (
+        "The recording's object is missing from the store; "
+        "check the bucket/path and its versions"
+    )
     transient = False
 
 
 class ObjectExists(StorageError):
     """Refusing to overwrite an existing object."""
 
-    hint = "Object keys are unique per recording; this indicates a duplicate or a misconfigured prefix."
+    hint = (
+        "Object keys are unique per recording; "
+        "this indicates a duplicate or a misconfigured prefix"
+    )
     transient = False
 
 

@@ -1,0 +1,329 @@
+"""Configuration: one TOML file, every key overridable from the environment.
+
+Why a strict schema: a daemon that guesses around a typo (``delete_plantext``)
+silently does the wrong thing with compliance data. Unknown sections, unknown
+keys and values of the wrong type or range fail at start, naming the file, the
+key and the reason.
+
+Environment overrides are ``FSRECRYPT_<SECTION>_<KEY>`` (upper case), e.g.
+``FSRECRYPT_DATABASE_DSN``. They let systemd credentials and containers set
+secrets without writing them into the file. A key ending in ``_file`` (such as
+``password_file``) names a file whose content is the secret, which is how
+``LoadCredential=`` hands secrets over (``$CREDENTIALS_DIRECTORY``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import tomllib
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, get_args, get_origin, get_type_hints
+
+from fsrecrypt.errors import ConfigError
+
+DEFAULT_CONFIG_PATHS = (Path("/etc/fsrecrypt/fsrecrypt.toml"),)
+ENV_CONFIG = "FSRECRYPT_CONFIG"
+
+
+@dataclass(frozen=True)
+class FreeswitchConfig:
+    host: str = "127.0.0.1"
+    port: int = 8021
+    password: str = "ClueCon"  # noqa: S105 - FreeSWITCH's well-known default
+    password_file: str = ""
+    recordings_dirs: tuple[str, ...] = ("/var/lib/freeswitch/recordings",)
+    tenant_variable: str = "variable_fsrecrypt_tenant"
+    default_tenant: str = ""
+    consent_variable: str = "variable_recording_consent"
+    connect_timeout: float = 5.0
+    command_timeout: float = 5.0
+    liveness_interval: float = 5.0
+    backoff_cap: float = 30.0
+
+    def validate(self) -> None:
+        _check_port("freeswitch.port", self.port)
+        if not self.recordings_dirs:
+            raise ValueError("recordings_dirs: at least one directory is needed")
+        for d in self.recordings_dirs:
+            if not os.path.isabs(d):
+                raise ValueError(f"recordings_dirs: {d!r} is not an absolute path")
+
+    def resolved_password(self) -> str:
+        return _read_secret(self.password_file) if self.password_file else self.password
+
+
+@dataclass(frozen=True)
+class DatabaseConfig:
+    dsn: str = "postgresql://postgres@127.0.0.1:5432/fsrecrypt"
+    connect_timeout: float = 5.0
+
+    def validate(self) -> None:
+        if not self.dsn:
+            raise ValueError("dsn must not be empty")
+
+
+@dataclass(frozen=True)
+class KeysConfig:
+    provider: str = "local"
+    keyring: str = "/var/lib/fsrecrypt/keyring.json"
+    region: str = "us-east-1"
+    endpoint_url: str = ""
+
+    def validate(self) -> None:
+        if self.provider not in ("local", "aws-kms"):
+            raise ValueError(f"provider must be 'local' or 'aws-kms', not {self.provider!r}")
+
+
+@dataclass(frozen=True)
+class StorageConfig:
+    backend: str = "local"
+    path: str = "/var/lib/fsrecrypt/objects"
+    bucket: str = ""
+    prefix: str = "recordings/"
+    region: str = "us-east-1"
+    endpoint_url: str = ""
+    sse: str = ""
+    sse_kms_key_id: str = ""
+    part_size: int = 8 * 1024 * 1024
+
+    def validate(self) -> None:
+        if self.backend not in ("local", "s3"):
+            raise ValueError(f"backend must be 'local' or 's3', not {self.backend!r}")
+        if self.backend == "s3" and not self.bucket:
+            raise ValueError("bucket is required when backend = 's3'")
+        if self.sse not in ("", "AES256", "aws:kms"):
+            raise ValueError(f"sse must be '', 'AES256' or 'aws:kms', not {self.sse!r}")
+        if self.part_size < 5 * 1024 * 1024:
+            raise ValueError("part_size must be at least 5 MiB (S3's minimum part size)")
+        if self.prefix.startswith("/"):
+            raise ValueError("prefix must not start with '/'")
+
+
+@dataclass(frozen=True)
+class PipelineConfig:
+    frame_size: int = 65536
+    concurrency: int = 4
+    delete_plaintext: bool = True
+    max_attempts: int = 5
+    retry_base: float = 1.0
+    retry_cap: float = 60.0
+    sweep_interval: float = 300.0
+    quiet_period: float = 60.0
+    shutdown_grace: float = 30.0
+
+    def validate(self) -> None:
+        if self.frame_size <= 0 or self.frame_size % 4096:
+            raise ValueError("frame_size must be a positive multiple of 4096")
+        if self.frame_size > 16 * 1024 * 1024:
+            raise ValueError("frame_size must be at most 16 MiB")
+        if not 1 <= self.concurrency <= 256:
+            raise ValueError("concurrency must be between 1 and 256")
+        if self.max_attempts < 1:
+            raise ValueError("max_attempts must be at least 1")
+
+
+@dataclass(frozen=True)
+class PlaybackConfig:
+    listen: str = "127.0.0.1:8080"
+    url_ttl: int = 900
+    signing_key_file: str = "/var/lib/fsrecrypt/url-signing.key"
+
+    def validate(self) -> None:
+        _check_listen("playback.listen", self.listen)
+        if self.url_ttl <= 0:
+            raise ValueError("url_ttl must be positive")
+
+
+@dataclass(frozen=True)
+class MetricsConfig:
+    listen: str = "127.0.0.1:9464"
+    heartbeat_file: str = "/run/fsrecrypt/heartbeat"
+
+    def validate(self) -> None:
+        if self.listen:
+            _check_listen("metrics.listen", self.listen)
+
+
+@dataclass(frozen=True)
+class RetentionConfig:
+    days: int = 0
+
+    def validate(self) -> None:
+        if self.days < 0:
+            raise ValueError("days must be >= 0 (0 = keep forever)")
+
+
+@dataclass(frozen=True)
+class LoggingConfig:
+    level: str = "info"
+    format: str = "json"
+
+    def validate(self) -> None:
+        if self.level not in ("debug", "info", "warning", "error"):
+            raise ValueError("level must be debug, info, warning or error")
+        if self.format not in ("json", "console"):
+            raise ValueError("format must be 'json' or 'console'")
+
+
+@dataclass(frozen=True)
+class Config:
+    freeswitch: FreeswitchConfig = field(default_factory=FreeswitchConfig)
+    database: DatabaseConfig = field(default_factory=DatabaseConfig)
+    keys: KeysConfig = field(default_factory=KeysConfig)
+    storage: StorageConfig = field(default_factory=StorageConfig)
+    pipeline: PipelineConfig = field(default_factory=PipelineConfig)
+    playback: PlaybackConfig = field(default_factory=PlaybackConfig)
+    metrics: MetricsConfig = field(default_factory=MetricsConfig)
+    retention: RetentionConfig = field(default_factory=RetentionConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+    source: str = "<defaults>"
+
+
+def _check_port(name: str, port: int) -> None:
+    if not 0 < port < 65536:
+        raise ValueError(f"{name} must be a TCP port (1-65535)")
+
+
+def _check_listen(name: str, listen: str) -> None:
+    host, sep, port = listen.rpartition(":")
+    if not sep or not host or not port.isdigit():
+        raise ValueError(f"{name} must look like HOST:PORT, got {listen!r}")
+    _check_port(name, int(port))
+
+
+def _read_secret(path: str) -> str:
+    cred_dir = os.environ.get("CREDENTIALS_DIRECTORY")
+    candidate = Path(path)
+    if not candidate.is_absolute() and cred_dir:
+        candidate = Path(cred_dir) / candidate
+    try:
+        return candidate.read_text(encoding="utf-8").strip()
+    except OSError as exc:
+        raise ConfigError(
+            f"cannot read secret file {candidate}: {exc.strerror}",
+            hint="Check the path, or the systemd LoadCredential= line that provides it.",
+        ) from None
+
+
+def _coerce(value: Any, typ: Any, where: str) -> Any:
+    """Convert a TOML or environment value to the field's type, or explain why not."""
+    origin = get_origin(typ)
+    if origin is tuple:
+        (inner, _ellipsis) = get_args(typ)
+        if isinstance(value, str):
+            value = [v.strip() for v in value.split(",") if v.strip()]
+        if not isinstance(value, list | tuple):
+            raise ConfigError(f"{where}: expected a list, got {type(value).__name__}")
+        return tuple(_coerce(v, inner, where) for v in value)
+    if typ is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("1", "true", "yes", "on"):
+            return True
+        if isinstance(value, str) and value.lower() in ("0", "false", "no", "off"):
+            return False
+        raise ConfigError(f"{where}: expected true or false, got {value!r}")
+    if typ is int:
+        if isinstance(value, bool):
+            raise ConfigError(f"{where}: expected an integer, got {value!r}")
+        if isinstance(value, int):
+            return value
+        if isinstance(value, str):
+            try:
+                return int(value.replace("_", ""))
+            except ValueError:
+                pass
+        raise ConfigError(f"{where}: expected an integer, got {value!r}")
+    if typ is float:
+        if isinstance(value, int | float) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):
+            try:
+                return float(value)
+            except ValueError:
+                pass
+        raise ConfigError(f"{where}: expected a number, got {value!r}")
+    if typ is str:
+        if isinstance(value, str):
+            return value
+        raise ConfigError(f"{where}: expected a string, got {value!r}")
+    raise ConfigError(f"{where}: unsupported type")  # pragma: no cover
+
+
+def _build_section(cls: type, raw: Mapping[str, Any], section: str, source: str) -> Any:
+    hints = get_type_hints(cls)
+    known = {f.name for f in dataclasses.fields(cls)}
+    values: dict[str, Any] = {}
+    for key, value in raw.items():
+        if key not in known:
+            raise ConfigError(
+                f"{source}: unknown key [{section}] {key}",
+                hint=f"Known keys in [{section}]: {', '.join(sorted(known))}.",
+            )
+        values[key] = _coerce(value, hints[key], f"{source}: [{section}] {key}")
+    for key in known:
+        env_name = f"FSRECRYPT_{section.upper()}_{key.upper()}"
+        if env_name in os.environ:
+            values[key] = _coerce(os.environ[env_name], hints[key], f"environment {env_name}")
+    try:
+        obj = cls(**values)
+        obj.validate()
+    except ValueError as exc:
+        raise ConfigError(f"{source}: [{section}] {exc}") from None
+    return obj
+
+
+def load_config(path: str | os.PathLike[str] | None = None) -> Config:
+    """Load the config file (or only defaults + environment when there is none).
+
+    Lookup order: the explicit ``path``, ``$FSRECRYPT_CONFIG``, then
+    ``/etc/fsrecrypt/fsrecrypt.toml``. An explicitly named file that does not
+    exist is an error; a missing default file is not.
+    """
+    explicit = path or os.environ.get(ENV_CONFIG)
+    raw: dict[str, Any] = {}
+    source = "<defaults>"
+    candidates = [Path(explicit)] if explicit else list(DEFAULT_CONFIG_PATHS)
+    for candidate in candidates:
+        if not candidate.exists():
+            if explicit:
+                raise ConfigError(
+                    f"configuration file {candidate} does not exist",
+                    hint="Pass an existing file with -c, or copy conf/fsrecrypt.toml.",
+                )
+            continue
+        try:
+            raw = tomllib.loads(candidate.read_text(encoding="utf-8"))
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError(f"{candidate}: invalid TOML: {exc}") from None
+        except OSError as exc:
+            raise ConfigError(f"cannot read {candidate}: {exc.strerror}") from None
+        source = str(candidate)
+        break
+    sections = {f.name: f.type for f in dataclasses.fields(Config) if f.name != "source"}
+    hints = get_type_hints(Config)
+    for name, value in raw.items():
+        if name not in sections:
+            raise ConfigError(
+                f"{source}: unknown section [{name}]",
+                hint=f"Known sections: {', '.join(sections)}.",
+            )
+        if not isinstance(value, dict):
+            raise ConfigError(f"{source}: [{name}] must be a table")
+    built = {
+        name: _build_section(hints[name], raw.get(name, {}), name, source) for name in sections
+    }
+    return Config(**built, source=source)
+
+
+def with_overrides(config: Config, **sections: Mapping[str, Any]) -> Config:
+    """Return a copy with some keys replaced (validated like the file's)."""
+    changed: dict[str, Any] = {}
+    for name, updates in sections.items():
+        current = getattr(config, name)
+        merged = {**dataclasses.asdict(current), **updates}
+        changed[name] = _build_section(type(current), merged, name, "<override>")
+    return dataclasses.replace(config, **changed)
