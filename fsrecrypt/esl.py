@@ -1,0 +1,714 @@
+"""FreeSWITCH Event Socket client: a hardened greenswitch, event parsing, RECORD_STOP rules.
+
+greenswitch 0.0.19 is kept as the dependency (``_HardenedESL`` subclasses its
+``InboundESL``), but every code path that touches the socket is replaced,
+because the stock client has flaws that matter for a daemon that must not
+miss or misread a recording:
+
+a. ``ESLEvent.parse_data`` URL-decodes the whole body *before* splitting it
+   into lines, so a caller-chosen value with ``%0A`` (a caller id name, a
+   channel variable set from SIP headers) forges extra headers such as the
+   tenant or the file path. :func:`parse_event_body` splits lines first and
+   decodes each value on its own.
+b. No timeout after connect: ``auth`` and every command wait forever, and a
+   command in flight when the socket dies never returns. Here connect, auth
+   and each command have a deadline; a miss raises :class:`EslError` and
+   kills the connection (a late reply would otherwise answer the next
+   command).
+c. EOF in the middle of a frame body makes ``_read_socket`` loop on empty
+   reads without ever yielding: the whole process hangs at 100% CPU. Here EOF
+   anywhere ends the reader and marks the connection down.
+d. A non-UTF-8 byte in a body raises inside the reader greenlet, which dies
+   while ``connected`` stays ``True``. Here values are decoded leniently and
+   any reader failure is logged and marks the connection down.
+e./f. No reconnect and no liveness check. :class:`EventSource` supervises
+   the connection: capped, jittered exponential backoff, re-auth,
+   re-subscribe, and a periodic ``api status`` whose miss forces a reconnect.
+
+A ``text/disconnect-notice`` (FreeSWITCH exiting or shutting down) is a
+disconnect like any other and triggers the reconnect loop.
+"""
+
+from __future__ import annotations
+
+import random
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any, Literal
+from urllib.parse import unquote_to_bytes
+
+import gevent
+import gevent.event
+import gevent.lock
+import gevent.queue
+import gevent.socket
+from greenswitch.esl import InboundESL
+
+from fsrecrypt.errors import EslError, EventError
+
+try:  # structlog is a declared dependency; stay importable without it
+    import structlog
+
+    log: Any = structlog.get_logger("fsrecrypt.esl")
+except ImportError:  # pragma: no cover - exercised only without structlog
+    import logging
+
+    class _KwLogger:
+        """Accept structlog-style ``log.info("event", key=value)`` on stdlib logging."""
+
+        def __init__(self, name: str) -> None:
+            self._log = logging.getLogger(name)
+
+        def __getattr__(self, level: str) -> Callable[..., None]:
+            method = getattr(self._log, level)
+
+            def emit(event: str, **fields: object) -> None:
+                extra = " ".join(f"{k}={v!r}" for k, v in fields.items())
+                method(f"{event} {extra}".rstrip())
+
+            return emit
+
+    log = _KwLogger("fsrecrypt.esl")
+
+__all__ = [
+    "EslSettings",
+    "Event",
+    "EventSource",
+    "RecordStop",
+    "backoff_delay",
+    "classify_record_stop",
+    "parse_event_body",
+]
+
+# Bounds that keep a broken or hostile peer from exhausting memory.
+MAX_LINE = 64 * 1024
+MAX_ENVELOPE_LINES = 256
+MAX_BODY = 16 * 1024 * 1024
+
+
+# --- settings -------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class EslSettings:
+    """How to reach FreeSWITCH and how impatient to be with it.
+
+    Only RECORD_STOP is subscribed by default: it carries everything the
+    pipeline needs (path, cause, channel variables), and every extra event
+    type is traffic the reader must parse on a busy switch.
+    """
+
+    host: str = "127.0.0.1"
+    port: int = 8021
+    password: str = "ClueCon"  # noqa: S105 - FreeSWITCH's shipped default, overridden by config
+    connect_timeout: float = 5.0
+    command_timeout: float = 5.0
+    liveness_interval: float = 5.0
+    backoff_base: float = 0.5
+    backoff_cap: float = 30.0
+    events: tuple[str, ...] = ("RECORD_STOP",)
+
+
+# --- events ---------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Event:
+    """One parsed event: headers in wire order with decoded values, and the optional body."""
+
+    name: str
+    headers: dict[str, str]
+    body: str | None = None
+
+    def get(self, name: str, default: str | None = None) -> str | None:
+        """A header's decoded value, or ``default``."""
+        return self.headers.get(name, default)
+
+    @property
+    def subclass(self) -> str | None:
+        """``Event-Subclass`` of a CUSTOM event."""
+        return self.headers.get("Event-Subclass")
+
+
+def _decode_value(raw: bytes) -> str:
+    """Percent-decode one value; bytes that are not UTF-8 survive as surrogates.
+
+    surrogateescape matches how Python decodes file names, so a latin-1
+    recording path round-trips to the same bytes through ``os.fsencode``.
+    """
+    return unquote_to_bytes(raw).decode("utf-8", "surrogateescape")
+
+
+def parse_event_body(raw: bytes) -> Event:
+    """Parse a ``text/event-plain`` body: split lines first, then decode each value.
+
+    Decoding per value is what makes an encoded newline inside a value stay
+    inside that value instead of starting a forged header. The first
+    occurrence of a repeated header wins (FreeSWITCH repeats a few, e.g.
+    Hangup-Cause, with the same value).
+    """
+    if not isinstance(raw, bytes | bytearray):
+        raise EventError("event body must be bytes")
+    raw = bytes(raw).replace(b"\r\n", b"\n")
+    head, sep, rest = raw.partition(b"\n\n")
+    headers: dict[str, str] = {}
+    for line in head.split(b"\n"):
+        if not line:
+            continue
+        name_b, colon, value_b = line.partition(b":")
+        name = name_b.decode("ascii", "replace").strip()
+        if not colon or not name or " " in name or "\ufffd" in name:
+            raise EventError(f"malformed event header line ({len(line)} bytes)")
+        if value_b.startswith(b" "):
+            value_b = value_b[1:]
+        if name not in headers:
+            headers[name] = _decode_value(value_b)
+    body: str | None = None
+    if "Content-Length" in headers:
+        try:
+            length = int(headers["Content-Length"])
+        except ValueError:
+            raise EventError("event body Content-Length is not a number") from None
+        if length < 0 or length > len(rest) or not sep:
+            raise EventError("event body shorter than its Content-Length")
+        body = rest[:length].decode("utf-8", "surrogateescape")
+    name = headers.get("Event-Name")
+    if not name:
+        raise EventError("event without Event-Name")
+    return Event(name=name, headers=headers, body=body)
+
+
+# --- RECORD_STOP classification ------------------------------------------------------
+
+Disposition = Literal["process", "discarded", "uri-failure", "remote"]
+_DISCARD_CAUSES = frozenset({"empty-file", "input-too-short"})
+
+
+@dataclass(frozen=True)
+class RecordStop:
+    """What a RECORD_STOP means for the pipeline (pure data, no I/O)."""
+
+    core_uuid: str
+    call_uuid: str | None
+    channel_uuid: str | None
+    path: str
+    cause: str | None
+    disposition: Disposition
+    tenant: str | None
+    consent: str | None
+    record_ms: int | None
+    file_size_hint: int | None
+    event_seq: str | None
+    event_timestamp: str | None
+
+    @property
+    def key(self) -> str:
+        """Dedup key: a recording can follow transfers, so the call id alone is not enough."""
+        return f"{self.core_uuid}:{self.path}"
+
+
+def _strip_prefix(path: str) -> str:
+    """Drop a leading ``{k=v,...}`` variable block (``record_session {...}/x.wav``)."""
+    if path.startswith("{"):
+        end = path.find("}")
+        if end != -1:
+            return path[end + 1 :]
+    return path
+
+
+def _int_or_none(value: str | None) -> int | None:
+    try:
+        return int(value) if value not in (None, "") else None
+    except ValueError:
+        return None
+
+
+def classify_record_stop(
+    event: Event,
+    tenant_header: str = "variable_fsrecrypt_tenant",
+    consent_header: str = "variable_recording_consent",
+) -> RecordStop:
+    """Turn a RECORD_STOP into a :class:`RecordStop` with its disposition.
+
+    ``discarded``: FreeSWITCH deleted the file (empty-file, input-too-short,
+    or RECORD_DISCARDED), even though ``variable_record_file_size`` may still
+    name a size. ``uri-failure``: the event fires before the file is closed,
+    so it must never be read. ``remote``: a URL (``http://``, ``s3://``), not
+    a local file. Everything else is ``process``.
+    """
+    if event.name != "RECORD_STOP":
+        raise EventError(f"not a RECORD_STOP event: {event.name}")
+    raw_path = event.get("Record-File-Path")
+    if not raw_path:
+        raise EventError("RECORD_STOP without Record-File-Path")
+    core_uuid = event.get("Core-UUID")
+    if not core_uuid:
+        raise EventError("RECORD_STOP without Core-UUID")
+    path = _strip_prefix(raw_path)
+    if not path:
+        raise EventError("RECORD_STOP with an empty Record-File-Path")
+    cause = event.get("Record-Completion-Cause") or event.get("variable_record_completion_cause")
+    discarded_var = (event.get("variable_RECORD_DISCARDED") or "").lower() == "true"
+    disposition: Disposition
+    if cause == "uri-failure":
+        disposition = "uri-failure"
+    elif cause in _DISCARD_CAUSES or discarded_var:
+        disposition = "discarded"
+    elif "://" in path:
+        disposition = "remote"
+    else:
+        disposition = "process"
+    return RecordStop(
+        core_uuid=core_uuid,
+        call_uuid=event.get("Channel-Call-UUID") or event.get("variable_call_uuid"),
+        channel_uuid=event.get("Unique-ID"),
+        path=path,
+        cause=cause,
+        disposition=disposition,
+        tenant=event.get(tenant_header) or None,
+        consent=event.get(consent_header) or None,
+        record_ms=_int_or_none(event.get("variable_record_ms")),
+        file_size_hint=_int_or_none(event.get("variable_record_file_size")),
+        event_seq=event.get("Event-Sequence"),
+        event_timestamp=event.get("Event-Date-Timestamp"),
+    )
+
+
+# --- one connection ---------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Reply:
+    """A command/reply or api/response frame."""
+
+    headers: dict[str, str]
+    body: str | None
+
+    @property
+    def text(self) -> str:
+        """Reply-Text of a command/reply ('' for an api/response)."""
+        return self.headers.get("Reply-Text", "")
+
+
+class _EofMidFrame(Exception):
+    """The peer closed the socket inside a frame."""
+
+
+def _check_line(value: str, what: str) -> None:
+    if "\n" in value or "\r" in value:
+        # A newline would end the command block and let the rest be read as
+        # a second command: an injection into the control channel.
+        raise ValueError(f"{what} must not contain a line break")
+
+
+class _HardenedESL(InboundESL):  # type: ignore[misc]
+    """greenswitch's InboundESL with every socket path replaced (see the module doc)."""
+
+    def __init__(
+        self,
+        settings: EslSettings,
+        on_event: Callable[[Event], None],
+        on_down: Callable[[str], None] | None = None,
+    ) -> None:
+        super().__init__(settings.host, settings.port, settings.password, settings.connect_timeout)
+        self.settings = settings
+        self._on_event = on_event
+        self._on_down = on_down
+        self._send_lock = gevent.lock.Semaphore()
+        self.dead = gevent.event.Event()
+        self.down_reason: str | None = None
+        self.sock: gevent.socket.socket | None = None
+
+    # connection -------------------------------------------------------------
+
+    def connect(self) -> None:
+        """Connect, wait for auth/request and authenticate, each within connect_timeout."""
+        timeout = self.settings.connect_timeout
+        try:
+            self.sock = gevent.socket.create_connection(
+                (self.settings.host, self.settings.port), timeout=timeout
+            )
+        except OSError as exc:
+            raise EslError(
+                f"cannot connect to FreeSWITCH ESL at {self.settings.host}:{self.settings.port}: "
+                f"{exc}"
+            ) from None
+        # Reads block without a socket timeout: an idle event stream is normal,
+        # and liveness probes detect a dead peer. Writes are bounded by
+        # gevent.Timeout in send().
+        self.sock.settimeout(None)
+        self.sock_file = self.sock.makefile("rb")
+        self.connected = True
+        self._receive_events_greenlet = gevent.spawn(self._reader)
+        if not self._auth_request_event.wait(timeout) or not self.connected:
+            self.close("no auth/request greeting")
+            raise EslError(
+                f"FreeSWITCH at {self.settings.host}:{self.settings.port} sent no auth/request "
+                f"within {timeout}s"
+            )
+        self.authenticate()
+
+    def authenticate(self) -> None:
+        """Send ``auth``; a refusal is an EslError (FreeSWITCH then closes the socket)."""
+        reply = self.send(f"auth {self.password}", timeout=self.settings.connect_timeout)
+        if not reply.text.startswith("+OK"):
+            self.close("authentication refused")
+            raise EslError(
+                "FreeSWITCH refused the ESL password",
+                hint="Check [freeswitch] password against event_socket.conf.xml",
+            )
+
+    def subscribe(self, events: tuple[str, ...]) -> None:
+        """``event plain ...``; the reply must be +OK."""
+        for name in events:
+            _check_line(name, "event name")
+        reply = self.send("event plain " + " ".join(events))
+        if not reply.text.startswith("+OK"):
+            self.close("subscription refused")
+            raise EslError(f"FreeSWITCH refused the event subscription: {reply.text}")
+
+    # commands ---------------------------------------------------------------
+
+    def send(self, data: str, timeout: float | None = None, body: str | None = None) -> Reply:
+        """Send one command block and wait for its reply within ``timeout``.
+
+        A timeout kills the connection: replies are matched to commands by
+        order only, so once one is missing every later match would be wrong.
+        """
+        if not self.connected or self.sock is None:
+            raise EslError("not connected to FreeSWITCH")
+        timeout = self.settings.command_timeout if timeout is None else timeout
+        result: gevent.event.AsyncResult = gevent.event.AsyncResult()
+        first = data.split("\n", 1)[0]
+        verb = "auth" if first.startswith("auth ") else first[:80]  # never log the password
+        payload = data.encode("utf-8")
+        if body is None:
+            payload += b"\n\n"
+        else:
+            encoded = body.encode("utf-8")
+            payload += b"\nContent-Length: %d\n\n" % len(encoded) + encoded
+        try:
+            with gevent.Timeout(timeout):
+                with self._send_lock:  # keeps send order == reply order
+                    self._commands_sent.append(result)
+                    self.sock.sendall(payload)
+                return result.get()  # type: ignore[no-any-return]
+        except gevent.Timeout:
+            self.close(f"no reply to {verb} within {timeout}s")
+            raise EslError(f"FreeSWITCH did not answer {verb!r} within {timeout}s") from None
+        except OSError as exc:
+            self.close(f"send failed: {exc}")
+            raise EslError(f"ESL connection failed while sending {verb!r}: {exc}") from None
+
+    # reading ----------------------------------------------------------------
+
+    def _readline(self) -> bytes:
+        line = self.sock_file.readline(MAX_LINE)
+        if line and not line.endswith(b"\n") and len(line) >= MAX_LINE:
+            raise EslError("ESL envelope line too long")
+        return line  # type: ignore[no-any-return]
+
+    def _read_frame(self) -> tuple[dict[str, str], bytes] | None:
+        """One frame: envelope lines up to a blank line, then Content-Length bytes.
+
+        Returns None on a clean EOF between frames; raises _EofMidFrame when
+        the peer vanished inside one.
+        """
+        headers: dict[str, str] = {}
+        lines = 0
+        while True:
+            line = self._readline()
+            if not line:
+                if lines:
+                    raise _EofMidFrame("EOF inside the envelope")
+                return None
+            if line in (b"\n", b"\r\n"):
+                if lines:
+                    break
+                continue  # stray blank line between frames
+            lines += 1
+            if lines > MAX_ENVELOPE_LINES:
+                raise EslError("ESL envelope has too many lines")
+            name, _, value = line.decode("utf-8", "surrogateescape").partition(":")
+            headers.setdefault(name.strip(), value.strip())
+        body = b""
+        if "Content-Length" in headers:
+            try:
+                length = int(headers["Content-Length"])
+            except ValueError:
+                raise EslError("ESL Content-Length is not a number") from None
+            if length < 0 or length > MAX_BODY:
+                raise EslError(f"ESL Content-Length out of range: {length}")
+            chunks: list[bytes] = []
+            remaining = length
+            while remaining:
+                chunk = self.sock_file.read(remaining)
+                if not chunk:
+                    raise _EofMidFrame(f"EOF after {length - remaining} of {length} body bytes")
+                chunks.append(chunk)
+                remaining -= len(chunk)
+            body = b"".join(chunks)
+        return headers, body
+
+    def _reader(self) -> None:
+        """Read frames until EOF or error; whatever ends it marks the connection down."""
+        reason = "connection closed by FreeSWITCH"
+        try:
+            while True:
+                frame = self._read_frame()
+                if frame is None:
+                    break
+                if not self._dispatch(*frame):
+                    reason = "disconnect-notice from FreeSWITCH"
+                    break
+        except _EofMidFrame as exc:
+            reason = f"connection dropped mid-frame ({exc})"
+        except (OSError, ValueError) as exc:
+            reason = f"read failed: {exc}"
+        except EslError as exc:
+            reason = f"protocol error: {exc}"
+        except Exception as exc:  # never die silently: log and mark down
+            log.exception("esl.reader_crashed", error=repr(exc))
+            reason = f"reader crashed: {type(exc).__name__}"
+        finally:
+            self.close(reason)
+
+    def _dispatch(self, headers: dict[str, str], body: bytes) -> bool:
+        """Route one frame; False means the connection is over."""
+        ctype = headers.get("Content-Type", "")
+        if ctype == "auth/request":
+            self._auth_request_event.set()
+        elif ctype in ("command/reply", "api/response"):
+            text = body.decode("utf-8", "surrogateescape") if ctype == "api/response" else None
+            if self._commands_sent:
+                self._commands_sent.pop(0).set(Reply(headers, text))
+            else:
+                log.warning("esl.unexpected_reply", content_type=ctype)
+        elif ctype == "text/event-plain":
+            try:
+                event = parse_event_body(body)
+            except EventError as exc:
+                log.warning("esl.bad_event", error=str(exc), size=len(body))
+            else:
+                self._on_event(event)
+        elif ctype == "text/disconnect-notice":
+            if headers.get("Content-Disposition") == "linger":
+                return True
+            return False
+        elif ctype == "text/rude-rejection":
+            self._auth_request_event.set()  # wake connect(); connected goes False below
+            return False
+        else:
+            log.debug("esl.ignored_frame", content_type=ctype)
+        return True
+
+    def close(self, reason: str = "closed") -> None:
+        """Mark down once: fail pending commands, close the socket, notify the owner."""
+        if self.dead.is_set():
+            return
+        self.down_reason = reason
+        self.connected = False
+        self._run = False
+        self.dead.set()
+        pending, self._commands_sent = self._commands_sent, []
+        for result in pending:
+            result.set_exception(EslError(f"ESL connection lost: {reason}"))
+        self._auth_request_event.set()
+        if self.sock is not None:
+            try:
+                self.sock.close()
+            except OSError:  # already gone
+                pass
+        reader = self._receive_events_greenlet
+        if reader is not None and reader is not gevent.getcurrent():
+            reader.kill(block=False)
+        if self._on_down is not None:
+            self._on_down(reason)
+
+
+# --- the supervised event source ------------------------------------------------------
+
+
+def backoff_delay(
+    attempt: int, base: float, cap: float, rand: Callable[[], float] = random.random
+) -> float:
+    """Delay before reconnect ``attempt`` (0-based): capped exponential, half of it jittered.
+
+    Jitter keeps a fleet of daemons from reconnecting in lock-step when
+    FreeSWITCH restarts; keeping half the delay fixed keeps the growth real.
+    """
+    ceiling = min(cap, base * (2 ** min(attempt, 32)))
+    return ceiling / 2 + rand() * ceiling / 2
+
+
+_STOP = object()
+
+
+class EventSource:
+    """A supervised ESL subscription: connect, subscribe, probe liveness, reconnect.
+
+    ``on_event`` runs in a dispatcher greenlet fed by a queue, never in the
+    socket reader, so a slow handler delays its own work but not reading
+    (nor the liveness replies). ``on_state`` receives ``connecting``,
+    ``connected``, ``disconnected``, ``backoff`` and ``stopped``.
+    """
+
+    def __init__(
+        self,
+        settings: EslSettings,
+        on_event: Callable[[Event], None],
+        on_state: Callable[[str], None] | None = None,
+    ) -> None:
+        self.settings = settings
+        self.on_event = on_event
+        self.on_state = on_state
+        self.connected = False
+        self.reconnects = 0
+        self.last_event_at: float | None = None
+        self.state = "stopped"
+        self._conn: _HardenedESL | None = None
+        self._queue: gevent.queue.Queue = gevent.queue.Queue()
+        self._stopping = gevent.event.Event()
+        self._supervisor: gevent.Greenlet | None = None
+        self._dispatcher: gevent.Greenlet | None = None
+        self._ever_connected = False
+
+    # lifecycle ---------------------------------------------------------------
+
+    def start(self) -> None:
+        """Spawn the supervisor and the dispatcher greenlets (returns at once)."""
+        if self._supervisor is not None:
+            return
+        self._stopping.clear()
+        self._dispatcher = gevent.spawn(self._dispatch_loop)
+        self._supervisor = gevent.spawn(self._supervise)
+
+    def stop(self, timeout: float = 5.0) -> None:
+        """Close the connection and stop both greenlets; queued events are still delivered."""
+        self._stopping.set()
+        conn = self._conn
+        if conn is not None:
+            conn.close("stopping")
+        if self._supervisor is not None:
+            self._supervisor.join(timeout)
+            self._supervisor.kill(block=False)
+            self._supervisor = None
+        if self._dispatcher is not None:
+            self._queue.put(_STOP)
+            self._dispatcher.join(timeout)
+            self._dispatcher.kill(block=False)
+            self._dispatcher = None
+        self.connected = False
+        self._set_state("stopped")
+
+    # commands ------------------------------------------------------------------
+
+    def _current(self) -> _HardenedESL:
+        conn = self._conn
+        if conn is None or not conn.connected:
+            raise EslError("not connected to FreeSWITCH")
+        return conn
+
+    def api(self, command: str, timeout: float | None = None) -> str:
+        """Run ``api <command>`` and return the api/response body."""
+        _check_line(command, "api command")
+        reply = self._current().send(f"api {command}", timeout)
+        return reply.body or ""
+
+    def send_event(
+        self, subclass: str, headers: Mapping[str, str], body: str | None = None
+    ) -> None:
+        """Fire a CUSTOM event with ``Event-Subclass: subclass`` through ``sendevent``.
+
+        Header names and values must be single lines (a line break would
+        inject commands into the ESL stream); a body is sent with its
+        Content-Length.
+        """
+        _check_line(subclass, "event subclass")
+        lines = ["sendevent CUSTOM", f"Event-Subclass: {subclass}"]
+        for name, value in headers.items():
+            _check_line(name, "header name")
+            _check_line(str(value), f"header {name}")
+            if ":" in name or not name:
+                raise ValueError(f"invalid header name {name!r}")
+            lines.append(f"{name}: {value}")
+        reply = self._current().send("\n".join(lines), body=body)
+        if not reply.text.startswith("+OK"):
+            raise EslError(f"FreeSWITCH refused sendevent {subclass}: {reply.text}")
+
+    # internals -----------------------------------------------------------------
+
+    def _set_state(self, state: str, **fields: object) -> None:
+        if state == self.state and not fields:
+            return
+        self.state = state
+        log.info("esl.state", state=state, host=self.settings.host, port=self.settings.port,
+                 **fields)
+        if self.on_state is not None:
+            try:
+                self.on_state(state)
+            except Exception:
+                log.exception("esl.on_state_failed", state=state)
+
+    def _enqueue(self, event: Event) -> None:
+        self.last_event_at = time.time()
+        self._queue.put(event)
+
+    def _dispatch_loop(self) -> None:
+        while True:
+            item = self._queue.get()
+            if item is _STOP:
+                return
+            try:
+                self.on_event(item)
+            except Exception:
+                log.exception("esl.on_event_failed", event=getattr(item, "name", None))
+
+    def _supervise(self) -> None:
+        attempt = 0
+        s = self.settings
+        while not self._stopping.is_set():
+            self._set_state("connecting")
+            conn = _HardenedESL(s, self._enqueue)
+            self._conn = conn
+            try:
+                conn.connect()
+                conn.subscribe(s.events)
+            except EslError as exc:
+                conn.close(str(exc))
+                delay = backoff_delay(attempt, s.backoff_base, s.backoff_cap)
+                attempt += 1
+                self._set_state("backoff", error=str(exc), delay=round(delay, 3), attempt=attempt)
+                self._stopping.wait(delay)
+                continue
+            attempt = 0
+            if self._ever_connected:
+                self.reconnects += 1
+            self._ever_connected = True
+            self.connected = True
+            self._set_state("connected", events=list(s.events), reconnects=self.reconnects)
+            self._watch(conn)
+            self.connected = False
+            conn.close("supervisor closing")
+            if self._stopping.is_set():
+                break
+            self._set_state("disconnected", reason=conn.down_reason)
+            delay = backoff_delay(attempt, s.backoff_base, s.backoff_cap)
+            attempt += 1
+            self._stopping.wait(delay)
+
+    def _watch(self, conn: _HardenedESL) -> None:
+        """Probe with ``api status`` every liveness_interval until the connection dies."""
+        s = self.settings
+        while not self._stopping.is_set():
+            if conn.dead.wait(s.liveness_interval):
+                return
+            if self._stopping.is_set():
+                return
+            try:
+                conn.send("api status", s.command_timeout)
+            except EslError as exc:
+                log.warning("esl.liveness_miss", error=str(exc))
+                conn.close(f"liveness probe failed: {exc}")
+                return
