@@ -162,8 +162,7 @@ class ObjectNotFound(StorageError):
     """The object does not exist in the store."""
 
     hint = (
-        "The recording's object is missing from the store; "
-        "check the bucket/path and its versions"
+        "The recording's object is missing from the store; check the bucket/path and its versions"
     )
     transient = False
 
@@ -172,8 +171,7 @@ class ObjectExists(StorageError):
     """Refusing to overwrite an existing object."""
 
     hint = (
-        "Object keys are unique per recording; "
-        "this indicates a duplicate or a misconfigured prefix"
+        "Object keys are unique per recording; this indicates a duplicate or a misconfigured prefix"
     )
     transient = False
 

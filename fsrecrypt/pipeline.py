@@ -1,0 +1,606 @@
+"""One recording's job, and the way back: the heart shared by the CLI and the daemon.
+
+Storing (``store_recording``) follows one order, and the order is the safety
+argument: a ``pending`` row first (so a crash leaves a trace the sweep will
+resume), then encrypt + upload under a fresh data key, then the ``stored`` row
+and its audit row in one transaction, and only then the plaintext is deleted.
+Every step before the last can fail and be retried without losing audio; the
+plaintext disappears only once the object and its row are durable.
+
+Reading (``fetch_recording`` / ``open_recording``) trusts the database's copy
+of the wrapped data key (key rotation re-wraps it there), checks that the
+object's encryption context names the same tenant and recording as the row
+(an object swapped between tenants is refused), and verifies every frame
+before its plaintext is released.
+"""
+
+from __future__ import annotations
+
+import base64
+import contextlib
+import io
+import os
+import secrets
+import socket
+import stat
+import struct
+import time
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import IO, TYPE_CHECKING, Any
+
+from fsrecrypt import format as esdk
+from fsrecrypt.config import Config
+from fsrecrypt.errors import (
+    FsrecryptError,
+    InputFileError,
+    InvalidState,
+    MalformedMessage,
+    NoUsableDataKey,
+    PathRefused,
+    RecordingGone,
+    TruncatedMessage,
+)
+
+if TYPE_CHECKING:
+    from fsrecrypt.db import Database, Recording, Tenant
+    from fsrecrypt.keys import KeyProvider
+    from fsrecrypt.store import ObjectStore
+
+ALGORITHM_NAME = "AES_256_GCM_HKDF_SHA512_COMMIT_KEY"
+OBJECT_SUFFIX = ".esdk"
+HEADER_PROBE = 4096
+
+
+# --- encrypted data keys as stored in the database -------------------------------------
+
+
+def edk_to_bytes(edk: esdk.EncryptedDataKey) -> bytes:
+    """The ESDK wire encoding of one encrypted data key (what the header holds)."""
+    provider = edk.provider_id.encode("utf-8")
+    return b"".join(
+        struct.pack(">H", len(part)) + part
+        for part in (provider, edk.provider_info, edk.ciphertext)
+    )
+
+
+def edk_from_bytes(data: bytes) -> esdk.EncryptedDataKey:
+    parts, offset = [], 0
+    for _ in range(3):
+        if offset + 2 > len(data):
+            raise MalformedMessage("stored encrypted data key is truncated")
+        (length,) = struct.unpack_from(">H", data, offset)
+        offset += 2
+        if offset + length > len(data):
+            raise MalformedMessage("stored encrypted data key is truncated")
+        parts.append(bytes(data[offset : offset + length]))
+        offset += length
+    if offset != len(data):
+        raise MalformedMessage("stored encrypted data key has trailing bytes")
+    return esdk.EncryptedDataKey(parts[0].decode("utf-8"), parts[1], parts[2])
+
+
+# --- files -----------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class SourceFile:
+    """An opened, vetted plaintext file: the descriptor is what we read and check."""
+
+    path: str
+    fileobj: IO[bytes]
+    size: int
+    fingerprint: str
+    device: int
+    inode: int
+
+
+def fingerprint_of(st: os.stat_result) -> str:
+    return f"{st.st_dev}:{st.st_ino}:{st.st_size}:{st.st_mtime_ns}"
+
+
+def is_inside(path: Path, roots: Sequence[str]) -> bool:
+    for root in roots:
+        try:
+            path.relative_to(Path(root).resolve())
+            return True
+        except ValueError:
+            continue
+    return False
+
+
+def open_source(path: str, allowed_dirs: Sequence[str] | None = None) -> SourceFile:
+    """Open a recording for reading, refusing anything but a plain regular file.
+
+    Why so strict: the path comes from an event, i.e. from the network. The
+    checks are made on the descriptor we actually read (O_NOFOLLOW, fstat),
+    not only on the name, so a symlink or FIFO swapped in between check and
+    open is refused too. O_NONBLOCK keeps a FIFO from hanging the open.
+    """
+    raw = Path(path)
+    if not raw.is_absolute():
+        raise PathRefused(f"refusing {path!r}: not an absolute path")
+    if any(part == ".." for part in raw.parts):
+        raise PathRefused(f"refusing {path!r}: path contains '..'")
+    try:
+        st = os.lstat(raw)
+    except FileNotFoundError:
+        raise InputFileError(
+            f"{path} does not exist", hint="It may have been removed already."
+        ) from None
+    except OSError as exc:
+        raise InputFileError(f"cannot stat {path}: {exc.strerror}") from None
+    if stat.S_ISLNK(st.st_mode):
+        raise PathRefused(f"refusing {path}: it is a symbolic link")
+    if not stat.S_ISREG(st.st_mode):
+        raise PathRefused(f"refusing {path}: not a regular file")
+    resolved = raw.resolve(strict=True)
+    if resolved != raw:
+        raise PathRefused(f"refusing {path}: a directory on its path is a symbolic link")
+    if allowed_dirs is not None and not is_inside(resolved, allowed_dirs):
+        raise PathRefused(f"refusing {path}: outside the configured recordings directories")
+    try:
+        fd = os.open(raw, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
+    except OSError as exc:
+        raise PathRefused(f"refusing {path}: cannot open it safely ({exc.strerror})") from None
+    fst = os.fstat(fd)
+    if not stat.S_ISREG(fst.st_mode) or (fst.st_dev, fst.st_ino) != (st.st_dev, st.st_ino):
+        os.close(fd)
+        raise PathRefused(f"refusing {path}: the file changed while it was being opened")
+    os.set_blocking(fd, True)
+    return SourceFile(
+        path=str(raw),
+        fileobj=os.fdopen(fd, "rb", buffering=0),
+        size=fst.st_size,
+        fingerprint=fingerprint_of(fst),
+        device=fst.st_dev,
+        inode=fst.st_ino,
+    )
+
+
+def fsync_dir(directory: str | os.PathLike[str]) -> None:
+    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def delete_plaintext(source: SourceFile) -> bool:
+    """Unlink the plaintext if the name still points at the file we stored.
+
+    Returns False (and deletes nothing) when the name now refers to another
+    file: that one was never stored, so it must not be removed.
+    """
+    try:
+        st = os.lstat(source.path)
+    except FileNotFoundError:
+        return False
+    if (st.st_dev, st.st_ino) != (source.device, source.inode) or not stat.S_ISREG(st.st_mode):
+        return False
+    os.unlink(source.path)
+    fsync_dir(os.path.dirname(source.path))
+    return True
+
+
+def wav_info(head: bytes, file_size: int) -> dict[str, Any]:
+    """Format facts from a RIFF/WAVE header, for the row's metadata (empty if not a WAV)."""
+    if len(head) < 12 or head[:4] != b"RIFF" or head[8:12] != b"WAVE":
+        return {}
+    info: dict[str, Any] = {"container": "wav"}
+    offset = 12
+    while offset + 8 <= len(head):
+        chunk_id, size = head[offset : offset + 4], struct.unpack_from("<I", head, offset + 4)[0]
+        body = offset + 8
+        if chunk_id == b"fmt " and body + 16 <= len(head):
+            tag, channels, rate, byte_rate, _align, bits = struct.unpack_from("<HHIIHH", head, body)
+            info.update(format_tag=tag, channels=channels, sample_rate=rate, bits=bits)
+            info["byte_rate"] = byte_rate
+        elif chunk_id == b"data":
+            data_size = min(size, max(0, file_size - body))
+            info["data_bytes"] = data_size
+            if info.get("byte_rate"):
+                info["duration_s"] = round(data_size / info["byte_rate"], 3)
+            break
+        offset = body + size + (size & 1)
+    return info
+
+
+# --- reading objects ---------------------------------------------------------------------
+
+
+class IterReader(io.RawIOBase):
+    """A read-only file object over an iterator of byte chunks (a store's GET body)."""
+
+    def __init__(self, chunks: Iterable[bytes]):
+        self._chunks = iter(chunks)
+        self._pending = memoryview(b"")
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer: Any) -> int:
+        while not self._pending:
+            try:
+                self._pending = memoryview(next(self._chunks))
+            except StopIteration:
+                return 0
+        n = min(len(buffer), len(self._pending))
+        buffer[:n] = self._pending[:n]
+        self._pending = self._pending[n:]
+        return n
+
+
+def read_object_header(store: ObjectStore, key: str, object_size: int) -> esdk.Header:
+    """Fetch just the header: a small ranged read, grown if the header is larger."""
+    probe = min(HEADER_PROBE, object_size)
+    while True:
+        data = store.read_bytes(key, 0, probe)
+        try:
+            return esdk.parse_header(data)
+        except TruncatedMessage:
+            if probe >= object_size:
+                raise
+            probe = min(object_size, probe * 4)
+
+
+# --- the services a job needs -------------------------------------------------------------
+
+
+@dataclass
+class Services:
+    """Config plus lazily built adapters, so a command pays only for what it uses."""
+
+    config: Config
+    _db: Database | None = field(default=None, repr=False)
+    _keys: KeyProvider | None = field(default=None, repr=False)
+    _store: ObjectStore | None = field(default=None, repr=False)
+
+    @property
+    def db(self) -> Database:
+        if self._db is None:
+            from fsrecrypt.db import Database
+
+            self._db = Database(
+                self.config.database.dsn,
+                max_connections=max(4, self.config.pipeline.concurrency + 2),
+                connect_timeout=self.config.database.connect_timeout,
+            )
+        return self._db
+
+    @property
+    def keys(self) -> KeyProvider:
+        if self._keys is None:
+            from fsrecrypt.keys import build_key_provider
+
+            self._keys = build_key_provider(self.config.keys)
+        return self._keys
+
+    @property
+    def store(self) -> ObjectStore:
+        if self._store is None:
+            from fsrecrypt.store import build_store
+
+            self._store = build_store(self.config.storage)
+        return self._store
+
+    def close(self) -> None:
+        if self._db is not None:
+            self._db.close()
+
+
+def worker_id(prefix: str | None = None) -> str:
+    """Who holds a claim: host and pid, so a restarted daemon can drop its own stale leases."""
+    return f"{prefix or socket.gethostname()}:{os.getpid()}:{secrets.token_hex(4)}"
+
+
+def host_worker_prefix() -> str:
+    return f"{socket.gethostname()}:"
+
+
+def encryption_context(tenant_id: str, recording_id: str) -> dict[str, str]:
+    """Identifiers only: the context travels in clear in the object header and KMS logs."""
+    return {"tenant_id": tenant_id, "recording_id": recording_id}
+
+
+@dataclass(frozen=True)
+class StoreOutcome:
+    recording: Recording
+    object_key: str
+    plaintext_bytes: int
+    ciphertext_bytes: int
+    encrypt_seconds: float
+    plaintext_deleted: bool
+    already_stored: bool = False
+
+
+def register_source(
+    services: Services,
+    source: SourceFile,
+    tenant: Tenant,
+    *,
+    call_uuid: str | None = None,
+    core_uuid: str | None = None,
+    metadata: dict[str, Any] | None = None,
+) -> tuple[Recording, bool]:
+    """Insert (or find) the pending row for an opened source file."""
+    return services.db.create_pending(
+        tenant_id=tenant.id,
+        source_path=source.path,
+        source_fingerprint=source.fingerprint,
+        call_uuid=call_uuid,
+        core_uuid=core_uuid,
+        metadata=metadata,
+    )
+
+
+def store_recording(
+    services: Services,
+    recording: Recording,
+    source: SourceFile,
+    tenant: Tenant,
+    *,
+    worker: str,
+    user_id: str = "fsrecrypt",
+    delete: bool | None = None,
+    lease_seconds: float = 600.0,
+    on_chunk: Callable[[int], None] | None = None,
+) -> StoreOutcome:
+    """Encrypt one claimed recording into the store, mark it stored, then drop the plaintext."""
+    config = services.config
+    delete = config.pipeline.delete_plaintext if delete is None else delete
+    if recording.status == "stored":
+        deleted = (
+            delete and services.store.exists(recording.s3_path or "") and delete_plaintext(source)
+        )
+        return StoreOutcome(recording, recording.s3_path or "", 0, 0, 0.0, deleted, True)
+    if recording.status not in ("pending", "failed"):
+        raise InvalidState(f"recording {recording.id} is {recording.status}; nothing to store")
+    claimed = services.db.claim(recording.id, worker, lease_seconds)
+    if claimed is None:
+        raise InvalidState(
+            f"recording {recording.id} is being stored by another worker",
+            hint="Nothing to do: the other worker will finish it (or its lease will expire).",
+        )
+    if source.fingerprint != claimed.source_fingerprint:
+        raise InvalidState(f"recording {recording.id}: the file on disk is not the one registered")
+
+    started = time.monotonic()
+    context = encryption_context(tenant.id, recording.id)
+    data_key = services.keys.generate_data_key(tenant.kms_key_id, context)
+    encryptor = esdk.Encryptor(
+        data_key.plaintext,
+        [data_key.encrypted],
+        context,
+        frame_length=config.pipeline.frame_size,
+    )
+    from fsrecrypt.store import object_key
+
+    # A per-attempt suffix: a zombie worker whose lease expired can never
+    # overwrite the object a later attempt stored and recorded.
+    key = object_key(
+        config.storage.prefix,
+        tenant.id,
+        f"{recording.id}.{secrets.token_hex(4)}",
+        recording.created_at,
+    )
+    source.fileobj.seek(0)
+    head = source.fileobj.read(HEADER_PROBE)
+    source.fileobj.seek(0)
+
+    def counted(chunks: Iterator[bytes]) -> Iterator[bytes]:
+        for chunk in chunks:
+            if on_chunk is not None:
+                on_chunk(len(chunk))
+            yield chunk
+
+    info = services.store.put_stream(
+        key,
+        counted(encryptor.stream(source.fileobj)),
+        metadata={"fsrecrypt-recording-id": recording.id, "fsrecrypt-tenant-id": tenant.id},
+    )
+    elapsed = time.monotonic() - started
+    if encryptor.plaintext_length != source.size:
+        services.store.delete(key)
+        raise InputFileError(
+            f"{source.path} changed size while it was read "
+            f"({source.size} -> {encryptor.plaintext_length} bytes)",
+            hint="The file is still being written; it will be retried once it is complete.",
+        )
+    metadata = {
+        "message_id": encryptor.header.message_id.hex(),
+        "frame_length": config.pipeline.frame_size,
+        "suite": f"0x{esdk.SUITE_ID:04X}",
+        "header_size": encryptor.header.size,
+        "store": services.store.name,
+        "key_provider": services.keys.name,
+        **({"wav": wav_info(head, source.size)} if head[:4] == b"RIFF" else {}),
+    }
+    if info.version_id:
+        metadata["object_version"] = info.version_id
+    try:
+        stored = services.db.mark_stored(
+            recording.id,
+            encryption_algorithm=ALGORITHM_NAME,
+            encrypted_dek=edk_to_bytes(data_key.encrypted),
+            kms_key_id=data_key.key_id,
+            s3_path=key,
+            file_size_bytes=encryptor.plaintext_length,
+            encrypted_size_bytes=encryptor.ciphertext_length,
+            metadata=metadata,
+            claimed_by=worker,
+            audit={
+                "action": "encrypt",
+                "user_id": user_id,
+                "success": True,
+                "decryption_duration_ms": elapsed * 1000,
+                "details": {"object_key": key, "bytes": encryptor.plaintext_length},
+            },
+        )
+    except InvalidState:
+        # Someone else owns the row now; our object is an orphan: remove it.
+        with contextlib.suppress(FsrecryptError):
+            services.store.delete(key)
+        raise
+    deleted = bool(delete) and delete_plaintext(source)
+    return StoreOutcome(
+        stored,
+        key,
+        encryptor.plaintext_length,
+        encryptor.ciphertext_length,
+        elapsed,
+        deleted,
+    )
+
+
+def ingest_file(
+    services: Services,
+    path: str,
+    tenant_name: str,
+    *,
+    call_uuid: str | None = None,
+    user_id: str = "cli",
+    allowed_dirs: Sequence[str] | None = None,
+    delete: bool | None = None,
+) -> StoreOutcome:
+    """The whole pipeline for one file, as ``fsrecrypt ingest`` runs it (one attempt)."""
+    tenant = services.db.tenant_by_name(tenant_name)
+    source = open_source(path, allowed_dirs)
+    try:
+        recording, _created = register_source(services, source, tenant, call_uuid=call_uuid)
+        worker = worker_id()
+        try:
+            return store_recording(
+                services, recording, source, tenant, worker=worker, user_id=user_id, delete=delete
+            )
+        except FsrecryptError as exc:
+            if not isinstance(exc, InvalidState):
+                final = (
+                    not exc.transient
+                    or recording.attempts + 1 >= services.config.pipeline.max_attempts
+                )
+                services.db.record_attempt_failure(recording.id, exc.one_line(), final=final)
+            raise
+    finally:
+        source.fileobj.close()
+
+
+# --- the way back ----------------------------------------------------------------------------
+
+
+@dataclass
+class OpenedRecording:
+    """A stored recording ready to be read: header verified, content key derived."""
+
+    recording: Recording
+    header: esdk.Header
+    content_key: bytes = field(repr=False)
+    data_key: bytes = field(repr=False)
+    object_size: int
+    plaintext_size: int
+
+
+def open_recording(services: Services, recording: Recording) -> OpenedRecording:
+    """Unwrap the data key (database copy) and verify the object's header against the row."""
+    if recording.status == "erased":
+        raise RecordingGone(f"recording {recording.id} was erased")
+    if recording.status != "stored" or not recording.s3_path:
+        raise InvalidState(f"recording {recording.id} is {recording.status}, not stored")
+    info = services.store.head(recording.s3_path)
+    header = read_object_header(services.store, recording.s3_path, info.size)
+    context = header.encryption_context
+    if (
+        context.get("recording_id") != recording.id
+        or context.get("tenant_id") != recording.tenant_id
+    ):
+        raise NoUsableDataKey(
+            f"object {recording.s3_path} belongs to another recording or tenant",
+            hint="The object was swapped or misfiled; treat it as tampered and do not play it.",
+        )
+    edk = edk_from_bytes(recording.encrypted_dek_bytes())
+    data_key = services.keys.decrypt_data_key([edk], context)
+    content_key = esdk.verify_header(header, data_key)
+    size = esdk.plaintext_size(header, info.size)
+    if recording.file_size_bytes is not None and size != recording.file_size_bytes:
+        raise MalformedMessage(
+            f"object {recording.s3_path} holds {size} bytes of audio, the row says "
+            f"{recording.file_size_bytes}"
+        )
+    return OpenedRecording(recording, header, content_key, data_key, info.size, size)
+
+
+def iter_plaintext(services: Services, opened: OpenedRecording) -> Iterator[bytes]:
+    """The whole recording, each frame released only after it authenticates."""
+    chunks = services.store.get_range(opened.recording.s3_path or "", 0, None)
+    reader = io.BufferedReader(IterReader(chunks), buffer_size=1 << 20)
+    return esdk.decrypt_stream(reader, lambda _header: opened.data_key)
+
+
+def iter_plaintext_range(
+    services: Services, opened: OpenedRecording, start: int, end: int | None
+) -> tuple[esdk.RangePlan, Iterator[bytes]]:
+    """Plaintext [start, end) from one ranged read of just the frames that hold it."""
+    plan = esdk.plan_range(opened.header, opened.object_size, start, end)
+    chunks = services.store.get_range(
+        opened.recording.s3_path or "", plan.ciphertext_start, plan.ciphertext_end
+    )
+    return plan, esdk.decrypt_range(
+        opened.header, opened.content_key, plan, chunks, opened.object_size
+    )
+
+
+def fetch_recording(
+    services: Services,
+    recording_id: str,
+    out: IO[bytes],
+    *,
+    user_id: str,
+    action: str = "download",
+    ip_address: str | None = None,
+    user_agent: str | None = None,
+) -> OpenedRecording:
+    """Decrypt a recording into ``out``; every attempt, failed or not, is audit-logged."""
+    started = time.monotonic()
+    recording = None
+    try:
+        recording = services.db.recording(recording_id)
+        opened = open_recording(services, recording)
+        written = 0
+        for chunk in iter_plaintext(services, opened):
+            out.write(chunk)
+            written += len(chunk)
+    except FsrecryptError as exc:
+        services.db.audit(
+            action=action,
+            user_id=user_id,
+            success=False,
+            recording_id=recording.id if recording else None,
+            tenant_id=recording.tenant_id if recording else None,
+            ip_address=ip_address,
+            user_agent=user_agent,
+            decryption_duration_ms=(time.monotonic() - started) * 1000,
+            error_message=f"{type(exc).__name__}: {exc.message}",
+        )
+        raise
+    services.db.audit(
+        action=action,
+        user_id=user_id,
+        success=True,
+        recording_id=recording.id,
+        tenant_id=recording.tenant_id,
+        ip_address=ip_address,
+        user_agent=user_agent,
+        decryption_duration_ms=(time.monotonic() - started) * 1000,
+        details={"bytes": written},
+    )
+    return opened
+
+
+def now_utc() -> datetime:
+    return datetime.now(UTC)
+
+
+def encode_b64(data: bytes) -> str:
+    return base64.b64encode(data).decode("ascii")
