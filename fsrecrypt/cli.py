@@ -77,8 +77,54 @@ def default_user() -> str:
         return f"cli:uid{os.getuid()}"
 
 
+# Commands that live beside the code they drive. They are imported only when
+# named (or listed by --help), and those modules import nothing heavy at top
+# level, so start-up stays cheap.
+LAZY_COMMANDS: dict[str, str] = {
+    "run": "fsrecrypt.daemon:run_command",
+    "health": "fsrecrypt.daemon:health_command",
+    "serve": "fsrecrypt.web:serve_command",
+    "apikeys": "fsrecrypt.web:apikeys_group",
+    "audit": "fsrecrypt.lifecycle:audit_group",
+    "rotate": "fsrecrypt.lifecycle:rotate_command",
+    "erase": "fsrecrypt.lifecycle:erase_command",
+    "hold": "fsrecrypt.lifecycle:hold_group",
+    "expire": "fsrecrypt.lifecycle:expire_command",
+    "verify": "fsrecrypt.lifecycle:verify_command",
+}
+
+
 class FsrecryptGroup(click.Group):
-    """Turns typed errors into one helpful line and an exit code."""
+    """Turns typed errors into one helpful line and an exit code; loads commands lazily."""
+
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        return sorted(set(super().list_commands(ctx)) | set(self._available_lazy()))
+
+    @staticmethod
+    def _available_lazy() -> dict[str, str]:
+        import importlib.util
+
+        available = {}
+        for name, target in LAZY_COMMANDS.items():
+            module = target.partition(":")[0]
+            if importlib.util.find_spec(module) is not None:
+                available[name] = target
+        return available
+
+    def get_command(self, ctx: click.Context, cmd_name: str) -> click.Command | None:
+        command = super().get_command(ctx, cmd_name)
+        if command is not None or cmd_name not in LAZY_COMMANDS:
+            return command
+        import importlib
+
+        module_name, _, attr = LAZY_COMMANDS[cmd_name].partition(":")
+        try:
+            module = importlib.import_module(module_name)
+        except ModuleNotFoundError as exc:
+            if exc.name == module_name:
+                return None
+            raise
+        return getattr(module, attr, None)
 
     def invoke(self, ctx: click.Context) -> Any:
         try:
