@@ -515,14 +515,24 @@ class _HardenedESL(InboundESL):  # type: ignore[misc]
         for result in pending:
             result.set_exception(EslError(f"ESL connection lost: {reason}"))
         self._auth_request_event.set()
+        # shutdown() first: close() alone leaves the descriptor open while the
+        # reader's makefile() still references it, so FreeSWITCH would never
+        # see us go. The reader is killed before its buffered file is closed
+        # (closing a BufferedReader another greenlet is reading raises).
         if self.sock is not None:
             try:
-                self.sock.close()
+                self.sock.shutdown(gevent.socket.SHUT_RDWR)
             except OSError:  # already gone
                 pass
         reader = self._receive_events_greenlet
         if reader is not None and reader is not gevent.getcurrent():
-            reader.kill(block=False)
+            reader.kill(block=True, timeout=1)
+        for closer in (getattr(self, "sock_file", None), self.sock):
+            if closer is not None:
+                try:
+                    closer.close()
+                except (OSError, RuntimeError):  # already gone / still in use
+                    pass
         if self._on_down is not None:
             self._on_down(reason)
 
