@@ -117,9 +117,7 @@ def rewrite_event_body(
         key = name.decode("ascii", "surrogateescape")
         if key == "Content-Length":
             continue
-        if key in overrides:
-            if key in seen:
-                continue  # a rewritten header is written once
+        if key in overrides:  # every occurrence (FreeSWITCH repeats e.g. Hangup-Cause)
             seen.add(key)
             new = overrides[key]
             if new is None:
