@@ -1,0 +1,701 @@
+"""Object stores for encrypted recordings: a local directory or S3.
+
+Both stores share one contract, chosen for what the pipeline needs:
+
+* ``put_stream`` consumes an iterable of ciphertext chunks exactly once with
+  bounded memory and publishes the object atomically: either the complete
+  object exists afterwards or nothing does (no partial file, no orphaned
+  multipart upload), even if the iterator itself raises half way (an
+  encryption error, a cancelled greenlet). Existing objects are never
+  overwritten: object keys are unique per recording, so a collision is a bug.
+* ``get_range`` is one contiguous read (one ranged GET for S3), which is what
+  random access into framed ESDK messages needs.
+* ``delete`` removes every version: crypto-shredding and retention must not
+  leave old versions behind in a versioned bucket.
+
+boto3 is imported inside ``S3Store`` only, so the local path never imports
+botocore. ``S3Store`` uses plain client calls rather than boto3's threaded
+transfer manager: we control memory (one part buffered), checksums and the
+abort-on-failure path ourselves, and it behaves under gevent.
+"""
+
+from __future__ import annotations
+
+import base64
+import contextlib
+import hashlib
+import os
+import re
+import secrets
+import stat
+import threading
+import time
+from abc import ABC, abstractmethod
+from collections.abc import Iterable, Iterator, Mapping
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from fsrecrypt.config import StorageConfig
+from fsrecrypt.errors import ObjectExists, ObjectNotFound, StorageError
+
+if TYPE_CHECKING:  # pragma: no cover
+    from botocore.client import BaseClient
+
+MIN_PART_SIZE = 5 * 1024 * 1024
+MAX_PART_SIZE = 5 * 1024 * 1024 * 1024
+MAX_PARTS = 10_000
+READ_CHUNK = 256 * 1024
+_TMP_MARKER = ".tmp-"
+_ID_RE = re.compile(r"[A-Za-z0-9._-]{1,128}")
+
+
+class InvalidObjectKey(StorageError):
+    """An object key is empty, absolute, or would leave the store's root."""
+
+    hint = "Object keys are relative paths without '.', '..' or hidden components."
+    transient = False
+
+
+class StorageAccessError(StorageError):
+    """The store refused the request (permissions, missing bucket, bad request).
+
+    Separate from plain ``StorageError`` because retrying cannot help.
+    """
+
+    transient = False
+
+
+@dataclass(frozen=True)
+class ObjectInfo:
+    """Size and identity of a stored object (etag/version only where the store has them)."""
+
+    key: str
+    size: int
+    etag: str | None = None
+    version_id: str | None = None
+
+
+class ObjectStore(ABC):
+    """Where encrypted recordings live."""
+
+    name: str
+
+    @abstractmethod
+    def put_stream(
+        self, key: str, chunks: Iterable[bytes], *, metadata: Mapping[str, str] | None = None
+    ) -> ObjectInfo:
+        """Store the concatenated chunks under ``key`` atomically; refuse to overwrite."""
+
+    @abstractmethod
+    def get_range(self, key: str, start: int = 0, end: int | None = None) -> Iterator[bytes]:
+        """Bytes ``[start, end)`` (``end=None``: to the end), streamed in chunks.
+
+        The object is opened (or the request made) before this returns, so a
+        missing object raises here rather than on the first ``next()``. A range
+        beyond the object's end yields what exists (possibly nothing).
+        """
+
+    def read_bytes(self, key: str, start: int = 0, end: int | None = None) -> bytes:
+        """A small range in one piece (headers, trailers)."""
+        return b"".join(self.get_range(key, start, end))
+
+    @abstractmethod
+    def head(self, key: str) -> ObjectInfo:
+        """Size and identity; ``ObjectNotFound`` if absent."""
+
+    @abstractmethod
+    def delete(self, key: str) -> int:
+        """Delete the object (all versions); returns how many entries were removed."""
+
+    def exists(self, key: str) -> bool:
+        try:
+            self.head(key)
+        except ObjectNotFound:
+            return False
+        return True
+
+    @abstractmethod
+    def list_keys(self, prefix: str = "") -> Iterator[str]:
+        """Object keys starting with ``prefix``."""
+
+    @abstractmethod
+    def abort_incomplete_uploads(self, older_than_seconds: float = 0) -> int:
+        """Clean up what crashed writers left behind; returns how many were removed."""
+
+    @abstractmethod
+    def check(self) -> None:
+        """Raise ``StorageError`` unless the store is reachable and writable."""
+
+
+def _check_range(start: int, end: int | None) -> None:
+    if start < 0 or (end is not None and end < start):
+        raise ValueError(f"invalid byte range [{start}, {end})")
+
+
+def object_key(prefix: str, tenant_id: str, recording_id: str, created: datetime) -> str:
+    """``{prefix}{tenant}/{yyyy}/{mm}/{dd}/{recording_id}.esdk`` (UTC date).
+
+    Only identifiers go into the key (object keys show up in bucket listings,
+    access logs and inventories in clear): never caller numbers or names. A
+    non-empty prefix without a trailing '/' gets one, so ``rec`` and ``rec/``
+    give the same layout.
+    """
+    for what, value in (("tenant id", tenant_id), ("recording id", recording_id)):
+        if not _ID_RE.fullmatch(value) or value in (".", ".."):
+            raise InvalidObjectKey(f"{what} {value!r} cannot be used in an object key")
+    if prefix and not prefix.endswith("/"):
+        prefix += "/"
+    if created.tzinfo is not None:
+        created = created.astimezone(UTC)
+    return (
+        f"{prefix}{tenant_id}/{created.year:04d}/{created.month:02d}/{created.day:02d}/"
+        f"{recording_id}.esdk"
+    )
+
+
+# --- local directory -------------------------------------------------------------
+
+
+class LocalStore(ObjectStore):
+    """Objects as files under a root directory.
+
+    Writes go to ``.<name>.tmp-<random>`` in the destination directory, are
+    fsynced, then published with ``link()`` (which, unlike ``rename()``,
+    fails if the target exists, so publishing and the no-overwrite check are
+    one atomic step), and the directory is fsynced so the name survives a
+    crash. Hidden names are reserved for temp files, so keys may not contain
+    components starting with '.'. ``metadata`` is not persisted locally.
+    """
+
+    name = "local"
+
+    def __init__(self, root: str | os.PathLike[str], prefix: str = "") -> None:
+        self.root = Path(root)
+        self.prefix = prefix
+
+    def __repr__(self) -> str:
+        return f"LocalStore({str(self.root)!r})"
+
+    def _path(self, key: str) -> Path:
+        if not key or key.startswith("/") or "\x00" in key or "\\" in key:
+            raise InvalidObjectKey(f"object key {key!r} is not a relative path")
+        parts = key.split("/")
+        if any(p in ("", ".", "..") or p.startswith(".") for p in parts):
+            raise InvalidObjectKey(f"object key {key!r} has an empty, '..' or hidden component")
+        path = self.root.joinpath(*parts)
+        # A symlinked directory inside the root must not lead outside it either.
+        root_real = os.path.realpath(self.root)
+        parent_real = os.path.realpath(path.parent)
+        if os.path.commonpath([root_real, parent_real]) != root_real:
+            raise InvalidObjectKey(f"object key {key!r} resolves outside the store root")
+        return path
+
+    @staticmethod
+    def _fsync_dir(directory: Path) -> None:
+        fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+    def put_stream(
+        self, key: str, chunks: Iterable[bytes], *, metadata: Mapping[str, str] | None = None
+    ) -> ObjectInfo:
+        path = self._path(key)
+        if path.exists() or path.is_symlink():
+            raise ObjectExists(f"object {key} already exists")
+        try:
+            path.parent.mkdir(mode=0o750, parents=True, exist_ok=True)
+        except OSError as exc:
+            raise StorageError(f"cannot create directory for {key}: {exc.strerror}") from None
+        self._path(key)  # re-check after mkdir: the parents now exist and resolve
+        tmp = path.with_name(f".{path.name}{_TMP_MARKER}{secrets.token_hex(8)}")
+        size = 0
+        try:
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o640)
+            with os.fdopen(fd, "wb") as f:
+                for chunk in chunks:
+                    f.write(chunk)
+                    size += len(chunk)
+                f.flush()
+                os.fsync(f.fileno())
+            try:
+                os.link(tmp, path)
+            except FileExistsError:
+                raise ObjectExists(f"object {key} already exists") from None
+        except OSError as exc:
+            raise StorageError(f"cannot write object {key}: {exc.strerror}") from None
+        finally:
+            # Success or failure (including KeyboardInterrupt or a failing
+            # iterator): the temp name never outlives this call.
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
+        try:
+            self._fsync_dir(path.parent)
+        except OSError as exc:
+            raise StorageError(f"cannot sync directory of {key}: {exc.strerror}") from None
+        return ObjectInfo(key=key, size=size)
+
+    def get_range(self, key: str, start: int = 0, end: int | None = None) -> Iterator[bytes]:
+        _check_range(start, end)
+        path = self._path(key)
+        try:
+            f = open(path, "rb")  # closed by the generator below
+        except FileNotFoundError:
+            raise ObjectNotFound(f"object {key} not found") from None
+        except OSError as exc:
+            raise StorageError(f"cannot read object {key}: {exc.strerror}") from None
+        return self._iter_file(f, key, start, end)
+
+    @staticmethod
+    def _iter_file(f: Any, key: str, start: int, end: int | None) -> Iterator[bytes]:
+        with f:
+            try:
+                f.seek(start)
+                remaining = None if end is None else end - start
+                while remaining is None or remaining > 0:
+                    n = READ_CHUNK if remaining is None else min(READ_CHUNK, remaining)
+                    data = f.read(n)
+                    if not data:
+                        return
+                    if remaining is not None:
+                        remaining -= len(data)
+                    yield data
+            except OSError as exc:
+                raise StorageError(f"cannot read object {key}: {exc.strerror}") from None
+
+    def head(self, key: str) -> ObjectInfo:
+        path = self._path(key)
+        try:
+            st = os.stat(path)
+        except FileNotFoundError:
+            raise ObjectNotFound(f"object {key} not found") from None
+        except OSError as exc:
+            raise StorageError(f"cannot stat object {key}: {exc.strerror}") from None
+        if not stat.S_ISREG(st.st_mode):
+            raise ObjectNotFound(f"object {key} is not a regular file")
+        return ObjectInfo(key=key, size=st.st_size)
+
+    def delete(self, key: str) -> int:
+        path = self._path(key)
+        try:
+            os.unlink(path)
+        except FileNotFoundError:
+            return 0
+        except OSError as exc:
+            raise StorageError(f"cannot delete object {key}: {exc.strerror}") from None
+        with contextlib.suppress(OSError):
+            self._fsync_dir(path.parent)
+        return 1
+
+    def _walk(self, prefix: str) -> Iterator[tuple[str, Path]]:
+        """(key, path) for every regular, non-hidden file; temp files excluded."""
+        base_dir = prefix.rpartition("/")[0]
+        start = self.root.joinpath(*base_dir.split("/")) if base_dir else self.root
+        for dirpath, dirnames, filenames in os.walk(start):
+            dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+            rel = os.path.relpath(dirpath, self.root)
+            for name in sorted(filenames):
+                key = name if rel == "." else f"{rel.replace(os.sep, '/')}/{name}"
+                yield key, Path(dirpath, name)
+
+    def list_keys(self, prefix: str = "") -> Iterator[str]:
+        for key, _path in self._walk(prefix):
+            if key.startswith(prefix) and not key.rpartition("/")[2].startswith("."):
+                yield key
+
+    def abort_incomplete_uploads(self, older_than_seconds: float = 0) -> int:
+        cutoff = time.time() - older_than_seconds
+        removed = 0
+        for _key, path in self._walk(""):
+            if not (path.name.startswith(".") and _TMP_MARKER in path.name):
+                continue
+            try:
+                if path.lstat().st_mtime <= cutoff:
+                    path.unlink()
+                    removed += 1
+            except FileNotFoundError:
+                continue
+            except OSError as exc:
+                raise StorageError(f"cannot remove temp file {path}: {exc.strerror}") from None
+        return removed
+
+    def check(self) -> None:
+        if not self.root.is_dir():
+            raise StorageAccessError(f"store root {self.root} is not a directory")
+        probe = self.root / f".check{_TMP_MARKER}{secrets.token_hex(8)}"
+        try:
+            fd = os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            try:
+                os.write(fd, b"ok")
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+            os.unlink(probe)
+        except OSError as exc:
+            raise StorageAccessError(
+                f"store root {self.root} is not writable: {exc.strerror}"
+            ) from None
+
+
+# --- S3 ------------------------------------------------------------------------------
+
+_S3_TRANSIENT = {
+    "SlowDown",
+    "Throttling",
+    "ThrottlingException",
+    "RequestTimeout",
+    "RequestTimeTooSkewed",
+    "InternalError",
+    "ServiceUnavailable",
+    "503",
+    "500",
+}
+_S3_NOT_FOUND = {"NoSuchKey", "404", "NotFound"}
+
+
+def _b64(digest: bytes) -> str:
+    return base64.b64encode(digest).decode("ascii")
+
+
+class S3Store(ObjectStore):
+    """Objects in an S3 bucket (or any S3 API such as moto/MinIO via endpoint_url).
+
+    Keys passed to the methods are full object keys (``object_key`` adds the
+    configured prefix); ``prefix`` scopes ``abort_incomplete_uploads`` and
+    the health-check probe.
+    """
+
+    name = "s3"
+
+    def __init__(
+        self,
+        bucket: str,
+        *,
+        prefix: str = "",
+        region: str = "us-east-1",
+        endpoint_url: str | None = None,
+        sse: str = "",
+        sse_kms_key_id: str = "",
+        part_size: int = 8 * 1024 * 1024,
+        connect_timeout: float = 5.0,
+        read_timeout: float = 60.0,
+        max_attempts: int = 3,
+    ) -> None:
+        if not MIN_PART_SIZE <= part_size <= MAX_PART_SIZE:
+            raise ValueError("part_size must be between 5 MiB and 5 GiB")
+        if sse not in ("", "AES256", "aws:kms"):
+            raise ValueError("sse must be '', 'AES256' or 'aws:kms'")
+        self.bucket = bucket
+        self.prefix = prefix
+        self.region = region
+        self.endpoint_url = endpoint_url or None
+        self.sse = sse
+        self.sse_kms_key_id = sse_kms_key_id
+        self.part_size = part_size
+        self._timeouts = (connect_timeout, read_timeout, max_attempts)
+        self._client: BaseClient | None = None
+        self._client_lock = threading.Lock()
+
+    def __repr__(self) -> str:
+        return f"S3Store(bucket={self.bucket!r}, prefix={self.prefix!r})"
+
+    @property
+    def client(self) -> BaseClient:
+        """The shared client, built on first use (boto3 clients are thread-safe)."""
+        if self._client is None:
+            with self._client_lock:
+                if self._client is None:
+                    import boto3
+                    from botocore.config import Config
+
+                    connect_timeout, read_timeout, max_attempts = self._timeouts
+                    self._client = boto3.session.Session().client(
+                        "s3",
+                        region_name=self.region,
+                        endpoint_url=self.endpoint_url,
+                        config=Config(
+                            connect_timeout=connect_timeout,
+                            read_timeout=read_timeout,
+                            retries={"mode": "standard", "max_attempts": max_attempts},
+                        ),
+                    )
+        return self._client
+
+    def _call(self, op: str, key: str, **kwargs: Any) -> dict[str, Any]:
+        from botocore.exceptions import BotoCoreError, ClientError, ParamValidationError
+
+        try:
+            return dict(getattr(self.client, op)(Bucket=self.bucket, **kwargs))
+        except ClientError as exc:
+            raise _map_s3_error(exc, op, self.bucket, key) from None
+        except ParamValidationError as exc:  # a bug or a bad setting, not a network blip
+            raise StorageAccessError(
+                f"S3 {op} s3://{self.bucket}/{key}: invalid request ({exc})"
+            ) from None
+        except BotoCoreError as exc:
+            raise StorageError(
+                f"S3 {op} s3://{self.bucket}/{key} failed: {type(exc).__name__}"
+            ) from None
+
+    def _sse_args(self) -> dict[str, str]:
+        if not self.sse:
+            return {}
+        args = {"ServerSideEncryption": self.sse}
+        if self.sse == "aws:kms" and self.sse_kms_key_id:
+            args["SSEKMSKeyId"] = self.sse_kms_key_id
+        return args
+
+    def put_stream(
+        self, key: str, chunks: Iterable[bytes], *, metadata: Mapping[str, str] | None = None
+    ) -> ObjectInfo:
+        if not key or key.startswith("/"):
+            raise InvalidObjectKey(f"object key {key!r} is not a relative key")
+        common: dict[str, Any] = {
+            "Key": key,
+            "ContentType": "application/octet-stream",
+            "Metadata": dict(metadata or {}),
+            **self._sse_args(),
+        }
+        part_size = self.part_size
+        buf = bytearray()
+        upload_id: str | None = None
+        parts: list[dict[str, Any]] = []
+        size = 0
+        try:
+            for chunk in chunks:
+                buf += chunk
+                size += len(chunk)
+                # Strictly more than one part buffered: the object cannot be a
+                # single PutObject any more, so stream parts out as they fill.
+                while len(buf) > part_size:
+                    if upload_id is None:
+                        # Early out before sending gigabytes; CompleteMultipartUpload's
+                        # If-None-Match is what makes the no-overwrite rule atomic.
+                        if self.exists(key):
+                            raise ObjectExists(f"object {key} already exists in s3://{self.bucket}")
+                        upload_id = str(
+                            self._call(
+                                "create_multipart_upload",
+                                key,
+                                ChecksumAlgorithm="SHA256",
+                                **common,
+                            )["UploadId"]
+                        )
+                    with memoryview(buf) as view:  # one copy, not slice + copy
+                        part = bytes(view[:part_size])
+                    del buf[:part_size]
+                    parts.append(self._upload_part(key, upload_id, len(parts) + 1, part))
+                    del part
+            if upload_id is None:
+                body = bytes(buf)
+                del buf
+                resp = self._call(
+                    "put_object",
+                    key,
+                    Body=body,
+                    ContentMD5=_b64(hashlib.md5(body).digest()),  # noqa: S324 - integrity only
+                    ChecksumSHA256=_b64(hashlib.sha256(body).digest()),
+                    IfNoneMatch="*",
+                    **common,
+                )
+            else:
+                if buf:
+                    last = bytes(buf)
+                    del buf
+                    parts.append(self._upload_part(key, upload_id, len(parts) + 1, last))
+                resp = self._call(
+                    "complete_multipart_upload",
+                    key,
+                    Key=key,
+                    UploadId=upload_id,
+                    MultipartUpload={"Parts": parts},
+                    IfNoneMatch="*",
+                )
+        except BaseException:
+            if upload_id is not None:
+                self._abort(key, upload_id)
+            raise
+        etag = resp.get("ETag")
+        return ObjectInfo(
+            key=key,
+            size=size,
+            etag=etag.strip('"') if isinstance(etag, str) else None,
+            version_id=resp.get("VersionId"),
+        )
+
+    def _upload_part(self, key: str, upload_id: str, number: int, data: bytes) -> dict[str, Any]:
+        if number > MAX_PARTS:
+            raise StorageError(
+                f"object {key} needs more than {MAX_PARTS} parts of {self.part_size} bytes",
+                hint="Raise [storage] part_size.",
+            )
+        checksum = _b64(hashlib.sha256(data).digest())
+        resp = self._call(
+            "upload_part",
+            key,
+            Key=key,
+            UploadId=upload_id,
+            PartNumber=number,
+            Body=data,
+            ChecksumAlgorithm="SHA256",
+            ChecksumSHA256=checksum,
+        )
+        # Our own checksum, not the echoed one: S3 compares it on completion.
+        return {"PartNumber": number, "ETag": resp["ETag"], "ChecksumSHA256": checksum}
+
+    def _abort(self, key: str, upload_id: str) -> None:
+        """Best effort: the original error matters more than a failed abort.
+
+        A leftover upload is still found later by ``abort_incomplete_uploads``.
+        """
+        with contextlib.suppress(Exception):
+            self._call("abort_multipart_upload", key, Key=key, UploadId=upload_id)
+
+    def get_range(self, key: str, start: int = 0, end: int | None = None) -> Iterator[bytes]:
+        _check_range(start, end)
+        if end is not None and end == start:
+            return iter(())
+        kwargs: dict[str, Any] = {"Key": key}
+        if start or end is not None:
+            kwargs["Range"] = f"bytes={start}-{'' if end is None else end - 1}"
+        try:
+            resp = self._call("get_object", key, **kwargs)
+        except _RangeNotSatisfiable:
+            return iter(())
+        return self._iter_body(resp["Body"], key)
+
+    @staticmethod
+    def _iter_body(body: Any, key: str) -> Iterator[bytes]:
+        from botocore.exceptions import BotoCoreError
+
+        try:
+            yield from body.iter_chunks(READ_CHUNK)
+        except BotoCoreError as exc:  # read timeout, truncated body
+            raise StorageError(f"reading object {key} failed: {type(exc).__name__}") from None
+        finally:
+            body.close()
+
+    def head(self, key: str) -> ObjectInfo:
+        resp = self._call("head_object", key, Key=key)
+        etag = resp.get("ETag")
+        return ObjectInfo(
+            key=key,
+            size=int(resp["ContentLength"]),
+            etag=etag.strip('"') if isinstance(etag, str) else None,
+            version_id=resp.get("VersionId"),
+        )
+
+    def delete(self, key: str) -> int:
+        """Delete every version and delete marker of ``key`` (needs s3:ListBucketVersions)."""
+        doomed: list[dict[str, str]] = []
+        kwargs: dict[str, Any] = {"Prefix": key}
+        while True:
+            resp = self._call("list_object_versions", key, **kwargs)
+            for entry in [*resp.get("Versions", []), *resp.get("DeleteMarkers", [])]:
+                if entry.get("Key") == key:
+                    doomed.append({"Key": key, "VersionId": str(entry.get("VersionId", "null"))})
+            if not resp.get("IsTruncated"):
+                break
+            kwargs = {
+                "Prefix": key,
+                "KeyMarker": resp.get("NextKeyMarker"),
+                "VersionIdMarker": resp.get("NextVersionIdMarker"),
+            }
+        deleted = 0
+        for i in range(0, len(doomed), 1000):
+            batch = doomed[i : i + 1000]
+            resp = self._call("delete_objects", key, Delete={"Objects": batch, "Quiet": True})
+            if resp.get("Errors"):
+                first = resp["Errors"][0]
+                raise StorageError(
+                    f"S3 could not delete {len(resp['Errors'])} version(s) of {key}: "
+                    f"{first.get('Code')}"
+                )
+            deleted += len(batch)
+        return deleted
+
+    def list_keys(self, prefix: str = "") -> Iterator[str]:
+        kwargs: dict[str, Any] = {"Prefix": prefix}
+        while True:
+            resp = self._call("list_objects_v2", prefix, **kwargs)
+            for obj in resp.get("Contents", []):
+                yield str(obj["Key"])
+            if not resp.get("IsTruncated"):
+                return
+            kwargs = {"Prefix": prefix, "ContinuationToken": resp["NextContinuationToken"]}
+
+    def abort_incomplete_uploads(self, older_than_seconds: float = 0) -> int:
+        cutoff = time.time() - older_than_seconds
+        aborted = 0
+        kwargs: dict[str, Any] = {"Prefix": self.prefix}
+        while True:
+            resp = self._call("list_multipart_uploads", self.prefix, **kwargs)
+            for upload in resp.get("Uploads", []):
+                initiated = upload.get("Initiated")
+                if initiated is not None and initiated.timestamp() > cutoff:
+                    continue
+                with contextlib.suppress(ObjectNotFound):  # finished or aborted meanwhile
+                    self._call(
+                        "abort_multipart_upload",
+                        upload["Key"],
+                        Key=upload["Key"],
+                        UploadId=upload["UploadId"],
+                    )
+                    aborted += 1
+            if not resp.get("IsTruncated"):
+                return aborted
+            kwargs = {
+                "Prefix": self.prefix,
+                "KeyMarker": resp.get("NextKeyMarker"),
+                "UploadIdMarker": resp.get("NextUploadIdMarker"),
+            }
+
+    def check(self) -> None:
+        self._call("head_bucket", "")
+        probe = f"{self.prefix}.fsrecrypt-check/{secrets.token_hex(8)}"
+        self.put_stream(probe, [b"ok"])
+        self.delete(probe)
+
+
+class _RangeNotSatisfiable(StorageError):
+    """Internal: a ranged GET starting at or past the end (HTTP 416)."""
+
+    transient = False
+
+
+def _map_s3_error(exc: Any, op: str, bucket: str, key: str) -> StorageError:
+    err = exc.response.get("Error", {})
+    code = str(err.get("Code", "Unknown"))
+    status = int(exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0) or 0)
+    where = f"S3 {op} s3://{bucket}/{key}"
+    if code in _S3_NOT_FOUND or (status == 404 and code not in ("NoSuchBucket", "NoSuchUpload")):
+        return ObjectNotFound(f"{where}: not found")
+    if code == "NoSuchUpload":
+        return ObjectNotFound(f"{where}: multipart upload not found")
+    if code in ("PreconditionFailed", "412") or status == 412:
+        return ObjectExists(f"object {key} already exists in s3://{bucket}")
+    if code == "InvalidRange" or status == 416:
+        return _RangeNotSatisfiable(f"{where}: range not satisfiable")
+    if code in _S3_TRANSIENT or status >= 500 or status == 429:
+        return StorageError(f"{where}: {code} (HTTP {status})")
+    return StorageAccessError(f"{where}: {code} (HTTP {status})")
+
+
+def build_store(cfg: StorageConfig) -> ObjectStore:
+    """The store named by ``[storage] backend``."""
+    if cfg.backend == "local":
+        return LocalStore(cfg.path, prefix=cfg.prefix)
+    if cfg.backend == "s3":
+        return S3Store(
+            cfg.bucket,
+            prefix=cfg.prefix,
+            region=cfg.region,
+            endpoint_url=cfg.endpoint_url or None,
+            sse=cfg.sse,
+            sse_kms_key_id=cfg.sse_kms_key_id,
+            part_size=cfg.part_size,
+        )
+    raise StorageAccessError(f"unknown storage backend {cfg.backend!r}")
