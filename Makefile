@@ -21,7 +21,7 @@ services:
 	@bash .ci/ensure-postgres
 
 demo: venv services
-	$(BIN)/python -m fsrecrypt.demo
+	$(BIN)/python demo/run.py
 
 test: venv services
 	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
