@@ -33,8 +33,8 @@ bench: venv services
 	$(BIN)/python bench/run.py
 
 lint: venv
-	$(BIN)/ruff check fsrecrypt tests bench
-	$(BIN)/ruff format --check fsrecrypt tests bench || true
+	$(BIN)/ruff check fsrecrypt tests bench demo
+	$(BIN)/ruff format --check fsrecrypt tests bench demo
 
 clean:
 	rm -rf $(VENV) .demo .pytest_cache .hypothesis *.egg-info

@@ -46,7 +46,8 @@ def run(*args: str, show: bool = True) -> str:
 
 
 def write_config() -> None:
-    from tests.support.factories import local_config, write_config as dump
+    from tests.support.factories import local_config
+    from tests.support.factories import write_config as dump
 
     config = local_config(
         DEMO,
@@ -123,17 +124,25 @@ def main() -> int:
 
     db = Database(DSN)
     for row in db.audit_rows(recording_id=result["recording_id"]):
-        print(f"  {row['accessed_at']:%H:%M:%S}  {row['action']:<9} {row['user_id']:<14} "
-              f"success={row['success']}  hash={row['row_hash'][:12]}...")
+        print(
+            f"  {row['accessed_at']:%H:%M:%S}  {row['action']:<9} {row['user_id']:<14} "
+            f"success={row['success']}  hash={row['row_hash'][:12]}..."
+        )
     db.close()
 
-    say(f"Done in {time.monotonic() - started:.1f} s. Everything is under {DEMO.relative_to(ROOT)}/")
+    say(
+        f"Done in {time.monotonic() - started:.1f} s. Everything is under {DEMO.relative_to(ROOT)}/"
+    )
     return 0
 
 
 def decrypt_with_official_sdk(obj: Path) -> bytes:
     import aws_encryption_sdk
-    from aws_encryption_sdk.identifiers import CommitmentPolicy, EncryptionKeyType, WrappingAlgorithm
+    from aws_encryption_sdk.identifiers import (
+        CommitmentPolicy,
+        EncryptionKeyType,
+        WrappingAlgorithm,
+    )
     from aws_encryption_sdk.internal.crypto.wrapping_keys import WrappingKey
     from aws_encryption_sdk.key_providers.raw import RawMasterKeyProvider
 
