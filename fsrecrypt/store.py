@@ -134,6 +134,15 @@ def _check_range(start: int, end: int | None) -> None:
         raise ValueError(f"invalid byte range [{start}, {end})")
 
 
+@contextlib.contextmanager
+def _io_errors(what: str) -> Iterator[None]:
+    """Turn an OSError from our own file I/O into a StorageError naming the object."""
+    try:
+        yield
+    except OSError as exc:
+        raise StorageError(f"{what}: {exc.strerror or type(exc).__name__}") from None
+
+
 def object_key(prefix: str, tenant_id: str, recording_id: str, created: datetime) -> str:
     """``{prefix}{tenant}/{yyyy}/{mm}/{dd}/{recording_id}.esdk`` (UTC date).
 
@@ -214,19 +223,24 @@ class LocalStore(ObjectStore):
         tmp = path.with_name(f".{path.name}{_TMP_MARKER}{secrets.token_hex(8)}")
         size = 0
         try:
-            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o640)
+            with _io_errors(f"cannot write object {key}"):
+                fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o640)
             with os.fdopen(fd, "wb") as f:
+                # Only our own I/O is translated: an exception from the chunk
+                # iterator (e.g. reading the plaintext) passes through as is.
                 for chunk in chunks:
-                    f.write(chunk)
+                    with _io_errors(f"cannot write object {key}"):
+                        f.write(chunk)
                     size += len(chunk)
-                f.flush()
-                os.fsync(f.fileno())
+                with _io_errors(f"cannot write object {key}"):
+                    f.flush()
+                    os.fsync(f.fileno())
             try:
                 os.link(tmp, path)
             except FileExistsError:
                 raise ObjectExists(f"object {key} already exists") from None
-        except OSError as exc:
-            raise StorageError(f"cannot write object {key}: {exc.strerror}") from None
+            except OSError as exc:
+                raise StorageError(f"cannot publish object {key}: {exc.strerror}") from None
         finally:
             # Success or failure (including KeyboardInterrupt or a failing
             # iterator): the temp name never outlives this call.

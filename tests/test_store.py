@@ -108,7 +108,9 @@ def test_local_put_get_range_head_delete(local: LocalStore) -> None:
     local.check()
 
 
-@pytest.mark.parametrize("exc", [Boom("encrypt failed"), KeyboardInterrupt()])
+@pytest.mark.parametrize(
+    "exc", [Boom("encrypt failed"), KeyboardInterrupt(), OSError("input vanished")]
+)
 def test_local_put_is_atomic(local: LocalStore, exc: BaseException) -> None:
     key = "acme/x.esdk"
     seen: list[list[str]] = []
@@ -119,8 +121,9 @@ def test_local_put_is_atomic(local: LocalStore, exc: BaseException) -> None:
         yield b"b" * 1000
         raise exc
 
-    with pytest.raises(type(exc)):
+    with pytest.raises(type(exc)) as ei:
         local.put_stream(key, spy())
+    assert ei.value is exc  # the iterator's own error, not re-labelled as a storage error
     # While writing, only a hidden temp name existed; afterwards nothing.
     assert len(seen[0]) == 1 and seen[0][0].startswith(".x.esdk.tmp-")
     assert not local.exists(key)
@@ -252,8 +255,9 @@ def test_s3_multipart_and_ranged_get(s3_bucket) -> None:  # type: ignore[no-unty
 def test_s3_failing_iterator_aborts_upload(s3_bucket, exc: BaseException) -> None:  # type: ignore[no-untyped-def]
     store = s3store(s3_bucket)
     calls = count_calls(store)
-    with pytest.raises(type(exc)):
+    with pytest.raises(type(exc)) as ei:
         store.put_stream("rec/broken.esdk", failing(11 * MiB, exc))
+    assert ei.value is exc
     assert calls.get("UploadPart") == 2  # the upload really was under way
     assert calls.get("AbortMultipartUpload") == 1
     c = s3_bucket.client
