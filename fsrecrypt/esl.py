@@ -95,8 +95,10 @@ class EslSettings:
     """How to reach FreeSWITCH and how impatient to be with it.
 
     Only RECORD_STOP is subscribed by default: it carries everything the
-    pipeline needs (path, cause, channel variables), and every extra event
-    type is traffic the reader must parse on a busy switch.
+    pipeline needs (path, cause, channel variables) and the file is closed
+    when it fires. CHANNEL_HANGUP_COMPLETE adds nothing: with ``uuid_record``
+    the recording stops while the channel is still up, so a hangup is not a
+    "recording done" signal, and each one is ~4.5 KB the reader must parse.
     """
 
     host: str = "127.0.0.1"
@@ -342,10 +344,10 @@ class _HardenedESL(InboundESL):  # type: ignore[misc]
         self.connected = True
         self._receive_events_greenlet = gevent.spawn(self._reader)
         if not self._auth_request_event.wait(timeout) or not self.connected:
-            self.close("no auth/request greeting")
+            self.close(f"no auth/request greeting within {timeout}s")
             raise EslError(
-                f"FreeSWITCH at {self.settings.host}:{self.settings.port} sent no auth/request "
-                f"within {timeout}s"
+                f"FreeSWITCH at {self.settings.host}:{self.settings.port} sent no auth/request: "
+                f"{self.down_reason}"
             )
         self.authenticate()
 
@@ -497,8 +499,8 @@ class _HardenedESL(InboundESL):  # type: ignore[misc]
                 return True
             return False
         elif ctype == "text/rude-rejection":
-            self._auth_request_event.set()  # wake connect(); connected goes False below
-            return False
+            # apply-inbound-acl refused us; close() below wakes connect()
+            raise EslError("rude-rejection (check apply-inbound-acl)")
         else:
             log.debug("esl.ignored_frame", content_type=ctype)
         return True
@@ -573,7 +575,7 @@ class EventSource:
         self.settings = settings
         self.on_event = on_event
         self.on_state = on_state
-        self.connected = False
+        self._up = False
         self.reconnects = 0
         self.last_event_at: float | None = None
         self.state = "stopped"
@@ -583,6 +585,12 @@ class EventSource:
         self._supervisor: gevent.Greenlet | None = None
         self._dispatcher: gevent.Greenlet | None = None
         self._ever_connected = False
+
+    @property
+    def connected(self) -> bool:
+        """Subscribed and the socket is alive right now (not just "not yet noticed down")."""
+        conn = self._conn
+        return self._up and conn is not None and conn.connected
 
     # lifecycle ---------------------------------------------------------------
 
@@ -600,16 +608,19 @@ class EventSource:
         conn = self._conn
         if conn is not None:
             conn.close("stopping")
+        current = gevent.getcurrent()
         if self._supervisor is not None:
-            self._supervisor.join(timeout)
-            self._supervisor.kill(block=False)
+            if self._supervisor is not current:  # stop() may be called from a handler
+                self._supervisor.join(timeout)
+                self._supervisor.kill(block=False)
             self._supervisor = None
         if self._dispatcher is not None:
             self._queue.put(_STOP)
-            self._dispatcher.join(timeout)
-            self._dispatcher.kill(block=False)
+            if self._dispatcher is not current:
+                self._dispatcher.join(timeout)
+                self._dispatcher.kill(block=False)
             self._dispatcher = None
-        self.connected = False
+        self._up = False
         self._set_state("stopped")
 
     # commands ------------------------------------------------------------------
@@ -696,10 +707,10 @@ class EventSource:
             if self._ever_connected:
                 self.reconnects += 1
             self._ever_connected = True
-            self.connected = True
+            self._up = True
             self._set_state("connected", events=list(s.events), reconnects=self.reconnects)
             self._watch(conn)
-            self.connected = False
+            self._up = False
             conn.close("supervisor closing")
             if self._stopping.is_set():
                 break

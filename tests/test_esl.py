@@ -9,9 +9,11 @@ process (stock client, EOF mid-frame) runs in a subprocess.
 
 from __future__ import annotations
 
+import socket
 import subprocess
 import sys
 import textwrap
+import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -600,3 +602,46 @@ def test_replay_server_process_and_control_channel() -> None:
     finally:
         proc.close()
     assert proc.proc.returncode == 0
+
+
+def test_rude_rejection_is_a_connect_error() -> None:
+    """apply-inbound-acl refusal: FreeSWITCH sends text/rude-rejection and hangs up."""
+    lsock = socket.create_server(("127.0.0.1", 0))
+    body = b"Access Denied, go away.\n"
+    frame = b"Content-Type: text/rude-rejection\nContent-Length: %d\n\n" % len(body) + body
+
+    def serve() -> None:
+        conn, _ = lsock.accept()
+        with conn:
+            conn.sendall(frame)
+            time.sleep(1.0)  # keep it open: the client must not wait for EOF
+
+    threading.Thread(target=serve, daemon=True).start()
+    try:
+        port = lsock.getsockname()[1]
+        conn = _HardenedESL(EslSettings(port=port, connect_timeout=3), lambda e: None)
+        t0 = time.monotonic()
+        with pytest.raises(EslError, match="rude-rejection"):
+            conn.connect()
+        assert time.monotonic() - t0 < 1.0
+        assert not conn.connected
+    finally:
+        lsock.close()
+
+
+def test_stop_from_inside_the_event_handler(server: EslReplayServer) -> None:
+    holder: list[EventSource] = []
+    stopped: list[bool] = []
+
+    def handler(event: Event) -> None:
+        holder[0].stop(timeout=1)
+        stopped.append(True)
+
+    src = EventSource(fast_settings(server), handler)
+    holder.append(src)
+    src.start()
+    assert wait_until(lambda: server.subscribed)
+    server.emit_fixture("record_stop.esl")
+    assert wait_until(lambda: stopped, 2.0)
+    assert not src.connected
+    assert wait_until(lambda: server.subscribed == 0)
