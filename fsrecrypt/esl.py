@@ -632,7 +632,12 @@ class EventSource:
         return conn
 
     def api(self, command: str, timeout: float | None = None) -> str:
-        """Run ``api <command>`` and return the api/response body."""
+        """Run ``api <command>`` and return the api/response body.
+
+        Raises EslError when not connected or on no reply within ``timeout``
+        (default command_timeout; the connection is then dropped and
+        re-established by the supervisor), ValueError on a line break.
+        """
         _check_line(command, "api command")
         reply = self._current().send(f"api {command}", timeout)
         return reply.body or ""
