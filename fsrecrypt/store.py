@@ -152,7 +152,7 @@ def object_key(prefix: str, tenant_id: str, recording_id: str, created: datetime
     give the same layout.
     """
     for what, value in (("tenant id", tenant_id), ("recording id", recording_id)):
-        if not _ID_RE.fullmatch(value) or value in (".", ".."):
+        if not isinstance(value, str) or not _ID_RE.fullmatch(value) or value in (".", ".."):
             raise InvalidObjectKey(f"{what} {value!r} cannot be used in an object key")
     if prefix and not prefix.endswith("/"):
         prefix += "/"

@@ -59,6 +59,8 @@ def test_object_key() -> None:
     for tenant, rid in [("..", "r"), ("a/b", "r"), ("acme", "../x"), ("acme", "+15551234567 x")]:
         with pytest.raises(InvalidObjectKey):
             object_key("p/", tenant, rid, created)
+    with pytest.raises(InvalidObjectKey):
+        object_key("p/", 42, "r", created)  # type: ignore[arg-type]
 
 
 # --- local store ---------------------------------------------------------------------
