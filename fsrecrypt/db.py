@@ -638,6 +638,22 @@ class Database:
             )
             return {r[0] for r in cur.fetchall()}
 
+    def rows_for_sources(self, paths: Sequence[str]) -> list[tuple[str, str, str, str]]:
+        """``(source_path, source_fingerprint, status, id)`` of every row naming these paths.
+
+        The daemon's sweep uses it to tell a file nobody has seen (adopt it)
+        from one a row already covers (resume, finish or leave alone).
+        """
+        if not paths:
+            return []
+        with self.transaction("checking known files") as cur:
+            cur.execute(
+                "SELECT source_path, source_fingerprint, status, id::text FROM call_recordings"
+                " WHERE source_path = ANY(%s)",
+                (list(paths),),
+            )
+            return [(r[0], r[1], r[2], r[3]) for r in cur.fetchall()]
+
     # --- audit ------------------------------------------------------------------------------
 
     def audit(
