@@ -119,6 +119,12 @@ def open_source(path: str, allowed_dirs: Sequence[str] | None = None) -> SourceF
     not only on the name, so a symlink or FIFO swapped in between check and
     open is refused too. O_NONBLOCK keeps a FIFO from hanging the open.
     """
+    try:
+        path.encode("utf-8")
+    except UnicodeEncodeError:
+        # A non-UTF-8 name from an event arrives with surrogate escapes; such a
+        # path cannot be recorded faithfully in the database, so it is refused.
+        raise PathRefused(f"refusing {path!r}: the name is not valid UTF-8") from None
     raw = Path(path)
     if not raw.is_absolute():
         raise PathRefused(f"refusing {path!r}: not an absolute path")

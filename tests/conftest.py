@@ -3,4 +3,5 @@
 pytest_plugins = [
     "tests.support.pg",
     "tests.support.moto",
+    "tests.support.eslserver",
 ]

@@ -16,7 +16,6 @@ from tests.support.eslserver import (
     FIXTURES_DIR,
     EslReplayServer,
     build_event_frame,
-    esl_server,  # noqa: F401 - the shared fixture, used by name below
     fs_url_encode,
     load_fixture,
     split_frame,
@@ -82,7 +81,7 @@ def _talk(port: int, data: bytes, wait: float = 0.3) -> bytes:
         return out
 
 
-def test_handshake_bytes_are_the_captured_ones(esl_server: EslReplayServer) -> None:  # noqa: F811
+def test_handshake_bytes_are_the_captured_ones(esl_server: EslReplayServer) -> None:
     out = _talk(esl_server.port, b"auth ClueCon\n\napi status\n\nexit\n\n")
     greeting = load_fixture("auth_request.esl") + load_fixture("auth_reply.esl")
     assert load_fixture("transcript_main.raw").startswith(greeting + load_fixture("api_status.esl"))
@@ -93,7 +92,7 @@ def test_handshake_bytes_are_the_captured_ones(esl_server: EslReplayServer) -> N
     assert out == greeting + load_fixture("api_status.esl") + bye
 
 
-def test_wrong_password_gets_err_and_is_disconnected(esl_server: EslReplayServer) -> None:  # noqa: F811
+def test_wrong_password_gets_err_and_is_disconnected(esl_server: EslReplayServer) -> None:
     out = _talk(esl_server.port, b"auth nope\n\napi status\n\n", wait=1.0)
     assert out == load_fixture("auth_request.esl") + (
         b"Content-Type: command/reply\nReply-Text: -ERR invalid\n\n"
@@ -101,12 +100,12 @@ def test_wrong_password_gets_err_and_is_disconnected(esl_server: EslReplayServer
     assert esl_server.commands("api") == []
 
 
-def test_commands_before_auth_are_refused(esl_server: EslReplayServer) -> None:  # noqa: F811
+def test_commands_before_auth_are_refused(esl_server: EslReplayServer) -> None:
     out = _talk(esl_server.port, b"api status\n\n")
     assert out.endswith(b"Reply-Text: -ERR command not found\n\n")
 
 
-def test_bgapi_replies_then_emits_background_job(esl_server: EslReplayServer) -> None:  # noqa: F811
+def test_bgapi_replies_then_emits_background_job(esl_server: EslReplayServer) -> None:
     out = _talk(esl_server.port, b"auth ClueCon\n\nevent plain BACKGROUND_JOB\n\nbgapi status\n\n")
     reply_at = out.index(b"Reply-Text: +OK Job-UUID: ")
     job = out[reply_at + 26 : reply_at + 62].decode()
@@ -131,7 +130,7 @@ def test_restart_on_the_same_port() -> None:
         srv.stop()
 
 
-def test_wait_subscribed_times_out(esl_server: EslReplayServer) -> None:  # noqa: F811
+def test_wait_subscribed_times_out(esl_server: EslReplayServer) -> None:
     t0 = time.monotonic()
     assert esl_server.wait_subscribed(1, timeout=0.2) is False
     assert time.monotonic() - t0 >= 0.2

@@ -246,6 +246,7 @@ def test_path_refusals(tmp_path: Path) -> None:
         "relative.wav",
         str(linked_dir / "ok.wav"),
         "/etc/passwd",
+        str(allowed) + "/bad\udcff.wav",
     ]:
         with pytest.raises(errors.PathRefused):
             open_source(bad, [str(allowed)])
