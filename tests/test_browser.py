@@ -1,0 +1,144 @@
+"""The supervisor page in a real headless Chromium against a real `fsrecrypt serve`.
+
+Never skipped: tests/support/browser_setup.sh installs Debian's chromium,
+its chromedriver and selenium when they are missing. The browser signs in
+with an API key, plays a recording through a signed URL in a plain <audio>,
+seeks to the middle (which makes Chromium send a Range request for bytes it
+has not fetched) and keeps playing; the access log then shows the stream rows
+with their byte ranges.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.test_web_server import ingest, make_setup, serve
+
+ROOT = Path(__file__).resolve().parents[1]
+CHROMIUM = "/usr/bin/chromium"
+CHROMEDRIVER = "/usr/bin/chromedriver"
+RATE = 8000
+SECONDS = 20 * 60  # long enough that Chromium cannot have buffered the middle before the seek
+
+
+def long_wav(seconds: int, rate: int = RATE) -> bytes:
+    import struct
+
+    n = seconds * rate * 2
+    pattern = bytes((i * 31 + (i >> 3)) & 0xFF for i in range(4096))
+    samples = (pattern * (n // len(pattern) + 1))[:n]
+    header = b"RIFF" + struct.pack("<I", 36 + n) + b"WAVE"
+    header += b"fmt " + struct.pack("<IHHIIHH", 16, 1, 1, rate, rate * 2, 2, 16)
+    header += b"data" + struct.pack("<I", n)
+    return header + samples
+
+
+@pytest.fixture(scope="module")
+def browser_tools() -> None:
+    subprocess.run(["bash", str(ROOT / "tests" / "support" / "browser_setup.sh")], check=True)
+
+
+def _driver(profile: Path):
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+
+    options = webdriver.ChromeOptions()
+    options.binary_location = CHROMIUM
+    for arg in (
+        "--headless=new",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--disable-background-networking",
+        "--disable-component-update",
+        "--disable-sync",
+        "--no-first-run",
+        "--no-default-browser-check",
+        "--disable-dev-shm-usage",
+        "--mute-audio",
+        "--autoplay-policy=no-user-gesture-required",
+        f"--user-data-dir={profile}",
+    ):
+        options.add_argument(arg)
+    return webdriver.Chrome(service=Service(CHROMEDRIVER), options=options)
+
+
+def _wait(predicate, timeout: float, what: str):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(0.1)
+    pytest.fail(f"timed out waiting for {what}")
+
+
+@pytest.mark.slow
+def test_supervisor_signs_in_plays_and_seeks(browser_tools, pg_dsn: str, tmp_path: Path) -> None:
+    services, cfg, tenant, key = make_setup(tmp_path, pg_dsn, pipeline={"frame_size": 65536})
+    data = long_wav(SECONDS)
+    rid = ingest(services, tmp_path, tenant, data)
+    size = len(data)
+    log_path = tmp_path / "serve.log"
+    with serve(cfg, log_path) as base:
+        driver = _driver(tmp_path / "chromium-profile")
+        try:
+            from selenium.webdriver.common.by import By
+
+            driver.set_page_load_timeout(30)
+            driver.get(base + "/")
+            driver.find_element(By.ID, "apikey").send_keys(key)
+            driver.find_element(By.ID, "signin-button").click()
+            _wait(
+                lambda: driver.find_elements(By.CSS_SELECTOR, f'tr[data-recording-id="{rid}"]'),
+                20,
+                "the recording to be listed",
+            )
+            who = driver.find_element(By.ID, "who").text
+            assert tenant in who and "supervisor@example.com" in who
+            stored = driver.execute_script("return sessionStorage.getItem('fsrecrypt.apiKey')")
+            assert stored == key
+            row = driver.find_element(By.CSS_SELECTOR, f'tr[data-recording-id="{rid}"]')
+            row.find_element(By.CSS_SELECTOR, "button.play").click()
+
+            def audio(expr: str):
+                return driver.execute_script(f"const a = document.getElementById('player'); {expr}")
+
+            _wait(lambda: audio("return a.currentTime") > 0.5, 30, "playback to start")
+            src = audio("return a.currentSrc")
+            assert "/stream?" in src and "sig=" in src and key not in src
+            assert audio("return a.duration") == pytest.approx(SECONDS, abs=1)
+            middle = SECONDS / 2
+            audio(f"a.currentTime = {middle};")
+            _wait(
+                lambda: (
+                    audio("return a.currentTime") > middle + 0.5 and not audio("return a.paused")
+                ),
+                30,
+                "playback to continue after the seek",
+            )
+            assert audio("return a.error") is None
+        finally:
+            driver.quit()
+
+        # Rows are written when each response ends; quitting the browser ends them.
+        def stream_rows():
+            rows = services.db.audit_rows(recording_id=rid, action="stream")
+            return rows if any(r["details"]["range"]["start"] > size // 4 for r in rows) else None
+
+        rows = _wait(stream_rows, 20, "the seek's stream row in the access log")
+    assert all(r["success"] for r in rows)
+    assert all(r["details"]["via"] == "signed_url" for r in rows)
+    assert all(r["user_id"] == "supervisor@example.com" for r in rows)
+    seek_rows = [r for r in rows if r["details"]["range"]["start"] > size // 4]
+    seek_start = seek_rows[0]["details"]["range"]["start"]
+    assert abs(seek_start - (44 + SECONDS // 2 * RATE * 2)) < size // 10
+    assert "Chrome" in (seek_rows[0]["user_agent"] or "")
+    issued = services.db.audit_rows(recording_id=rid, action="playback_url")
+    assert issued and issued[-1]["success"]
+    log = log_path.read_text()
+    assert f"/v1/recordings/{rid}/stream" in log and " 206 " in log
+    services.close()
