@@ -1,0 +1,306 @@
+"""Benchmark: /stream (decrypting, verifying) vs reading the object straight from the store.
+
+One 60-minute recording (8 kHz 16-bit mono WAV, 57.6 MB) is ingested through
+the real pipeline into S3 (a moto server in its own process) and, for
+reference, the local store. Then, in the same run and against the same
+object, a real `fsrecrypt serve` process is timed against the store client:
+
+* full read: time to first byte and throughput of GET /stream vs a plain GET
+  of the whole object;
+* seek: time to first byte of GET /stream with ``Range: bytes=<middle>-`` vs a
+  ranged GET of the ciphertext frames that hold that offset.
+
+Targets (S3): seek first byte within 2x the raw ranged GET; full-read
+throughput >= 80% of the raw GET's. Each figure is the median of a few runs.
+
+Run: ``.venv/bin/python bench/bench_stream.py`` (needs PostgreSQL on
+127.0.0.1:5432, like the tests).
+"""
+
+from __future__ import annotations
+
+import http.client
+import json
+import os
+import signal
+import socket
+import statistics
+import struct
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+import uuid
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+ADMIN_DSN = os.environ.get(
+    "FSRECRYPT_TEST_ADMIN_DSN", "postgresql://postgres@127.0.0.1:5432/postgres"
+)
+MINUTES = int(os.environ.get("BENCH_STREAM_MINUTES", "60"))
+REPEAT = int(os.environ.get("BENCH_STREAM_REPEAT", "5"))
+RATE = 8000
+READ = 256 * 1024
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def wav(minutes: int) -> bytes:
+    n = minutes * 60 * RATE * 2
+    pattern = os.urandom(1 << 16)
+    samples = (pattern * (n // len(pattern) + 1))[:n]
+    header = b"RIFF" + struct.pack("<I", 36 + n) + b"WAVE"
+    header += b"fmt " + struct.pack("<IHHIIHH", 16, 1, 1, RATE, RATE * 2, 2, 16)
+    header += b"data" + struct.pack("<I", n)
+    return header + samples
+
+
+def _admin(sql: str) -> None:
+    import psycopg2
+
+    conn = psycopg2.connect(ADMIN_DSN)
+    try:
+        conn.autocommit = True
+        with conn.cursor() as cur:
+            cur.execute(sql)
+    finally:
+        conn.close()
+
+
+@contextmanager
+def database() -> Iterator[str]:
+    from fsrecrypt import db
+
+    subprocess.run(["bash", str(ROOT / ".ci" / "ensure-postgres")], check=True)
+    name = f"fsrecrypt_bench_{uuid.uuid4().hex[:10]}"
+    _admin(f'CREATE DATABASE "{name}"')
+    dsn = ADMIN_DSN.rsplit("/", 1)[0] + "/" + name
+    try:
+        db.migrate(dsn)
+        yield dsn
+    finally:
+        _admin(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+@contextmanager
+def process(args: list[str], env: dict[str, str], ready: Callable[[], bool]) -> Iterator[None]:
+    log = tempfile.TemporaryFile()
+    proc = subprocess.Popen(args, env=env, stdout=log, stderr=log, stdin=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 30
+        while not ready():
+            if proc.poll() is not None or time.monotonic() > deadline:
+                log.seek(0)
+                raise RuntimeError(f"{args[:4]} did not start:\n{log.read().decode()[-2000:]}")
+            time.sleep(0.1)
+        yield
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+        log.close()
+
+
+def _answers(url: str) -> bool:
+    try:
+        with urllib.request.urlopen(url, timeout=2) as resp:
+            resp.read()
+            return True
+    except OSError:
+        return False
+
+
+def timed_store(chunks_factory: Callable[[], Iterator[bytes]]) -> tuple[float, float, int]:
+    """(seconds to first byte, total seconds, bytes) reading a store iterator."""
+    started = time.perf_counter()
+    chunks = chunks_factory()
+    first = None
+    total = 0
+    for chunk in chunks:
+        if first is None:
+            first = time.perf_counter() - started
+        total += len(chunk)
+    return first or 0.0, time.perf_counter() - started, total
+
+
+def timed_http(port: int, path: str, headers: dict[str, str]) -> tuple[float, float, int, int]:
+    """(seconds to first body byte, total seconds, bytes, status) of one GET on a new connection."""
+    started = time.perf_counter()
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
+    conn.request("GET", path, headers=headers)
+    resp = conn.getresponse()
+    first_chunk = resp.read1(READ) if hasattr(resp, "read1") else resp.read(1)
+    first = time.perf_counter() - started
+    total = len(first_chunk)
+    while True:
+        chunk = resp.read(READ)
+        if not chunk:
+            break
+        total += len(chunk)
+    elapsed = time.perf_counter() - started
+    conn.close()
+    return first, elapsed, total, resp.status
+
+
+def measure(backend: str, dsn: str, moto_url: str | None, workdir: Path) -> dict[str, Any]:
+    from fsrecrypt import format as esdk
+    from fsrecrypt import pipeline
+    from fsrecrypt.config import Config, with_overrides
+    from fsrecrypt.web import create_api_key
+
+    sections: dict[str, dict[str, Any]] = {
+        "database": {"dsn": dsn},
+        "keys": {"provider": "local", "keyring": str(workdir / "keyring.json")},
+        "storage": {"backend": "local", "path": str(workdir / f"objects-{backend}")},
+        "playback": {"signing_key_file": str(workdir / "sign.key")},
+        "logging": {"level": "warning"},
+    }
+    if backend == "s3":
+        bucket = f"bench-{uuid.uuid4().hex[:10]}"
+        import boto3
+
+        boto3.client("s3", endpoint_url=moto_url, region_name="us-east-1").create_bucket(
+            Bucket=bucket
+        )
+        sections["storage"] = {"backend": "s3", "bucket": bucket, "endpoint_url": moto_url or ""}
+    config = with_overrides(Config(), **sections)
+    cfg_path = workdir / f"{backend}.toml"
+    lines = []
+    for name, values in sections.items():
+        lines.append(f"[{name}]")
+        lines += [f"{k} = {json.dumps(v)}" for k, v in values.items()]
+    cfg_path.write_text("\n".join(lines) + "\n")
+
+    services = pipeline.Services(config)
+    tenant = f"bench-{backend}-{uuid.uuid4().hex[:6]}"
+    services.db.add_tenant(tenant, services.keys.create_key(f"bench-{uuid.uuid4().hex[:6]}"))
+    _row, api_key = create_api_key(services, tenant, "bench")
+    src = workdir / "recordings" / f"{backend}.wav"
+    src.parent.mkdir(exist_ok=True)
+    data = wav(MINUTES)
+    src.write_bytes(data)
+    t0 = time.perf_counter()
+    outcome = pipeline.ingest_file(services, str(src), tenant, user_id="bench")
+    ingest_s = time.perf_counter() - t0
+    rec = outcome.recording
+    store = services.store
+    key = rec.s3_path or ""
+    opened = pipeline.open_recording(services, rec)
+    middle = len(data) // 2
+    plan = esdk.plan_range(opened.header, opened.object_size, middle, None)
+
+    port = free_port()
+    env = {**os.environ, "FSRECRYPT_CONFIG": str(cfg_path)}
+    serve = [
+        sys.executable,
+        "-c",
+        "from fsrecrypt.cli import main; main()",
+        "serve",
+        "--listen",
+        f"127.0.0.1:{port}",
+    ]
+    path = f"/v1/recordings/{rec.id}/stream"
+    auth = {"X-API-Key": api_key}
+    results: dict[str, list[float]] = {
+        k: []
+        for k in (
+            "raw_full_ttfb",
+            "raw_full_mbps",
+            "stream_full_ttfb",
+            "stream_full_mbps",
+            "raw_seek_ttfb",
+            "stream_seek_ttfb",
+        )
+    }
+    with process(serve, env, lambda: _answers(f"http://127.0.0.1:{port}/v1/openapi.json")):
+        timed_http(port, path, {**auth, "Range": "bytes=0-1023"})  # warm-up
+        for _ in range(REPEAT):
+            first, elapsed, n = timed_store(lambda: store.get_range(key, 0, None))
+            assert n == opened.object_size
+            results["raw_full_ttfb"].append(first)
+            results["raw_full_mbps"].append(n / elapsed / 1e6)
+            first, elapsed, n, status = timed_http(port, path, auth)
+            assert status == 200 and n == len(data), (status, n)
+            results["stream_full_ttfb"].append(first)
+            results["stream_full_mbps"].append(n / elapsed / 1e6)
+            first, _e, _n = timed_store(
+                lambda: store.get_range(key, plan.ciphertext_start, plan.ciphertext_end)
+            )
+            results["raw_seek_ttfb"].append(first)
+            first, _e, n, status = timed_http(port, path, {**auth, "Range": f"bytes={middle}-"})
+            assert status == 206 and n == len(data) - middle
+            results["stream_seek_ttfb"].append(first)
+    services.close()
+    med = {k: statistics.median(v) for k, v in results.items()}
+    return {
+        "backend": backend,
+        "recording_minutes": MINUTES,
+        "plaintext_bytes": len(data),
+        "object_bytes": opened.object_size,
+        "ingest_s": round(ingest_s, 3),
+        "raw_full_ttfb_ms": round(med["raw_full_ttfb"] * 1000, 2),
+        "stream_full_ttfb_ms": round(med["stream_full_ttfb"] * 1000, 2),
+        "raw_full_MBps": round(med["raw_full_mbps"], 1),
+        "stream_full_MBps": round(med["stream_full_mbps"], 1),
+        "full_throughput_ratio": round(med["stream_full_mbps"] / med["raw_full_mbps"], 3),
+        "raw_seek_ttfb_ms": round(med["raw_seek_ttfb"] * 1000, 2),
+        "stream_seek_ttfb_ms": round(med["stream_seek_ttfb"] * 1000, 2),
+        "seek_ttfb_ratio": round(med["stream_seek_ttfb"] / med["raw_seek_ttfb"], 3),
+        "repeats": REPEAT,
+    }
+
+
+def run() -> dict[str, Any]:
+    """Measure both stores; return the figures and whether the S3 targets are met."""
+    workdir = Path(tempfile.mkdtemp(prefix="fsrecrypt-bench-stream-"))
+    moto_port = free_port()
+    env = {
+        **os.environ,
+        "AWS_ACCESS_KEY_ID": "testing",
+        "AWS_SECRET_ACCESS_KEY": "testing",
+        "AWS_DEFAULT_REGION": "us-east-1",
+        "AWS_CONFIG_FILE": os.devnull,
+        "AWS_SHARED_CREDENTIALS_FILE": os.devnull,
+        "AWS_EC2_METADATA_DISABLED": "true",
+    }
+    os.environ.update({k: v for k, v in env.items() if k.startswith("AWS_")})
+    moto_url = f"http://127.0.0.1:{moto_port}"
+    moto = [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(moto_port)]
+    results: dict[str, Any] = {}
+    with database() as dsn, process(moto, env, lambda: _answers(moto_url + "/moto-api/data.json")):
+        results["s3"] = measure("s3", dsn, moto_url, workdir)
+        results["local"] = measure("local", dsn, None, workdir)
+    s3 = results["s3"]
+    results["targets"] = {
+        "s3_seek_ttfb_within_2x": s3["seek_ttfb_ratio"] <= 2.0,
+        "s3_full_throughput_ge_80pct": s3["full_throughput_ratio"] >= 0.8,
+    }
+    for name in ("s3", "local"):
+        r = results[name]
+        print(
+            f"[{name:5}] {MINUTES} min, {r['plaintext_bytes'] / 1e6:.1f} MB | full: raw "
+            f"{r['raw_full_MBps']} MB/s (ttfb {r['raw_full_ttfb_ms']} ms) vs /stream "
+            f"{r['stream_full_MBps']} MB/s (ttfb {r['stream_full_ttfb_ms']} ms) = "
+            f"{r['full_throughput_ratio']:.0%} | seek ttfb: raw {r['raw_seek_ttfb_ms']} ms vs "
+            f"/stream {r['stream_seek_ttfb_ms']} ms = {r['seek_ttfb_ratio']:.2f}x"
+        )
+    print("targets (S3):", json.dumps(results["targets"]))
+    return results
+
+
+if __name__ == "__main__":
+    out = run()
+    print(json.dumps(out, indent=2))
