@@ -1222,11 +1222,17 @@ def _erase_one(
         if status == "pending":
             raise InvalidState(f"recording {rec.id} is still being stored")
         erasure = dict(meta.get("erasure") or {})
-        objects = list(erasure.get("objects") or [])
-        for candidate in [s3_path, *(meta.get(k) for k in _ROTATION_META_KEYS)]:
+        already = status == "erased"
+        # An erased row lists only the copies whose deletion has not been
+        # confirmed yet; a live row's copies are its object and any copy a
+        # killed key rotation left behind.
+        objects = list(erasure.get("objects") or []) if already else []
+        for candidate in [
+            None if already else s3_path,
+            *(meta.get(k) for k in _ROTATION_META_KEYS),
+        ]:
             if candidate and candidate not in objects:
                 objects.append(candidate)
-        already = status == "erased"
         if already and not objects:
             return None
         erasure.update(
@@ -1492,10 +1498,23 @@ def _stored_ids(services: Services, tenant_id: str | None) -> list[str]:
 
 def _set_config(ctx: click.Context, _param: click.Parameter, value: str | None) -> str | None:
     if value is not None:
+        _state(ctx).config_path = value
+    return value
+
+
+def _state(ctx: click.Context) -> Any:
+    """The CLI's shared ``State`` (config path, debug), kept on the root context.
+
+    Looked up on the root rather than by class, so it is found also when the
+    CLI runs as ``python -m fsrecrypt.cli`` (where ``State`` is
+    ``__main__.State``, not ``fsrecrypt.cli.State``).
+    """
+    root = ctx.find_root()
+    if root.obj is None:
         from fsrecrypt.cli import State
 
-        ctx.ensure_object(State).config_path = value
-    return value
+        root.obj = State()
+    return root.obj
 
 
 def _config_option(func: Callable[..., Any]) -> Callable[..., Any]:
@@ -1522,9 +1541,7 @@ _user_option = click.option(
 
 
 def _services(ctx: click.Context) -> Services:
-    from fsrecrypt.cli import State
-
-    return ctx.ensure_object(State).services()  # type: ignore[no-any-return]
+    return _state(ctx).services()  # type: ignore[no-any-return]
 
 
 def _user(user_id: str | None) -> str:
