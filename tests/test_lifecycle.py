@@ -445,3 +445,33 @@ def test_header_only_decrypt_error_is_typed(world: World) -> None:
     world.drop_key("old")
     with pytest.raises(NoUsableDataKey):
         open_recording(world.services, world.row(rec_id))
+
+
+@pytest.mark.slow
+def test_rotation_while_recordings_keep_arriving(world: World) -> None:
+    """Rotation runs beside a storing 'daemon': nothing is lost, a rerun mops up stragglers."""
+    import threading
+
+    first = world.ingest(4)
+    errors: list[BaseException] = []
+    arrived: list[str] = []
+
+    def keep_storing() -> None:
+        try:
+            for _ in range(6):
+                arrived.extend(world.ingest(1))
+        except BaseException as exc:  # surfaced below
+            errors.append(exc)
+
+    storer = threading.Thread(target=keep_storing)
+    storer.start()
+    run = world.subprocess("rotate", "--tenant", world.tenant, "--to", "new")
+    storer.join(timeout=120)
+    assert not errors, errors
+    assert run.returncode == 0, run.stderr
+    final = world.subprocess("rotate", "--tenant", world.tenant, "--to", "new")
+    assert final.returncode == 0, final.stderr
+    assert json.loads(final.stdout)["remaining"] == 0
+    for rec_id in first + arrived:
+        assert world.row(rec_id).kms_key_id == "new"
+        assert world.decrypt_via_db(rec_id) == world.originals[rec_id]
