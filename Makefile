@@ -19,6 +19,7 @@ $(STAMP): setup.cfg pyproject.toml
 # by the test fixtures themselves as separate processes.
 services:
 	@bash .ci/ensure-postgres
+	@PYTHON=$(abspath $(BIN))/python bash tests/support/browser_setup.sh
 
 demo: venv services
 	$(BIN)/python demo/run.py
