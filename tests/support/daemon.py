@@ -186,8 +186,9 @@ class DaemonEnv:
 
     def start(self, wait_ready: bool = True, **overrides: dict[str, Any]) -> DaemonProcess:
         path = self.write_config(**overrides)
-        env = {**os.environ, **self.extra_env, "PYTHONUNBUFFERED": "1"}
-        env.pop("NOTIFY_SOCKET", None)
+        env = {k: v for k, v in os.environ.items()
+               if k not in ("NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID")}
+        env.update(self.extra_env, PYTHONUNBUFFERED="1")
         d = DaemonProcess(path, self.tmp / "daemon.log", env)
         self.daemons.append(d)
         if wait_ready:
