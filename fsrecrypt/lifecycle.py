@@ -45,7 +45,7 @@ from fsrecrypt.errors import (
     InvalidState,
     KeyAccessError,
     NotFound,
-    ObjectNotFound,
+    StorageError,
 )
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -138,7 +138,10 @@ def _insert_audit(services: Services, cur: Any, **fields: Any) -> int:
     return int(services.db._insert_audit(cur, **fields))
 
 
-def _crash_point(step: str, _counts: dict[str, int] = {}) -> None:  # noqa: B006 - a counter
+_crash_counts: dict[str, int] = {}
+
+
+def _crash_point(step: str) -> None:
     """Test-only crash injection (see ``_CRASH_ENV``); a no-op unless the variable is set."""
     spec = os.environ.get(_CRASH_ENV)
     if not spec:
@@ -146,8 +149,8 @@ def _crash_point(step: str, _counts: dict[str, int] = {}) -> None:  # noqa: B006
     want_step, _, count = spec.partition(":")
     if want_step != step:
         return
-    _counts[step] = _counts.get(step, 0) + 1
-    if _counts[step] >= int(count or "1"):
+    _crash_counts[step] = _crash_counts.get(step, 0) + 1
+    if _crash_counts[step] >= int(count or "1"):
         sys.stderr.flush()
         os.kill(os.getpid(), signal.SIGKILL)
 
@@ -835,7 +838,7 @@ def _rewrite_header(services: Services, rec: Recording, target: str, user_id: st
     expected = info.size - header.size + new_header.size
     if put.size != expected:
         services.store.delete(new_key)
-        raise ObjectNotFound(
+        raise StorageError(
             f"copy of object {old_key} is {put.size} bytes, expected {expected}",
             hint="The object changed while it was copied; run the rotate command again.",
         )
@@ -949,10 +952,8 @@ def add_hold(
                 raise NotFound(f"no recording with id {rec.id!r}")
             status, tenant_id, _meta = locked
             if status == "erased":
-                raise InvalidState(
-                    f"recording {rec.id} was erased; there is nothing left to hold",
-                    hint="See its deletion receipt in the audit log.",
-                )
+                results.append({"recording_id": rec.id, "status": "erased"})
+                continue
             existing = _active_holds(cur, [rec.id])
             if existing:
                 results.append({"recording_id": rec.id, "status": "already held"})
@@ -974,6 +975,13 @@ def add_hold(
                 details={"hold_id": hold_id, "reason": reason},
             )
         results.append({"recording_id": rec.id, "status": "held", "hold_id": hold_id})
+    if all(r["status"] == "erased" for r in results):
+        raise InvalidState(
+            "recording(s) "
+            + ", ".join(r["recording_id"] for r in results)
+            + " were erased; there is nothing left to hold",
+            hint="See the deletion receipt in the audit log.",
+        )
     return results
 
 

@@ -309,6 +309,8 @@ def test_erase_crypto_shreds_and_keeps_the_audit_rows(world: World) -> None:
     # Erasing again is harmless.
     again = world.cli("erase", "--recording", victim, "--reason", "again", "--yes")
     assert again.exit_code == 0 and _json_out(again)["recording_ids"] == []
+    held = world.cli("hold", "add", "--recording", victim, "--reason", "too late")
+    assert held.exit_code == 1 and "nothing left to hold" in held.stderr
 
 
 def test_retention_blocks_erasure_without_override(world: World) -> None:
