@@ -477,3 +477,27 @@ def test_rotation_while_recordings_keep_arriving(world: World) -> None:
     for rec_id in first + arrived:
         assert world.row(rec_id).kms_key_id == "new"
         assert world.decrypt_via_db(rec_id) == world.originals[rec_id]
+
+
+@pytest.mark.slow
+def test_erasure_after_a_killed_header_rewrite_leaves_no_copy(world: World) -> None:
+    """A copy uploaded by a rotation that died before switching the row is erased too."""
+    (rec_id,) = world.ingest(1)
+    killed = world.subprocess(
+        "rotate",
+        "--tenant",
+        world.tenant,
+        "--to",
+        "new",
+        "--rewrite-headers",
+        env={"FSRECRYPT_TEST_ROTATE_CRASH_AT": "uploaded:1"},
+    )
+    assert killed.returncode == -9, killed.stderr
+    pending = world.row(rec_id).encryption_metadata["rotation_pending_object"]
+    assert sorted(world.objects()) == sorted([world.row(rec_id).s3_path, pending])
+    run = world.cli(
+        "erase", "--recording", rec_id, "--reason", "gdpr", "--yes", "--override-retention"
+    )
+    assert run.exit_code == 0, run.output
+    assert pending in _json_out(run)["object_keys"]
+    assert world.objects() == []
