@@ -20,17 +20,11 @@ boto3, tqdm and the crypto code are imported inside the functions.
 
 from __future__ import annotations
 
-import csv
-import hashlib
 import json
-import math
 import os
-import random
 import secrets
-import signal
 import sys
 import time
-import uuid
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime, timedelta
@@ -143,6 +137,8 @@ _crash_counts: dict[str, int] = {}
 
 def _crash_point(step: str) -> None:
     """Test-only crash injection (see ``_CRASH_ENV``); a no-op unless the variable is set."""
+    import signal
+
     spec = os.environ.get(_CRASH_ENV)
     if not spec:
         return
@@ -459,6 +455,8 @@ def iter_audit_rows(
 
 def write_export(rows: Iterable[Mapping[str, Any]], out: IO[str], fmt: str) -> int:
     """JSON lines (``details`` as an object) or CSV (``details`` as a JSON string)."""
+    import csv
+
     count = 0
     if fmt == "jsonl":
         for row in rows:
@@ -1082,6 +1080,8 @@ def _inside_retention(services: Services, rec: Recording, now: datetime) -> bool
 
 def receipt_hash(receipt: Mapping[str, Any]) -> str:
     """sha256 over the canonical JSON of the receipt (without its own hash)."""
+    import hashlib
+
     body = {k: v for k, v in receipt.items() if k != "receipt_hash"}
     canonical = json.dumps(body, sort_keys=True, separators=(",", ":"), default=str)
     return hashlib.sha256(canonical.encode("utf-8")).hexdigest()
@@ -1144,6 +1144,8 @@ def erase_recordings(
     the object copies (whose headers still hold a wrapped key) go too. The
     audit rows of the recording are never touched.
     """
+    import uuid
+
     if not reason.strip():
         raise ConfigError("erasure needs a --reason", hint="Say why, e.g. the request ticket.")
     check_erasable(services, recordings, override_retention=override_retention)
@@ -1428,6 +1430,9 @@ def verify_recordings(
     progress: bool = True,
 ) -> VerifyReport:
     """Verify all (or a random sample of) stored recordings; one audit row per run."""
+    import math
+    import random
+
     if not 0 < sample_percent <= 100:
         raise ConfigError(
             f"--sample {sample_percent} is not a percentage in (0, 100]",
