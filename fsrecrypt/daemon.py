@@ -4,8 +4,10 @@ Shape of the process (one gevent hub, no threads of our own):
 
 * :class:`~fsrecrypt.esl.EventSource` reads FreeSWITCH's event stream and
   hands each event to :meth:`Daemon.on_event` in its dispatcher greenlet.
-  The handler only classifies, vets the path and writes the ``pending`` row
-  (one INSERT), then queues a job: the socket reader never waits for a file.
+  The handler only classifies the event and vets the path (lstat, no open),
+  then queues a job: the socket reader never waits for a file or a query.
+  The worker's first step is the idempotent ``pending`` row; an event lost
+  before that (kill -9) is recovered by the sweep.
 * ``concurrency`` worker greenlets take jobs and run
   :func:`~fsrecrypt.pipeline.store_recording`. The file is read and encrypted
   frame by frame and every frame yields to the hub (``on_chunk``), so a
@@ -72,6 +74,17 @@ LEASE_SECONDS = 600.0
 ORPHAN_UPLOAD_AGE = 3600.0
 SWEEP_BATCH = 1000
 WAV_PROBE = 4096
+
+
+class UnexpectedJobError(FsrecryptError):
+    """A job failed with an exception fsrecrypt does not map (a bug or an unknown library error).
+
+    Treated as transient so the job is retried up to ``max_attempts``; the
+    plaintext stays until a retry succeeds.
+    """
+
+    hint = "The job will be retried; the full traceback is in the daemon's log."
+    transient = True
 
 
 # --- logging -------------------------------------------------------------------------
@@ -787,7 +800,7 @@ class Daemon:
             return False
         except Exception as exc:  # unmapped library errors: retry, bounded by max_attempts
             self.log.exception("job.unexpected_error", error=repr(exc))
-            err = DatabaseError(f"unexpected {type(exc).__name__} while storing")
+            err = UnexpectedJobError(f"unexpected {type(exc).__name__} while storing")
             return self._retry_later(job, err)
         total = time.monotonic() - job.received
         self.metrics.stage.labels("encrypt_upload").observe(time.monotonic() - started)
@@ -816,7 +829,10 @@ class Daemon:
 
         p = self.config.pipeline
         job.attempts += 1 if count else 0
-        final = job.attempts >= p.max_attempts
+        # Without a row (the database never took the registration) giving up
+        # would leave the file to the sweep, which only knows the default
+        # tenant: keep retrying at the capped interval instead.
+        final = job.attempts >= p.max_attempts and job.recording_id is not None
         delay = backoff(job.attempts, p.retry_base, p.retry_cap)
         if job.recording_id is not None and count:
             try:

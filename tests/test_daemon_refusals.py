@@ -87,3 +87,24 @@ def test_unsafe_paths_are_refused_and_left_untouched(
     env.emit_stop(path)
     assert env.decrypt(env.wait_status(path, "stored")) == data
     assert d.alive()
+
+
+def test_raw_non_utf8_bytes_in_an_event_do_not_stop_the_daemon(
+    daemon_env: DaemonEnv,  # noqa: F811
+) -> None:
+    import base64
+
+    from tests.support.eslserver import build_event_frame
+
+    env = daemon_env
+    d = env.start(**NO_SWEEP)
+    path, data = env.write_wav()
+    frame = build_event_frame("record_stop.esl", {"Record-File-Path": str(path),
+                                                  "Caller-Caller-ID-Name": "XY"})
+    frame = frame.replace(b"Caller-Caller-ID-Name: XY", b"Caller-Caller-ID-Name: \xff\xfe")
+    assert env.esl.call("emit_raw", data_b64=base64.b64encode(frame).decode()) == 1
+    assert env.decrypt(env.wait_status(path, "stored")) == data
+    path2, data2 = env.write_wav()
+    env.emit_stop(path2)
+    assert env.decrypt(env.wait_status(path2, "stored")) == data2
+    assert d.alive()
