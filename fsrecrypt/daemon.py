@@ -646,6 +646,9 @@ class Daemon:
         raw = Path(path)
         if not raw.is_absolute() or any(part == ".." for part in raw.parts):
             raise PathRefused(f"refusing {path!r}: not an absolute path without '..'")
+        dirs = self.config.freeswitch.recordings_dirs
+        if not is_inside(raw.resolve(strict=False), dirs):
+            raise PathRefused(f"refusing {path}: outside the configured recordings directories")
         try:
             st = os.lstat(raw)
         except FileNotFoundError:
@@ -656,7 +659,7 @@ class Daemon:
             raise PathRefused(f"refusing {path}: it is a symbolic link")
         if not stat.S_ISREG(st.st_mode):
             raise PathRefused(f"refusing {path}: not a regular file")
-        if not is_inside(raw.resolve(), self.config.freeswitch.recordings_dirs):
+        if not is_inside(raw.resolve(), dirs):
             raise PathRefused(f"refusing {path}: outside the configured recordings directories")
 
     def _record_terminal(
@@ -942,7 +945,7 @@ class Daemon:
             by_key = {(p, fp): (status, rid) for p, fp, status, rid in rows}
             uri_failed = {p for p, fp, status, _ in rows if fp.startswith("uri-failure:")}
             for path, st in batch:
-                if path in held or path in uri_failed or path in self.busy:
+                if os.path.realpath(path) in held or path in uri_failed or path in self.busy:
                     continue
                 row = by_key.get((path, fingerprint_of(st)))
                 if row is not None:

@@ -48,8 +48,8 @@ def test_header_injection_in_caller_id_cannot_forge_tenant_or_path(
     assert "Mallory" not in (env.tmp / "daemon.log").read_text()
 
 
-@pytest.mark.parametrize("kind", ["traversal", "absolute-outside", "symlink", "symlinked-dir",
-                                  "fifo"])
+@pytest.mark.parametrize("kind", ["traversal", "absolute-outside", "etc-passwd", "missing-outside",
+                                  "symlink", "symlinked-dir", "fifo"])
 def test_unsafe_paths_are_refused_and_left_untouched(
     daemon_env: DaemonEnv, tmp_path: Path, kind: str  # noqa: F811
 ) -> None:
@@ -63,6 +63,10 @@ def test_unsafe_paths_are_refused_and_left_untouched(
         event_path = f"{env.recordings}/../outside/secret.wav"
     elif kind == "absolute-outside":
         event_path = str(target)
+    elif kind == "etc-passwd":
+        event_path = "/etc/passwd"
+    elif kind == "missing-outside":
+        event_path = str(outside / "never-written.wav")
     elif kind == "symlink":
         link = env.recordings / "link.wav"
         link.symlink_to(target)
