@@ -881,11 +881,16 @@ class Daemon:
     def _sweep_loop(self) -> None:
         import gevent
 
-        first = True
+        # Orphaned uploads (a crash mid-multipart) are cleaned at start and then
+        # hourly; only those older than ORPHAN_UPLOAD_AGE, so a live upload of
+        # another daemon sharing the bucket is never cut.
+        last_abort = float("-inf")
         while True:
             try:
-                self.sweep(abort_uploads=first)
-                first = False
+                due = time.monotonic() - last_abort >= ORPHAN_UPLOAD_AGE
+                self.sweep(abort_uploads=due)
+                if due:
+                    last_abort = time.monotonic()
             except FsrecryptError as exc:
                 self.log.warning("sweep.failed", error=exc.one_line())
             except Exception as exc:

@@ -10,6 +10,7 @@ import os
 import signal
 import urllib.request
 import uuid
+from pathlib import Path
 
 import pytest
 
@@ -191,3 +192,36 @@ def test_sigterm_is_graceful_and_metrics_and_heartbeat_work(
     assert d.proc.wait(30) == 0
     assert json.loads((env.tmp / "run" / "heartbeat").read_text())["state"] == "stopped"
     assert any(ln.get("event") == "daemon.stopped" for ln in env.log_lines())
+
+
+def test_wav_complete_and_backoff_bounds(tmp_path: Path) -> None:
+    from fsrecrypt.daemon import backoff, wav_complete
+    from tests.support.daemon import wav_bytes
+
+    full = wav_bytes(0.5)
+    p = tmp_path / "a.wav"
+    p.write_bytes(full)
+    assert wav_complete(str(p))
+    p.write_bytes(full[:-100])  # still being written: sizes disagree with the file
+    assert not wav_complete(str(p))
+    placeholder = full[:4] + b"\0\0\0\0" + full[8:40] + b"\0\0\0\0"
+    p.write_bytes(placeholder)  # FreeSWITCH's 44-byte header while recording
+    assert not wav_complete(str(p))
+    p.write_bytes(b"not a wav at all" * 10)
+    assert not wav_complete(str(p))
+    for attempt in range(12):
+        d = backoff(attempt, 1.0, 60.0)
+        ceiling = min(60.0, 2.0 ** attempt)
+        assert max(0.5, ceiling / 2) <= d <= ceiling + 1e-9
+
+
+def test_daemon_module_import_stays_light() -> None:
+    import subprocess
+    import sys
+
+    code = ("import sys, fsrecrypt.daemon\n"
+            "heavy = [m for m in ('gevent', 'boto3', 'botocore', 'psycopg2', 'structlog',"
+            " 'prometheus_client', 'sdnotify') if m in sys.modules]\n"
+            "print(','.join(heavy))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == ""
