@@ -308,7 +308,11 @@ class Daemon:
 
         cfg = self.config
         self._notify("STATUS=starting")
-        self._startup_checks()
+        gevent.signal_handler(signal.SIGTERM, self.request_stop, "SIGTERM")
+        gevent.signal_handler(signal.SIGINT, self.request_stop, "SIGINT")
+        if not self._startup_checks():
+            self.services.close()
+            return 0
         fs = cfg.freeswitch
         settings = EslSettings(
             host=fs.host,
@@ -320,8 +324,6 @@ class Daemon:
             backoff_cap=fs.backoff_cap,
         )
         self.events = EventSource(settings, self.on_event, self.on_esl_state)
-        gevent.signal_handler(signal.SIGTERM, self.request_stop, "SIGTERM")
-        gevent.signal_handler(signal.SIGINT, self.request_stop, "SIGINT")
         gevent.signal_handler(signal.SIGHUP, self.reload)
         self._start_metrics_server()
         self._workers = [
@@ -346,16 +348,16 @@ class Daemon:
         self.stopping.wait()
         return self._drain()
 
-    def _startup_checks(self) -> None:
+    def _startup_checks(self) -> bool:
         """Fail fast on what cannot heal by waiting (schema, config), then release stale claims.
 
         A database that is merely down is waited for (with backoff), because
-        systemd restarting us in a loop helps nobody.
+        systemd restarting us in a loop helps nobody. Returns False when a
+        stop was requested while waiting.
         """
-        import gevent
 
         attempt = 0
-        while True:
+        while not self.stopping.is_set():
             try:
                 self.services.db.ping()
                 released = self.services.db.release_claims(self.worker_prefix)
@@ -368,9 +370,12 @@ class Daemon:
                 self.log.warning("daemon.database_unavailable", error=str(exc),
                                  retry_in=round(delay, 2))
                 self._notify(f"STATUS=waiting for PostgreSQL: {exc}")
-                gevent.sleep(delay)
+                self.stopping.wait(delay)
+        else:
+            return False
         if released:
             self.log.info("daemon.released_stale_claims", rows=released)
+        return True
 
     def request_stop(self, signame: str = "SIGTERM") -> None:
         """Stop taking events; the main greenlet drains and exits."""

@@ -136,3 +136,16 @@ def test_gives_up_after_max_attempts_and_keeps_the_plaintext(
     failed = [ln for ln in env.log_lines()
               if ln.get("event") == "recording" and ln.get("outcome") == "failed"]
     assert len(failed) == 1 and failed[0]["attempts"] == 2
+
+
+def test_waits_for_an_unreachable_database_and_stops_cleanly(
+    daemon_env: DaemonEnv,  # noqa: F811
+) -> None:
+    env = daemon_env
+    dead = f"postgresql://postgres@127.0.0.1:{free_port()}/nothing"
+    d = env.start(wait_ready=False, database={"dsn": dead, "connect_timeout": 1.0})
+    env.wait(lambda: any(ln.get("event") == "daemon.database_unavailable"
+                         for ln in env.log_lines()), 20, "the daemon to report the database")
+    assert d.alive()
+    d.proc.send_signal(signal.SIGTERM)
+    assert d.proc.wait(20) == 0
