@@ -1260,6 +1260,11 @@ def _erase_one(
     versions = 0
     for key in objects:
         versions += services.store.delete(key)
+    from fsrecrypt.pipeline import remove_source_if_unchanged
+
+    plaintext_deleted = remove_source_if_unchanged(
+        rec.source_path, rec.source_fingerprint, services.config.freeswitch.recordings_dirs
+    )
     with services.db.transaction("recording the erasure") as cur:
         cur.execute(
             "UPDATE call_recordings SET encryption_metadata = jsonb_set(encryption_metadata,"
@@ -1282,6 +1287,7 @@ def _erase_one(
                 "versions_deleted": versions,
                 "override_retention": override_retention,
                 "data_key_destroyed": not already,
+                "plaintext_deleted": plaintext_deleted,
             },
         )
     return {
@@ -1290,6 +1296,7 @@ def _erase_one(
         "call_uuid": rec.call_uuid,
         "object_keys": objects,
         "versions_deleted": versions,
+        "plaintext_deleted": plaintext_deleted,
         "previously_erased": already,
     }
 

@@ -191,6 +191,26 @@ def delete_plaintext(source: SourceFile) -> bool:
     return True
 
 
+def remove_source_if_unchanged(path: str, fingerprint: str, allowed_dirs: Sequence[str]) -> bool:
+    """Delete a recording's plaintext if it is still exactly the file the row describes.
+
+    Used by erasure: a failed row (or one stored with delete_plaintext off)
+    may still have its WAV on disk, and an erased recording must not survive
+    as plaintext. Only a regular file inside the recordings directories whose
+    identity (device, inode, size, mtime) matches the row is removed.
+    """
+    try:
+        source = open_source(path, allowed_dirs)
+    except (InputFileError, PathRefused):
+        return False
+    try:
+        if source.fingerprint != fingerprint:
+            return False
+        return delete_plaintext(source)
+    finally:
+        source.fileobj.close()
+
+
 def wav_info(head: bytes, file_size: int) -> dict[str, Any]:
     """Format facts from a RIFF/WAVE header, for the row's metadata (empty if not a WAV)."""
     if len(head) < 12 or head[:4] != b"RIFF" or head[8:12] != b"WAVE":
