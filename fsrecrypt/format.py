@@ -36,6 +36,7 @@ from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 from fsrecrypt.errors import (
     AuthenticationFailed,
     CommitmentMismatch,
+    FormatError,
     InputFileError,
     InvalidState,
     MalformedMessage,
@@ -1037,30 +1038,35 @@ worker thread costs little next to decrypting it, small enough that the
 first batch (and a failed one) stays cheap."""
 
 _FrameJob = tuple[int, bytes, memoryview, bytes]  # sequence number, IV, sealed bytes, AAD
+_BatchResult = tuple[bytes, "AuthenticationFailed | None"]  # verified plaintext, first failure
 
 
-def _open_batch(aes: AESGCM, message_id: bytes, jobs: Sequence[_FrameJob]) -> bytes:
-    """Authenticate and decrypt every frame of a batch; return their plaintext joined.
+def _open_batch(aes: AESGCM, message_id: bytes, jobs: Sequence[_FrameJob]) -> _BatchResult:
+    """Authenticate and decrypt a batch's frames in order, stopping at the first bad one.
 
-    Runs in whatever thread ``submit`` picks (AESGCM releases the GIL). It
-    returns nothing unless every frame's tag verified: one bad frame makes the
-    whole batch raise, so none of its plaintext can leave.
+    Runs in whatever thread ``submit`` picks (AESGCM releases the GIL).
+    Returns the joined plaintext of the frames that verified before the
+    first failure, and that failure (None when all verified): like
+    :func:`decrypt_stream`, frames 1..k-1 may go out when frame k fails,
+    never frame k or a later one.
     """
     out = []
+    failure = None
     for seq, iv, sealed, aad in jobs:
         try:
             out.append(aes.decrypt(iv, sealed, aad))
         except InvalidTag:
-            raise AuthenticationFailed(
+            failure = AuthenticationFailed(
                 f"frame {seq} of message {message_id.hex()} does not authenticate"
-            ) from None
-    return out[0] if len(out) == 1 else b"".join(out)
+            )
+            break
+    return (out[0] if len(out) == 1 else b"".join(out)), failure
 
 
 def decrypt_stream_batched(
     source: BinaryIO,
     data_key_for: Callable[[Header], bytes],
-    submit: Callable[[Callable[[], bytes]], Callable[[], bytes]],
+    submit: Callable[[Callable[[], _BatchResult]], Callable[[], _BatchResult]],
     *,
     batch_bytes: int = DEFAULT_BATCH_BYTES,
     depth: int = 2,
@@ -1068,18 +1074,19 @@ def decrypt_stream_batched(
     """:func:`decrypt_stream` with decryption handed out in batches, for throughput.
 
     ``submit(job)`` starts ``job`` (somewhere: a thread pool, or inline) and
-    returns a callable that waits for and returns its result, re-raising its
-    error. Frames are read and checked (sequence numbers, IVs, lengths, the
-    end of the message) here, in the caller's thread, about ``batch_bytes``
-    of ciphertext at a time; up to ``depth`` batches are decrypted while the
-    caller goes on reading and while the consumer handles earlier plaintext.
+    returns a callable that waits for and returns its result (a job reports
+    a bad tag in its result rather than raising). Frames are read and
+    checked (sequence numbers, IVs, lengths, the end of the message) here,
+    in the caller's thread, about ``batch_bytes`` of ciphertext at a time;
+    up to ``depth`` batches are decrypted while the caller goes on reading
+    and while the consumer handles earlier plaintext.
 
-    The guarantees of :func:`decrypt_stream` hold batch-wise: a batch's
-    plaintext is yielded only after every frame in it authenticated, batches
-    come out in order, and the final frame's batch only after the end of the
-    message was proven (no trailing bytes). When frame k fails, the consumer
-    may have received some of the frames before k, never k or any later one.
-    Chunks are up to one batch of plaintext long.
+    The guarantees of :func:`decrypt_stream` hold: plaintext is yielded only
+    after the tags of all the frames it comes from verified, in order, the
+    final frame's only after the end of the message was proven (no trailing
+    bytes). When frame k fails (bad tag, wrong sequence number or IV,
+    truncation), the consumer receives exactly frames 1..k-1, then the error;
+    never frame k or a later one. Chunks are up to one batch of plaintext long.
     """
     if batch_bytes <= 0 or depth <= 0:
         raise InvalidState("batch_bytes and depth must be positive")
@@ -1103,7 +1110,8 @@ def decrypt_stream_batched(
     regular_aad = message_id + _FRAME_LABEL
     final_aad = message_id + _FINAL_FRAME_LABEL
     readinto = getattr(source, "readinto", None)
-    pending: list[Callable[[], bytes]] = []
+    pending: list[Callable[[], _BatchResult]] = []
+    failure: FormatError | None = None  # found while reading: raised after earlier frames
     seq = 1
     finished = False
     while not finished or pending:
@@ -1122,64 +1130,68 @@ def decrypt_stream_batched(
 
             jobs: list[_FrameJob] = []
             pos = 0
-            while True:
-                if pos == filled:
-                    if filled < block:  # end of input before the final frame
-                        raise TruncatedMessage(f"message ends inside frame {seq}")
-                    break
-                need(pos + 4, seq)
-                (first,) = _U32.unpack_from(buf, pos)
-                if first == FINAL_FRAME_MARKER:
-                    need(pos + 24, seq)
-                    fseq, iv, length = _FINAL_FIELDS.unpack_from(buf, pos + 4)
-                    _check_frame_position(message_id, seq, fseq, iv)
-                    if length > frame_length:
+            try:
+                while True:
+                    if pos == filled:
+                        if filled < block:  # end of input before the final frame
+                            raise TruncatedMessage(f"message ends inside frame {seq}")
+                        break
+                    need(pos + 4, seq)
+                    (first,) = _U32.unpack_from(buf, pos)
+                    if first == FINAL_FRAME_MARKER:
+                        need(pos + 24, seq)
+                        fseq, iv, length = _FINAL_FIELDS.unpack_from(buf, pos + 4)
+                        _check_frame_position(message_id, seq, fseq, iv)
+                        if length > frame_length:
+                            raise MalformedMessage(
+                                f"final frame {seq} claims {length} bytes, more than the frame "
+                                f"length {frame_length}"
+                            )
+                        end = pos + 24 + length + TAG_LENGTH
+                        need(end, seq)
+                        if filled > end:
+                            raise TrailingData(
+                                f"bytes follow the final frame of message {message_id.hex()}"
+                            )
+                        src.expect_end(message_id)
+                        final_aad_seq = final_aad + _SEQ_AND_LENGTH.pack(seq, length)
+                        jobs.append((seq, iv, view[pos + 24 : end], final_aad_seq))
+                        finished = True
+                        break
+                    _check_frame_position(message_id, seq, first, None)
+                    need(pos + stride, seq)
+                    iv = bytes(view[pos + 4 : pos + 4 + IV_LENGTH])
+                    _check_frame_position(message_id, seq, seq, iv)
+                    if seq >= MAX_SEQUENCE_NUMBER:
                         raise MalformedMessage(
-                            f"final frame {seq} claims {length} bytes, more than the frame "
-                            f"length {frame_length}"
+                            f"message {message_id.hex()} has more frames than sequence numbers"
                         )
-                    end = pos + 24 + length + TAG_LENGTH
-                    need(end, seq)
                     jobs.append(
                         (
                             seq,
                             iv,
-                            view[pos + 24 : end],
-                            final_aad + _SEQ_AND_LENGTH.pack(seq, length),
+                            view[pos + 4 + IV_LENGTH : pos + stride],
+                            regular_aad + _SEQ_AND_LENGTH.pack(seq, frame_length),
                         )
                     )
-                    if filled > end:
-                        raise TrailingData(
-                            f"bytes follow the final frame of message {message_id.hex()}"
-                        )
-                    src.expect_end(message_id)
-                    finished = True
-                    break
-                _check_frame_position(message_id, seq, first, None)
-                need(pos + stride, seq)
-                iv = bytes(view[pos + 4 : pos + 4 + IV_LENGTH])
-                _check_frame_position(message_id, seq, seq, iv)
-                jobs.append(
-                    (
-                        seq,
-                        iv,
-                        view[pos + 4 + IV_LENGTH : pos + stride],
-                        regular_aad + _SEQ_AND_LENGTH.pack(seq, frame_length),
-                    )
-                )
-                if seq >= MAX_SEQUENCE_NUMBER:
-                    raise MalformedMessage(
-                        f"message {message_id.hex()} has more frames than sequence numbers"
-                    )
-                seq += 1
-                pos += stride
+                    seq += 1
+                    pos += stride
+            except FormatError as exc:
+                # The frames before the bad spot still go out (once verified), as
+                # decrypt_stream would have released them; nothing after it.
+                failure = exc
+                finished = True
             if jobs:
                 batch = tuple(jobs)
                 pending.append(submit(lambda batch=batch: _open_batch(aes, message_id, batch)))
         if pending:
-            plaintext = pending.pop(0)()
+            plaintext, bad = pending.pop(0)()
             if plaintext:
                 yield plaintext
+            if bad is not None:
+                raise bad
+    if failure is not None:
+        raise failure
 
 
 def _check_frame_position(message_id: bytes, expected: int, got: int, iv: bytes | None) -> None:

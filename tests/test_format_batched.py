@@ -37,11 +37,14 @@ EDKS = [fmt.EncryptedDataKey("fsrecrypt-local", b"k" * 8, os.urandom(48))]
 POOL = ThreadPoolExecutor(max_workers=3)
 
 
-def threaded(job: Callable[[], bytes]) -> Callable[[], bytes]:
+Job = Callable[[], tuple[bytes, BaseException | None]]
+
+
+def threaded(job: Job) -> Job:
     return POOL.submit(job).result
 
 
-def inline(job: Callable[[], bytes]) -> Callable[[], bytes]:
+def inline(job: Job) -> Job:
     result = job()
     return lambda: result
 
@@ -57,7 +60,7 @@ def run(
     *,
     batch_bytes: int = 3 * STRIDE,
     depth: int = 2,
-    submit: Callable[[Callable[[], bytes]], Callable[[], bytes]] = threaded,
+    submit: Callable[[Job], Job] = threaded,
     key: bytes = DATA_KEY,
 ) -> tuple[list[bytes], BaseException | None]:
     """The chunks released before the error (if any) and the error."""
@@ -71,6 +74,26 @@ def run(
     except FormatError as exc:
         return out, exc
     return out, None
+
+
+def strict(ciphertext: bytes) -> tuple[bytes, type | None]:
+    """What decrypt_stream releases from the same bytes, and its error type."""
+    out = bytearray()
+    try:
+        for chunk in fmt.decrypt_stream(io.BytesIO(ciphertext), lambda _h: DATA_KEY):
+            out += chunk
+    except FormatError as exc:
+        return bytes(out), type(exc)
+    return bytes(out), None
+
+
+def same_as_strict(ciphertext: bytes, **kwargs: object) -> BaseException | None:
+    """Assert the batched reader releases exactly what decrypt_stream does, same error."""
+    chunks, error = run(ciphertext, **kwargs)  # type: ignore[arg-type]
+    released, error_type = strict(ciphertext)
+    assert b"".join(chunks) == released
+    assert type(error) is error_type, (error, error_type)
+    return error
 
 
 # Sizes around batch and frame boundaries, with a final frame that is empty,
@@ -92,9 +115,7 @@ def test_same_plaintext_as_decrypt_stream(size: int, batch_frames: int) -> None:
 
 @pytest.mark.parametrize("submit", [threaded, inline])
 @pytest.mark.parametrize("depth", [1, 4])
-def test_any_runner_and_depth(
-    submit: Callable[[Callable[[], bytes]], Callable[[], bytes]], depth: int
-) -> None:
+def test_any_runner_and_depth(submit: Callable[[Job], Job], depth: int) -> None:
     plaintext, ciphertext, _header = message(9 * F + 10)
     chunks, error = run(ciphertext, submit=submit, depth=depth, batch_bytes=2 * STRIDE)
     assert error is None and b"".join(chunks) == plaintext
@@ -109,7 +130,7 @@ def _flip(data: bytes, pos: int) -> bytes:
 @pytest.mark.parametrize("frame", [1, 2, 3, 4, 5, 6, 7, 8])
 @pytest.mark.parametrize("part", ["sequence", "iv", "ciphertext", "tag"])
 def test_tampered_frame_is_never_released(frame: int, part: str) -> None:
-    """Frame k altered: no chunk holds frame k or later; earlier batches may have gone out."""
+    """Frame k altered: exactly frames 1..k-1 go out, then the error (as decrypt_stream)."""
     size = 7 * F + 100  # frames 1..7 regular, 8 final
     plaintext, ciphertext, header = message(size)
     start = header.size + (frame - 1) * STRIDE
@@ -121,20 +142,19 @@ def test_tampered_frame_is_never_released(frame: int, part: str) -> None:
         "ciphertext": start + head + fmt.IV_LENGTH + (4 if final else 0) + 5,
         "tag": len(ciphertext) - 1 if final else start + STRIDE - 1,
     }
-    chunks, error = run(_flip(ciphertext, offsets[part]), batch_bytes=3 * STRIDE)
-    assert isinstance(error, AuthenticationFailed | MalformedMessage), error
-    released = b"".join(chunks)
-    assert plaintext.startswith(released)
-    assert len(released) <= (frame - 1) * F
+    tampered = _flip(ciphertext, offsets[part])
+    for batch_frames in (1, 3, 64):
+        chunks, error = run(tampered, batch_bytes=batch_frames * STRIDE)
+        assert isinstance(error, AuthenticationFailed | MalformedMessage), error
+        assert b"".join(chunks) == plaintext[: (frame - 1) * F]
+        same_as_strict(tampered, batch_bytes=batch_frames * STRIDE)
 
 
 def test_truncation_anywhere_is_refused() -> None:
-    plaintext, ciphertext, header = message(5 * F + 9)
+    _plaintext, ciphertext, header = message(5 * F + 9)
     for cut in range(header.size, len(ciphertext), 97):
-        chunks, error = run(ciphertext[:cut], batch_bytes=2 * STRIDE)
+        error = same_as_strict(ciphertext[:cut], batch_bytes=2 * STRIDE)
         assert isinstance(error, TruncatedMessage | MalformedMessage), cut
-        assert plaintext.startswith(b"".join(chunks))
-        assert len(b"".join(chunks)) < len(plaintext)
     # Exactly after the last regular frame: the final frame is missing.
     _chunks, error = run(ciphertext[: header.size + 5 * STRIDE])
     assert isinstance(error, TruncatedMessage)
@@ -147,7 +167,8 @@ def test_bytes_after_the_final_frame(extra: bytes, size: int) -> None:
     chunks, error = run(ciphertext + extra, batch_bytes=3 * STRIDE)
     assert isinstance(error, TrailingData)
     # The final frame's plaintext is withheld until the end was proven.
-    assert len(b"".join(chunks)) < len(plaintext) or size == 0
+    assert b"".join(chunks) == plaintext[: size - size % F]
+    same_as_strict(ciphertext + extra, batch_bytes=2 * STRIDE)
 
 
 def test_reordered_frames_fail() -> None:
@@ -157,6 +178,7 @@ def test_reordered_frames_fail() -> None:
     swapped = header.raw + frames[1] + frames[0] + b"".join(frames[2:]) + body[4 * STRIDE :]
     chunks, error = run(swapped)
     assert isinstance(error, AuthenticationFailed) and chunks == []
+    same_as_strict(swapped)
 
 
 def test_final_frame_longer_than_frame_length() -> None:
