@@ -51,7 +51,9 @@ from fsrecrypt.errors import (
     IntegrityError,
     InvalidState,
     KeyAccessError,
+    MalformedMessage,
     NotFound,
+    NoUsableDataKey,
     ObjectNotFound,
     RangeNotSatisfiable,
     RecordingGone,
@@ -1042,10 +1044,10 @@ def create_app(services: Services, *, now: Callable[[], float] = time.time) -> F
         user_agent = request.user_agent.string or None
         ip = client_ip()
         try:
-            opened = pipeline.open_recording(services, recording)
             if wanted is None:
-                chunks = pipeline.iter_plaintext(services, opened)
+                chunks = _full_plaintext(services, recording)
             else:
+                opened = pipeline.open_recording(services, recording)
                 _plan, chunks = pipeline.iter_plaintext_range(services, opened, start, end)
             # The first frame is authenticated before the status line goes out,
             # so a bad header or first frame is a clean JSON error, not a cut stream.
@@ -1093,6 +1095,103 @@ def create_app(services: Services, *, now: Callable[[], float] = time.time) -> F
         return response
 
     return app
+
+
+def _full_plaintext(services: Services, recording: Any) -> Iterator[bytes]:
+    """The whole recording for ``/stream``: one GET, decryption overlapped with the sockets.
+
+    Why not ``open_recording`` + ``iter_plaintext``: that costs a HEAD, a
+    ranged GET for the header and then the GET of the body, one after the
+    other, before the first byte. Here the body's GET starts at once (the
+    HEAD, needed only for the size check, runs beside it) and the header is
+    read from the body itself. The checks are those of ``open_recording``:
+    the header's context must name this recording and tenant, the data key
+    is unwrapped from the database's copy under that context, commitment and
+    header tag are verified with it, and the object's size must give the
+    row's plaintext size, all before any frame is decrypted.
+
+    Frames are then authenticated in ~1 MiB batches in gevent's thread pool
+    (AES-GCM releases the GIL), so decryption runs while the hub reads S3
+    and writes to the client. A batch is released only once every frame in
+    it verified; the output is also held to exactly the row's size, so a
+    body that changed under us ends the stream instead of overrunning the
+    promised Content-Length.
+    """
+    import gevent
+
+    from fsrecrypt import format as esdk
+    from fsrecrypt import pipeline
+
+    if recording.status == "erased":
+        raise RecordingGone(f"recording {recording.id} was erased")
+    if recording.status != "stored" or not recording.s3_path:
+        raise InvalidState(f"recording {recording.id} is {recording.status}, not stored")
+    key = recording.s3_path
+    store = services.store
+
+    def head() -> Any:
+        try:
+            return store.head(key)
+        except FsrecryptError as exc:  # handed to the reader, not printed by gevent
+            return exc
+
+    sizing = gevent.spawn(head)
+    try:
+        body = store.get_range(key, 0, None)
+    except BaseException:
+        sizing.kill()
+        raise
+
+    def data_key_for(header: Any) -> bytes:
+        context = header.encryption_context
+        if (
+            context.get("recording_id") != recording.id
+            or context.get("tenant_id") != recording.tenant_id
+        ):
+            raise NoUsableDataKey(
+                f"object {key} belongs to another recording or tenant",
+                hint="The object was swapped or misfiled; treat it as tampered and do not play it.",
+            )
+        edk = pipeline.edk_from_bytes(recording.encrypted_dek_bytes())
+        data_key = services.keys.decrypt_data_key([edk], context)
+        info = sizing.get()
+        if isinstance(info, FsrecryptError):
+            raise info
+        size = esdk.plaintext_size(header, info.size)
+        if recording.file_size_bytes is not None and size != recording.file_size_bytes:
+            raise MalformedMessage(
+                f"object {key} holds {size} bytes of audio, the row says "
+                f"{recording.file_size_bytes}"
+            )
+        return data_key
+
+    pool = gevent.get_hub().threadpool
+
+    def submit(job: Callable[[], bytes]) -> Callable[[], bytes]:
+        return pool.spawn(job).get  # type: ignore[no-any-return]
+
+    def exactly(expected: int | None) -> Iterator[bytes]:
+        sent = 0
+        try:
+            plaintext = esdk.decrypt_stream_batched(pipeline.IterReader(body), data_key_for, submit)
+            for chunk in plaintext:
+                sent += len(chunk)
+                if expected is not None and sent > expected:
+                    raise MalformedMessage(
+                        f"object {key} holds more audio than the row's {expected} bytes"
+                    )
+                yield chunk
+            if expected is not None and sent != expected:
+                raise MalformedMessage(
+                    f"object {key} ended after {sent} of the row's {expected} bytes"
+                )
+        finally:
+            sizing.kill()
+            close = getattr(body, "close", None)
+            if close is not None:
+                close()
+
+    return exactly(recording.file_size_bytes)
 
 
 class StreamAborted(IntegrityError):
