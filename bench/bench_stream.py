@@ -93,7 +93,9 @@ def database() -> Iterator[str]:
 
 
 @contextmanager
-def process(args: list[str], env: dict[str, str], ready: Callable[[], bool]) -> Iterator[None]:
+def process(
+    args: list[str], env: dict[str, str], ready: Callable[[], bool]
+) -> Iterator[subprocess.Popen[bytes]]:
     log = tempfile.TemporaryFile()
     proc = subprocess.Popen(args, env=env, stdout=log, stderr=log, stdin=subprocess.DEVNULL)
     try:
@@ -103,7 +105,7 @@ def process(args: list[str], env: dict[str, str], ready: Callable[[], bool]) -> 
                 log.seek(0)
                 raise RuntimeError(f"{args[:4]} did not start:\n{log.read().decode()[-2000:]}")
             time.sleep(0.1)
-        yield
+        yield proc
     finally:
         proc.send_signal(signal.SIGTERM)
         try:
@@ -112,6 +114,15 @@ def process(args: list[str], env: dict[str, str], ready: Callable[[], bool]) -> 
             proc.kill()
             proc.wait()
         log.close()
+
+
+_TICKS = os.sysconf("SC_CLK_TCK")
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of a process so far (Linux /proc), to see who the cores serve."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / _TICKS
 
 
 def _answers(url: str) -> bool:
@@ -155,7 +166,9 @@ def timed_http(port: int, path: str, headers: dict[str, str]) -> tuple[float, fl
     return first, elapsed, total, resp.status
 
 
-def measure(backend: str, dsn: str, moto_url: str | None, workdir: Path) -> dict[str, Any]:
+def measure(
+    backend: str, dsn: str, moto_url: str | None, workdir: Path, moto_pid: int | None = None
+) -> dict[str, Any]:
     from fsrecrypt import format as esdk
     from fsrecrypt import pipeline
     from fsrecrypt.config import Config, with_overrides
@@ -225,14 +238,31 @@ def measure(backend: str, dsn: str, moto_url: str | None, workdir: Path) -> dict
             "stream_seek_ttfb",
         )
     }
-    with process(serve, env, lambda: _answers(f"http://127.0.0.1:{port}/v1/openapi.json")):
+    # CPU seconds per full read, by process: with 2 shared cores the sum over
+    # moto, the server and the client bounds what the wall clock can reach.
+    cpu: dict[str, list[float]] = {
+        k: [] for k in ("raw_client", "raw_moto", "stream_client", "stream_serve", "stream_moto")
+    }
+
+    def moto_cpu() -> float:
+        return cpu_seconds(moto_pid) if moto_pid is not None else 0.0
+
+    ready = lambda: _answers(f"http://127.0.0.1:{port}/v1/openapi.json")  # noqa: E731
+    with process(serve, env, ready) as serve_proc:
         timed_http(port, path, {**auth, "Range": "bytes=0-1023"})  # warm-up
         for _ in range(REPEAT):
+            c0, m0 = time.process_time(), moto_cpu()
             first, elapsed, n = timed_store(lambda: store.get_range(key, 0, None))
+            cpu["raw_client"].append(time.process_time() - c0)
+            cpu["raw_moto"].append(moto_cpu() - m0)
             assert n == opened.object_size
             results["raw_full_ttfb"].append(first)
             results["raw_full_mbps"].append(n / elapsed / 1e6)
+            c0, m0, s0 = time.process_time(), moto_cpu(), cpu_seconds(serve_proc.pid)
             first, elapsed, n, status = timed_http(port, path, auth)
+            cpu["stream_client"].append(time.process_time() - c0)
+            cpu["stream_moto"].append(moto_cpu() - m0)
+            cpu["stream_serve"].append(cpu_seconds(serve_proc.pid) - s0)
             assert status == 200 and n == len(data), (status, n)
             results["stream_full_ttfb"].append(first)
             results["stream_full_mbps"].append(n / elapsed / 1e6)
@@ -259,6 +289,7 @@ def measure(backend: str, dsn: str, moto_url: str | None, workdir: Path) -> dict
         "raw_seek_ttfb_ms": round(med["raw_seek_ttfb"] * 1000, 2),
         "stream_seek_ttfb_ms": round(med["stream_seek_ttfb"] * 1000, 2),
         "seek_ttfb_ratio": round(med["stream_seek_ttfb"] / med["raw_seek_ttfb"], 3),
+        "cpu_ms_per_full_read": {k: round(statistics.median(v) * 1000, 1) for k, v in cpu.items()},
         "repeats": REPEAT,
     }
 
@@ -280,8 +311,9 @@ def run() -> dict[str, Any]:
     moto_url = f"http://127.0.0.1:{moto_port}"
     moto = [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(moto_port)]
     results: dict[str, Any] = {}
-    with database() as dsn, process(moto, env, lambda: _answers(moto_url + "/moto-api/data.json")):
-        results["s3"] = measure("s3", dsn, moto_url, workdir)
+    moto_ready = lambda: _answers(moto_url + "/moto-api/data.json")  # noqa: E731
+    with database() as dsn, process(moto, env, moto_ready) as moto_proc:
+        results["s3"] = measure("s3", dsn, moto_url, workdir, moto_proc.pid)
         results["local"] = measure("local", dsn, None, workdir)
     s3 = results["s3"]
     results["targets"] = {
