@@ -528,32 +528,52 @@ class OpenedRecording:
     plaintext_size: int
 
 
-def open_recording(services: Services, recording: Recording) -> OpenedRecording:
-    """Unwrap the data key (database copy) and verify the object's header against the row."""
+def check_readable(recording: Recording) -> str:
+    """The object key of a recording that can be read, or the typed reason it cannot."""
     if recording.status == "erased":
         raise RecordingGone(f"recording {recording.id} was erased")
     if recording.status != "stored" or not recording.s3_path:
         raise InvalidState(f"recording {recording.id} is {recording.status}, not stored")
-    info = services.store.head(recording.s3_path)
-    header = read_object_header(services.store, recording.s3_path, info.size)
+    return recording.s3_path
+
+
+def unwrap_data_key(services: Services, recording: Recording, header: esdk.Header) -> bytes:
+    """The data key from the database's copy, once the header is shown to be this recording's.
+
+    The header's context must name the row's recording and tenant: an object
+    swapped between recordings or tenants is refused before any key is used.
+    """
     context = header.encryption_context
-    if (
-        context.get("recording_id") != recording.id
-        or context.get("tenant_id") != recording.tenant_id
+    if context.get("recording_id") != recording.id or (
+        context.get("tenant_id") != recording.tenant_id
     ):
         raise NoUsableDataKey(
             f"object {recording.s3_path} belongs to another recording or tenant",
             hint="The object was swapped or misfiled; treat it as tampered and do not play it.",
         )
     edk = edk_from_bytes(recording.encrypted_dek_bytes())
-    data_key = services.keys.decrypt_data_key([edk], context)
-    content_key = esdk.verify_header(header, data_key)
-    size = esdk.plaintext_size(header, info.size)
+    return services.keys.decrypt_data_key([edk], context)
+
+
+def checked_plaintext_size(recording: Recording, header: esdk.Header, object_size: int) -> int:
+    """The audio size the object holds, which must be the size the row recorded."""
+    size = esdk.plaintext_size(header, object_size)
     if recording.file_size_bytes is not None and size != recording.file_size_bytes:
         raise MalformedMessage(
             f"object {recording.s3_path} holds {size} bytes of audio, the row says "
             f"{recording.file_size_bytes}"
         )
+    return size
+
+
+def open_recording(services: Services, recording: Recording) -> OpenedRecording:
+    """Unwrap the data key (database copy) and verify the object's header against the row."""
+    key = check_readable(recording)
+    info = services.store.head(key)
+    header = read_object_header(services.store, key, info.size)
+    data_key = unwrap_data_key(services, recording, header)
+    content_key = esdk.verify_header(header, data_key)
+    size = checked_plaintext_size(recording, header, info.size)
     return OpenedRecording(recording, header, content_key, data_key, info.size, size)
 
 

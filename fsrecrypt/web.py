@@ -53,7 +53,6 @@ from fsrecrypt.errors import (
     KeyAccessError,
     MalformedMessage,
     NotFound,
-    NoUsableDataKey,
     ObjectNotFound,
     RangeNotSatisfiable,
     RecordingGone,
@@ -1122,11 +1121,7 @@ def _full_plaintext(services: Services, recording: Any) -> Iterator[bytes]:
     from fsrecrypt import format as esdk
     from fsrecrypt import pipeline
 
-    if recording.status == "erased":
-        raise RecordingGone(f"recording {recording.id} was erased")
-    if recording.status != "stored" or not recording.s3_path:
-        raise InvalidState(f"recording {recording.id} is {recording.status}, not stored")
-    key = recording.s3_path
+    key = pipeline.check_readable(recording)
     store = services.store
 
     def head() -> Any:
@@ -1143,26 +1138,11 @@ def _full_plaintext(services: Services, recording: Any) -> Iterator[bytes]:
         raise
 
     def data_key_for(header: Any) -> bytes:
-        context = header.encryption_context
-        if (
-            context.get("recording_id") != recording.id
-            or context.get("tenant_id") != recording.tenant_id
-        ):
-            raise NoUsableDataKey(
-                f"object {key} belongs to another recording or tenant",
-                hint="The object was swapped or misfiled; treat it as tampered and do not play it.",
-            )
-        edk = pipeline.edk_from_bytes(recording.encrypted_dek_bytes())
-        data_key = services.keys.decrypt_data_key([edk], context)
+        data_key = pipeline.unwrap_data_key(services, recording, header)
         info = sizing.get()
         if isinstance(info, FsrecryptError):
             raise info
-        size = esdk.plaintext_size(header, info.size)
-        if recording.file_size_bytes is not None and size != recording.file_size_bytes:
-            raise MalformedMessage(
-                f"object {key} holds {size} bytes of audio, the row says "
-                f"{recording.file_size_bytes}"
-            )
+        pipeline.checked_plaintext_size(recording, header, info.size)
         return data_key
 
     pool = gevent.get_hub().threadpool
