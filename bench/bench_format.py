@@ -32,6 +32,9 @@ EDKS = [fmt.EncryptedDataKey("fsrecrypt-local", b"bench" + bytes(20), os.urandom
 CTX = {"tenant": "bench", "recording": "r-0"}
 
 
+SDK_DEFAULT_FRAME = 4096
+
+
 def _mbps(nbytes: int, seconds: float) -> float:
     return nbytes / seconds / 1e6
 
@@ -67,7 +70,7 @@ def _ceiling(data: bytes) -> float:
     return time.perf_counter() - t
 
 
-def _sdk_encrypt(data: bytes) -> float:
+def _sdk_encrypt(data: bytes, frame_length: int = FRAME) -> float:
     import aws_encryption_sdk
     from aws_encryption_sdk.identifiers import (
         Algorithm,
@@ -103,7 +106,7 @@ def _sdk_encrypt(data: bytes) -> float:
         key_provider=provider,
         encryption_context=CTX,
         algorithm=Algorithm.AES_256_GCM_HKDF_SHA512_COMMIT_KEY,
-        frame_length=FRAME,
+        frame_length=frame_length,
     ) as encryptor:
         for _ in encryptor:
             pass
@@ -125,6 +128,8 @@ def run(size_mib: int = 256) -> dict[str, float]:
         dec_s = min(dec_s, _ours_decrypt(ciphertext))
     del ciphertext
     sdk_s = _sdk_encrypt(data)
+    # The SDK as most callers use it: its default 4096-byte frames.
+    sdk_default_s = _sdk_encrypt(data, SDK_DEFAULT_FRAME)
     result = {
         "size_mib": float(size_mib),
         "frame_length": float(FRAME),
@@ -132,26 +137,39 @@ def run(size_mib: int = 256) -> dict[str, float]:
         "decrypt_mbps": _mbps(size, dec_s),
         "ceiling_mbps": _mbps(size, ceiling_s),
         "sdk_encrypt_mbps": _mbps(size, sdk_s),
+        "sdk_default_frame_encrypt_mbps": _mbps(size, sdk_default_s),
     }
     result["encrypt_vs_ceiling"] = result["encrypt_mbps"] / result["ceiling_mbps"]
     result["decrypt_vs_ceiling"] = result["decrypt_mbps"] / result["ceiling_mbps"]
     result["encrypt_vs_sdk"] = result["encrypt_mbps"] / result["sdk_encrypt_mbps"]
+    result["encrypt_vs_sdk_default_frame"] = (
+        result["encrypt_mbps"] / result["sdk_default_frame_encrypt_mbps"]
+    )
+    _report(size_mib, result)
     return result
+
+
+def _report(size_mib: int, r: dict[str, float]) -> None:
+    print(f"input {size_mib} MiB, frame length {FRAME} bytes")
+    print(f"  fsrecrypt encrypt      {r['encrypt_mbps']:9.1f} MB/s")
+    print(f"  fsrecrypt decrypt      {r['decrypt_mbps']:9.1f} MB/s")
+    print(f"  raw AESGCM frame loop  {r['ceiling_mbps']:9.1f} MB/s  (ceiling)")
+    print(f"  aws_encryption_sdk enc {r['sdk_encrypt_mbps']:9.1f} MB/s  (same frame length)")
+    print(
+        f"  aws_encryption_sdk enc {r['sdk_default_frame_encrypt_mbps']:9.1f} MB/s  "
+        f"(its default {SDK_DEFAULT_FRAME}-byte frames)"
+    )
+    print(f"  encrypt / ceiling      {r['encrypt_vs_ceiling']:9.2f}   (target >= 0.70)")
+    print(f"  decrypt / ceiling      {r['decrypt_vs_ceiling']:9.2f}")
+    print(f"  encrypt / SDK          {r['encrypt_vs_sdk']:9.2f}x  (same frames; target >= 10x)")
+    print(f"  encrypt / SDK default  {r['encrypt_vs_sdk_default_frame']:9.2f}x")
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--size-mib", type=int, default=256)
     args = parser.parse_args(argv)
-    r = run(args.size_mib)
-    print(f"input {args.size_mib} MiB, frame length {FRAME} bytes")
-    print(f"  fsrecrypt encrypt      {r['encrypt_mbps']:9.1f} MB/s")
-    print(f"  fsrecrypt decrypt      {r['decrypt_mbps']:9.1f} MB/s")
-    print(f"  raw AESGCM frame loop  {r['ceiling_mbps']:9.1f} MB/s  (ceiling)")
-    print(f"  aws_encryption_sdk enc {r['sdk_encrypt_mbps']:9.1f} MB/s")
-    print(f"  encrypt / ceiling      {r['encrypt_vs_ceiling']:9.2f}")
-    print(f"  decrypt / ceiling      {r['decrypt_vs_ceiling']:9.2f}")
-    print(f"  encrypt / SDK          {r['encrypt_vs_sdk']:9.2f}x")
+    run(args.size_mib)
     return 0
 
 
