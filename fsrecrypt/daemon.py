@@ -4,10 +4,10 @@ Shape of the process (one gevent hub, no threads of our own):
 
 * :class:`~fsrecrypt.esl.EventSource` reads FreeSWITCH's event stream and
   hands each event to :meth:`Daemon.on_event` in its dispatcher greenlet.
-  The handler only classifies the event and vets the path (lstat, no open),
-  then queues a job: the socket reader never waits for a file or a query.
-  The worker's first step is the idempotent ``pending`` row; an event lost
-  before that (kill -9) is recovered by the sweep.
+  The handler classifies the event, vets the path (lstat before any open),
+  writes the idempotent ``pending`` row (so a crash keeps the event's tenant)
+  and queues a job; it runs in the ESL dispatcher greenlet, never in the
+  socket reader, so reading and liveness probes go on meanwhile.
 * ``concurrency`` worker greenlets take jobs and run
   :func:`~fsrecrypt.pipeline.store_recording`. The file is read and encrypted
   frame by frame and every frame yields to the hub (``on_chunk``), so a
@@ -641,8 +641,36 @@ class Daemon:
         except PathRefused as exc:
             self._refuse("path", error=str(exc), **base)
             return
-        self.submit(Job(path=rs.path, tenant_name=tenant_name, call_uuid=rs.call_uuid,
-                        core_uuid=rs.core_uuid, metadata=metadata))
+        job = Job(path=rs.path, tenant_name=tenant_name, call_uuid=rs.call_uuid,
+                  core_uuid=rs.core_uuid, metadata=metadata)
+        if job.path not in self.busy:
+            self._register_early(job)
+        self.submit(job)
+
+    def _register_early(self, job: Job) -> None:
+        """Write the pending row now, so a crash before the job runs keeps the event's tenant.
+
+        Without the row, a file whose job was lost (kill -9) could only be
+        adopted by the sweep, which knows just the default tenant. Any
+        failure here is left to the job, which registers (idempotently) itself.
+        """
+        from fsrecrypt.pipeline import open_source, register_source
+
+        try:
+            tenant = self.tenant(job.tenant_name or "")
+            source = open_source(job.path, self.config.freeswitch.recordings_dirs)
+        except FsrecryptError:
+            return
+        try:
+            recording, _created = register_source(
+                self.services, source, tenant, call_uuid=job.call_uuid,
+                core_uuid=job.core_uuid, metadata=job.metadata,
+            )
+            job.recording_id = recording.id
+        except FsrecryptError:
+            return
+        finally:
+            source.fileobj.close()
 
     def _vet_path(self, path: str) -> None:
         """Refuse without opening: outside the directories, '..', symlinks, non-regular files."""
