@@ -293,7 +293,6 @@ class Daemon:
         self.started_at = time.time()
         self.counts: dict[str, int] = {}
         self.events: EventSource | None = None
-        self._tenants: dict[str, Tenant] = {}
         self._greenlets: list[Any] = []
         self._workers: list[Any] = []
         self._notifier: Any = None
@@ -446,7 +445,6 @@ class Daemon:
             ignored.append("pipeline.concurrency")
         self.config = merged
         self.services.config = merged
-        self._tenants.clear()
         self.log.info("daemon.reloaded", source=new.source, needs_restart=ignored)
 
     # --- systemd --------------------------------------------------------------------
@@ -584,19 +582,19 @@ class Daemon:
     # --- tenants ----------------------------------------------------------------------
 
     def tenant(self, name: str) -> Tenant:
-        cached = self._tenants.get(name)
-        if cached is None:
-            cached = self.services.db.tenant_by_name(name)
-            self._tenants[name] = cached
-        return cached
+        """Looked up for every recording, never cached: `fsrecrypt rotate` switches a
+        tenant's key "at once", and a cached row would keep wrapping with the old key."""
+        return self.services.db.tenant_by_name(name)
 
     def tenant_by_id(self, tenant_id: str) -> Tenant:
-        for t in self._tenants.values():
-            if t.id == tenant_id:
-                return t
-        t = self.services.db.tenant_by_id(tenant_id)
-        self._tenants[t.name] = t
-        return t
+        return self.services.db.tenant_by_id(tenant_id)
+
+    def _tenant_exists(self, name: str) -> bool:
+        try:
+            self.tenant(name)
+        except UnknownTenant:
+            return False
+        return True
 
     # --- events -----------------------------------------------------------------------
 
@@ -671,6 +669,27 @@ class Daemon:
             return
         finally:
             source.fileobj.close()
+
+    def _hold_for_tenant(self, job: Job, exc: UnknownTenant) -> None:
+        """Keep an unknown tenant's file out of the sweep's default-tenant adoption.
+
+        The file stays where it is; the database remembers whose it is, so a
+        restarted daemon does not store it under the default tenant, and the
+        sweep stores it for its own tenant once that tenant is added.
+        """
+        from fsrecrypt.pipeline import fingerprint_of
+
+        try:
+            st = os.lstat(job.path)
+            self.services.db.hold_unassigned(
+                source_path=job.path, source_fingerprint=fingerprint_of(st),
+                tenant_name=job.tenant_name or "", reason=exc.one_line(),
+                call_uuid=job.call_uuid, core_uuid=job.core_uuid, metadata=job.metadata,
+            )
+        except (OSError, FsrecryptError) as err:
+            # Not persisted: at least this process never adopts it.
+            self.refused_paths.add((job.path, "*"))
+            self.log.warning("job.unassigned_not_recorded", path=job.path, error=str(err))
 
     def _vet_path(self, path: str) -> None:
         """Refuse without opening: outside the directories, '..', symlinks, non-regular files."""
@@ -820,7 +839,7 @@ class Daemon:
             return False
         except UnknownTenant as exc:
             self._count("unknown-tenant")
-            self.refused_paths.add((job.path, "*"))
+            self._hold_for_tenant(job, exc)
             self.log.error("recording", outcome="unknown-tenant", tenant=job.tenant_name,
                            call_uuid=job.call_uuid, error=exc.one_line())
             return False
@@ -980,6 +999,7 @@ class Daemon:
         for i in range(0, len(candidates), 500):
             batch = candidates[i : i + 500]
             rows = self.services.db.rows_for_sources([p for p, _ in batch])
+            unassigned = self.services.db.unassigned_for([p for p, _ in batch])
             by_key = {(p, fp): (status, rid) for p, fp, status, rid in rows}
             uri_failed = {p for p, fp, status, _ in rows if fp.startswith("uri-failure:")}
             for path, st in batch:
@@ -993,6 +1013,19 @@ class Daemon:
                         self.submit(Job(path=path, recording_id=rid, origin="finish"))
                     continue
                 if not wav_complete(path):
+                    continue
+                waiting = unassigned.get((path, fingerprint_of(st)))
+                if waiting is not None:
+                    # Its event named a tenant: never the default one. Store it
+                    # for that tenant once it exists; until then leave it alone.
+                    if self._tenant_exists(waiting["tenant_name"]) and self.submit(
+                        Job(path=path, tenant_name=waiting["tenant_name"],
+                            call_uuid=waiting["call_uuid"], core_uuid=waiting["core_uuid"],
+                            metadata={**waiting["metadata"], "assigned_by": "sweep"},
+                            origin="sweep")
+                    ):
+                        adopted += 1
+                        self.metrics.swept.inc()
                     continue
                 if not cfg.freeswitch.default_tenant:
                     self.log.warning("sweep.orphan_without_tenant", path=path,

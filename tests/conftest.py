@@ -4,4 +4,5 @@ pytest_plugins = [
     "tests.support.pg",
     "tests.support.moto",
     "tests.support.eslserver",
+    "tests.support.daemon",
 ]

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.support.daemon import DaemonEnv, daemon_env  # noqa: F401 - fixture
+from tests.support.daemon import DaemonEnv
 
 pytestmark = pytest.mark.timeout(180)
 
@@ -28,7 +28,7 @@ pytestmark = pytest.mark.timeout(180)
     ],
 )
 def test_record_stop_flavours_are_stored_and_decrypt(
-    daemon_env: DaemonEnv, fixture: str, channels: int  # noqa: F811
+    daemon_env: DaemonEnv, fixture: str, channels: int
 ) -> None:
     env = daemon_env
     env.start()
@@ -53,7 +53,7 @@ def test_record_stop_flavours_are_stored_and_decrypt(
 
 
 def test_min_sec_discard_is_recorded_once_and_never_retried(
-    daemon_env: DaemonEnv,  # noqa: F811
+    daemon_env: DaemonEnv,
 ) -> None:
     env = daemon_env
     env.start()
@@ -69,7 +69,7 @@ def test_min_sec_discard_is_recorded_once_and_never_retried(
     assert row.attempts == 0
 
 
-def test_uri_failure_marks_failed_and_leaves_the_file(daemon_env: DaemonEnv) -> None:  # noqa: F811
+def test_uri_failure_marks_failed_and_leaves_the_file(daemon_env: DaemonEnv) -> None:
     env = daemon_env
     env.start()
     path, data = env.write_wav(seconds=1, mtime_ago=30)
@@ -86,7 +86,7 @@ def test_uri_failure_marks_failed_and_leaves_the_file(daemon_env: DaemonEnv) -> 
     assert [r.status for r in env.rows(path)] == ["failed"]
 
 
-def test_record_file_path_prefix_block_is_stripped(daemon_env: DaemonEnv) -> None:  # noqa: F811
+def test_record_file_path_prefix_block_is_stripped(daemon_env: DaemonEnv) -> None:
     env = daemon_env
     env.start()
     path, data = env.write_wav()
@@ -95,7 +95,7 @@ def test_record_file_path_prefix_block_is_stripped(daemon_env: DaemonEnv) -> Non
     assert env.decrypt(row) == data
 
 
-def test_remote_path_is_out_of_scope(daemon_env: DaemonEnv) -> None:  # noqa: F811
+def test_remote_path_is_out_of_scope(daemon_env: DaemonEnv) -> None:
     env = daemon_env
     env.start()
     env.emit_stop("http://example.invalid/rec.wav")
@@ -105,7 +105,7 @@ def test_remote_path_is_out_of_scope(daemon_env: DaemonEnv) -> None:  # noqa: F8
 
 
 def test_unknown_tenant_is_a_clear_error_and_the_file_stays(
-    daemon_env: DaemonEnv,  # noqa: F811
+    daemon_env: DaemonEnv,
 ) -> None:
     env = daemon_env
     env.start()
@@ -120,9 +120,21 @@ def test_unknown_tenant_is_a_clear_error_and_the_file_stays(
     time.sleep(2.5)  # sweeps run: the file must not be adopted under the default tenant
     assert path.read_bytes() == data
     assert env.rows(path) == []
+    # A restarted daemon has no memory of the event: the database does, so its
+    # sweep still leaves the file alone instead of adopting it for the default tenant.
+    assert env.daemons[-1].terminate() == 0
+    env.start()
+    time.sleep(2.5)
+    assert path.read_bytes() == data
+    assert env.rows(path) == []
+    # Once the tenant exists, the sweep stores the file for that tenant.
+    ghost = env.services().db.add_tenant("no-such-tenant", env.key_id)
+    row = env.wait_status(path, "stored", timeout=30)
+    assert row.tenant_id == ghost.id and row.call_uuid is not None
+    assert env.decrypt(row) == data
 
 
-def test_tenant_from_channel_variable(daemon_env: DaemonEnv) -> None:  # noqa: F811
+def test_tenant_from_channel_variable(daemon_env: DaemonEnv) -> None:
     env = daemon_env
     other = f"o{uuid.uuid4().hex[:8]}"
     t = env.services().db.add_tenant(other, env.key_id)
@@ -135,7 +147,7 @@ def test_tenant_from_channel_variable(daemon_env: DaemonEnv) -> None:  # noqa: F
 
 
 def test_sweep_adopts_files_written_while_the_daemon_was_stopped(
-    daemon_env: DaemonEnv,  # noqa: F811
+    daemon_env: DaemonEnv,
 ) -> None:
     env = daemon_env
     sub = env.recordings / "2026" / "11"
@@ -154,7 +166,7 @@ def test_sweep_adopts_files_written_while_the_daemon_was_stopped(
     assert partial.exists() and env.rows(partial) == []
 
 
-def test_sweep_skips_files_held_open_by_another_process(daemon_env: DaemonEnv) -> None:  # noqa: F811
+def test_sweep_skips_files_held_open_by_another_process(daemon_env: DaemonEnv) -> None:
     env = daemon_env
     path, _data = env.write_wav(mtime_ago=10)
     held = open(path, "rb")
@@ -170,7 +182,7 @@ def test_sweep_skips_files_held_open_by_another_process(daemon_env: DaemonEnv) -
 
 
 def test_sigterm_is_graceful_and_metrics_and_heartbeat_work(
-    daemon_env: DaemonEnv,  # noqa: F811
+    daemon_env: DaemonEnv,
 ) -> None:
     env = daemon_env
     d = env.start()

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.support.daemon import DaemonEnv, daemon_env  # noqa: F401 - fixture
+from tests.support.daemon import DaemonEnv
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
 
@@ -72,7 +72,7 @@ def start_and_wait(env: DaemonEnv, **overrides: dict) -> object:
 
 
 def test_kill_9_at_random_moments_loses_nothing_and_never_deletes_early(
-    daemon_env: DaemonEnv,  # noqa: F811
+    daemon_env: DaemonEnv,
 ) -> None:
     env = daemon_env
     rng = random.Random(0xF5)

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.support.daemon import DaemonEnv, daemon_env  # noqa: F401 - fixture
+from tests.support.daemon import DaemonEnv
 from tests.support.moto import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -52,7 +52,7 @@ def _run_cli(env: DaemonEnv, *args: str) -> subprocess.CompletedProcess[str]:
     )
 
 
-def test_health_healthy_degraded_down(daemon_env: DaemonEnv) -> None:  # noqa: F811
+def test_health_healthy_degraded_down(daemon_env: DaemonEnv) -> None:
     env = daemon_env
     d = env.start()
     env.wait(lambda: (env.tmp / "run" / "heartbeat").exists(), 15, "heartbeat")
@@ -74,7 +74,7 @@ def test_health_healthy_degraded_down(daemon_env: DaemonEnv) -> None:  # noqa: F
     assert "heartbeat" in res.stdout and "overall: down" in res.stdout
 
 
-def test_sd_notify_ready_watchdog_status_stopping(daemon_env: DaemonEnv) -> None:  # noqa: F811
+def test_sd_notify_ready_watchdog_status_stopping(daemon_env: DaemonEnv) -> None:
     env = daemon_env
     sock_path = env.tmp / "notify.sock"
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
@@ -105,7 +105,7 @@ def test_sd_notify_ready_watchdog_status_stopping(daemon_env: DaemonEnv) -> None
     assert any("STOPPING=1" in m for m in got)
 
 
-def test_sighup_reloads_logging_and_retry_settings(daemon_env: DaemonEnv) -> None:  # noqa: F811
+def test_sighup_reloads_logging_and_retry_settings(daemon_env: DaemonEnv) -> None:
     env = daemon_env
     d = env.start()
     env.write_config(logging={"level": "debug"}, pipeline={"max_attempts": 3})
@@ -119,7 +119,7 @@ def test_sighup_reloads_logging_and_retry_settings(daemon_env: DaemonEnv) -> Non
 
 
 def test_gives_up_after_max_attempts_and_keeps_the_plaintext(
-    daemon_env: DaemonEnv,  # noqa: F811
+    daemon_env: DaemonEnv,
 ) -> None:
     env = daemon_env
     closed = f"http://127.0.0.1:{free_port()}"  # nothing listens: every upload fails
@@ -139,7 +139,7 @@ def test_gives_up_after_max_attempts_and_keeps_the_plaintext(
 
 
 def test_waits_for_an_unreachable_database_and_stops_cleanly(
-    daemon_env: DaemonEnv,  # noqa: F811
+    daemon_env: DaemonEnv,
 ) -> None:
     env = daemon_env
     dead = f"postgresql://postgres@127.0.0.1:{free_port()}/nothing"

@@ -17,11 +17,7 @@ from typing import Any
 
 import pytest
 
-from tests.support.daemon import (  # noqa: F401 - fixtures
-    DaemonEnv,
-    daemon_env,
-    daemon_env_s3,
-)
+from tests.support.daemon import DaemonEnv
 from tests.support.moto import free_port
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]
@@ -101,7 +97,7 @@ class TcpProxy:
 
 
 def test_s3_and_kms_unreachable_for_30s_retries_and_loses_nothing(
-    daemon_env_s3: DaemonEnv,  # noqa: F811
+    daemon_env_s3: DaemonEnv,
 ) -> None:
     env = daemon_env_s3
     moto_port = int(env.storage["endpoint_url"].rsplit(":", 1)[1])
@@ -143,7 +139,7 @@ def test_s3_and_kms_unreachable_for_30s_retries_and_loses_nothing(
 
 
 def test_postgresql_restart_daemon_stays_up_and_nothing_is_lost(
-    daemon_env: DaemonEnv,  # noqa: F811
+    daemon_env: DaemonEnv,
 ) -> None:
     env = daemon_env
     d = env.start(pipeline={"max_attempts": 40, "retry_base": 0.3, "retry_cap": 2.0})
@@ -177,7 +173,7 @@ def test_postgresql_restart_daemon_stays_up_and_nothing_is_lost(
 
 
 def test_esl_dropped_mid_frame_and_restarted_daemon_reconnects(
-    daemon_env: DaemonEnv,  # noqa: F811
+    daemon_env: DaemonEnv,
 ) -> None:
     env = daemon_env
     d = env.start(pipeline={"quiet_period": 3600.0})
@@ -207,7 +203,7 @@ def test_esl_dropped_mid_frame_and_restarted_daemon_reconnects(
 
 
 def test_burst_of_1000_events_all_stored_with_bounded_rss(
-    daemon_env: DaemonEnv,  # noqa: F811
+    daemon_env: DaemonEnv,
 ) -> None:
     env = daemon_env
     d = env.start(pipeline={"concurrency": 8, "quiet_period": 3600.0})

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.support.daemon import DaemonEnv, daemon_env  # noqa: F401 - fixture
+from tests.support.daemon import DaemonEnv
 
 pytestmark = pytest.mark.timeout(180)
 
@@ -28,7 +28,7 @@ def refused_count(env: DaemonEnv) -> float:
 
 
 def test_header_injection_in_caller_id_cannot_forge_tenant_or_path(
-    daemon_env: DaemonEnv,  # noqa: F811
+    daemon_env: DaemonEnv,
 ) -> None:
     env = daemon_env
     evil = f"evil{uuid.uuid4().hex[:6]}"
@@ -51,7 +51,7 @@ def test_header_injection_in_caller_id_cannot_forge_tenant_or_path(
 @pytest.mark.parametrize("kind", ["traversal", "absolute-outside", "etc-passwd", "missing-outside",
                                   "symlink", "symlinked-dir", "fifo"])
 def test_unsafe_paths_are_refused_and_left_untouched(
-    daemon_env: DaemonEnv, tmp_path: Path, kind: str  # noqa: F811
+    daemon_env: DaemonEnv, tmp_path: Path, kind: str
 ) -> None:
     env = daemon_env
     outside = tmp_path / "outside"
@@ -94,7 +94,7 @@ def test_unsafe_paths_are_refused_and_left_untouched(
 
 
 def test_raw_non_utf8_bytes_in_an_event_do_not_stop_the_daemon(
-    daemon_env: DaemonEnv,  # noqa: F811
+    daemon_env: DaemonEnv,
 ) -> None:
     import base64
 
