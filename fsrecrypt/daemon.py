@@ -495,7 +495,7 @@ class Daemon:
             return
         self.log.info("daemon.metrics_listening", listen=listen)
 
-    def _write_heartbeat(self, state: str = "running") -> None:
+    def _write_heartbeat(self, state: str = "running", esl_connected: bool | None = None) -> None:
         path = self.config.metrics.heartbeat_file
         if not path:
             return
@@ -503,7 +503,11 @@ class Daemon:
             "pid": os.getpid(),
             "time": time.time(),
             "state": state,
-            "esl_connected": bool(self.events and self.events.connected),
+            "esl_connected": (
+                bool(self.events and self.events.connected)
+                if esl_connected is None
+                else esl_connected
+            ),
             "queue": self.queue.qsize() + self.running,
             "progress_ok": self.progress_ok(),
             "started_at": self.started_at,
@@ -564,6 +568,10 @@ class Daemon:
 
     def on_esl_state(self, state: str) -> None:
         self.metrics.esl_connected.set(1 if state == "connected" else 0)
+        if state in ("connected", "disconnected"):
+            # `fsrecrypt health` reads the heartbeat: let it see the change now,
+            # not at the next periodic write.
+            self._write_heartbeat(esl_connected=state == "connected")
         if state == "connected" and self.events is not None:
             import gevent
 
