@@ -457,9 +457,10 @@ def get(ctx: click.Context, recording_id: str, output_path: str, user_id: str | 
     )
 
 
-def run() -> None:  # pragma: no cover - console entry
-    main(prog_name="fsrecrypt")
-
-
 if __name__ == "__main__":  # pragma: no cover
-    sys.exit(main())
+    # `python -m fsrecrypt.cli`: run the importable module's `main`, not this
+    # __main__ copy, so the lazily loaded command modules (which import
+    # fsrecrypt.cli) share one State class with the group that parsed -c.
+    from fsrecrypt.cli import main as _importable_main
+
+    sys.exit(_importable_main())
