@@ -32,6 +32,9 @@ from typing import IO, TYPE_CHECKING, Any
 
 import click
 
+# The CLI's own -c option and state (cli imports only click, config and errors).
+from fsrecrypt.cli import State
+from fsrecrypt.cli import config_option as _config_option
 from fsrecrypt.errors import (
     ConfigError,
     FsrecryptError,
@@ -1516,40 +1519,8 @@ def _stored_ids(services: Services, tenant_id: str | None) -> list[str]:
 # --- command line ---------------------------------------------------------------------------------
 
 
-def _set_config(ctx: click.Context, _param: click.Parameter, value: str | None) -> str | None:
-    if value is not None:
-        _state(ctx).config_path = value
-    return value
-
-
-def _state(ctx: click.Context) -> Any:
-    """The CLI's shared ``State`` (config path, debug), kept on the root context.
-
-    Looked up on the root rather than by class, so it is found also when the
-    CLI runs as ``python -m fsrecrypt.cli`` (where ``State`` is
-    ``__main__.State``, not ``fsrecrypt.cli.State``).
-    """
-    root = ctx.find_root()
-    if root.obj is None:
-        from fsrecrypt.cli import State
-
-        root.obj = State()
-    return root.obj
-
-
-def _config_option(func: Callable[..., Any]) -> Callable[..., Any]:
-    """``-c/--config`` like every other command (cli.config_option, without importing cli)."""
-    return click.option(
-        "-c",
-        "--config",
-        "config_path",
-        metavar="FILE",
-        expose_value=False,
-        is_eager=True,
-        callback=_set_config,
-        envvar="FSRECRYPT_CONFIG",
-        help="Configuration file (default: $FSRECRYPT_CONFIG or /etc/fsrecrypt/fsrecrypt.toml).",
-    )(func)
+def _state(ctx: click.Context) -> State:
+    return ctx.ensure_object(State)
 
 
 _user_option = click.option(
