@@ -35,6 +35,7 @@ from fsrecrypt.web import (
     parse_range,
     revoke_api_key,
 )
+from tests.support.factories import write_config
 
 FRAME = 4096
 
@@ -47,31 +48,6 @@ def wav_bytes(seconds: float, *, rate: int = 8000, seed: int = 0) -> bytes:
     header += b"fmt " + struct.pack("<IHHIIHH", 16, 1, 1, rate, rate * 2, 2, 16)
     header += b"data" + struct.pack("<I", len(samples))
     return header + samples
-
-
-def toml_value(value: Any) -> str:
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, int | float):
-        return repr(value)
-    if isinstance(value, tuple | list):
-        return "[" + ", ".join(toml_value(v) for v in value) + "]"
-    return json.dumps(str(value))
-
-
-def write_config(path: Path, config: Config) -> Path:
-    """The config as a TOML file (for the CLI and `fsrecrypt serve` subprocesses)."""
-    import dataclasses
-
-    lines = []
-    for section in dataclasses.fields(config):
-        if section.name == "source":
-            continue
-        lines.append(f"[{section.name}]")
-        for key, value in dataclasses.asdict(getattr(config, section.name)).items():
-            lines.append(f"{key} = {toml_value(value)}")
-    path.write_text("\n".join(lines) + "\n")
-    return path
 
 
 @dataclass
