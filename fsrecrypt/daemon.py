@@ -660,16 +660,18 @@ class Daemon:
         adopted by the sweep, which knows just the default tenant. Any
         failure here is left to the job, which registers (idempotently) itself.
         """
-        from fsrecrypt.pipeline import open_source, register_source
+        from fsrecrypt.pipeline import open_source
 
         try:
-            tenant = self.tenant(job.tenant_name or "")
             source = open_source(job.path, self.config.freeswitch.recordings_dirs)
         except FsrecryptError:
             return
         try:
-            recording, _created = register_source(
-                self.services, source, tenant, call_uuid=job.call_uuid,
+            # The tenant is resolved inside the INSERT (one statement, no
+            # separate lookup): the key is read later, when the job claims.
+            recording, _created = self.services.db.create_pending_for_tenant_name(
+                tenant_name=job.tenant_name or "", source_path=source.path,
+                source_fingerprint=source.fingerprint, call_uuid=job.call_uuid,
                 core_uuid=job.core_uuid, metadata=job.metadata,
             )
             job.recording_id = recording.id
@@ -794,13 +796,25 @@ class Daemon:
         self.metrics.stage.labels("queue").observe(started - job.received)
         cfg = self.config
         recording: Recording | None = None
+        claimed: Recording | None = None
         tenant_label = job.tenant_name
         try:
             if job.recording_id is not None:
-                recording = self.services.db.recording(job.recording_id)
-                if recording.status not in ("pending", "failed", "stored"):
-                    return False
-                tenant = self.tenant_by_id(recording.tenant_id)
+                # Fast path: claim the row and read its tenant (the key as of
+                # now, so rotation still takes effect at once) in one statement.
+                pair = self.services.db.claim_with_tenant(
+                    job.recording_id, self.worker, LEASE_SECONDS
+                )
+                if pair is not None:
+                    claimed, tenant = pair
+                    recording = claimed
+                else:
+                    # Stored (finish the deletion), leased elsewhere, or gone:
+                    # look at the row the ordinary way.
+                    recording = self.services.db.recording(job.recording_id)
+                    if recording.status not in ("pending", "failed", "stored"):
+                        return False
+                    tenant = self.tenant_by_id(recording.tenant_id)
             else:
                 tenant = self.tenant(job.tenant_name or "")
             tenant_label = tenant.name
@@ -837,6 +851,7 @@ class Daemon:
                 outcome = store_recording(
                     self.services, recording, source, tenant, worker=self.worker,
                     lease_seconds=LEASE_SECONDS, on_chunk=lambda _n: gevent.sleep(0),
+                    claimed=claimed,
                 )
             finally:
                 source.fileobj.close()

@@ -329,6 +329,29 @@ class Database:
                     conn.rollback()
                 raise
 
+    @contextlib.contextmanager
+    def statement(self, what: str = "database operation") -> Iterator[Any]:
+        """A cursor for ONE self-contained statement, run in autocommit.
+
+        Why: psycopg2 wraps every transaction in its own BEGIN and COMMIT
+        round trips. A single statement is atomic (and durable once it
+        returns) on its own, so the daemon's per-recording statements use this
+        and pay one round trip instead of three. Never use it for work that
+        needs several statements to be atomic together: use ``transaction``.
+        """
+        import psycopg2
+
+        with _translate_errors(what), self.connection() as conn:
+            conn.autocommit = True
+            try:
+                with conn.cursor() as cur:
+                    yield cur
+            finally:
+                try:
+                    conn.autocommit = False
+                except psycopg2.Error:  # a broken connection: drop it rather than pool it
+                    conn.close()
+
     def ping(self) -> int:
         with self.transaction("checking the database") as cur:
             cur.execute("SELECT 1")
@@ -558,6 +581,83 @@ class Database:
             row = cur.fetchone()
         return _recording(row) if row else None
 
+    def create_pending_for_tenant_name(
+        self,
+        *,
+        tenant_name: str,
+        source_path: str,
+        source_fingerprint: str,
+        call_uuid: str | None = None,
+        core_uuid: str | None = None,
+        metadata: Mapping[str, Any] | None = None,
+    ) -> tuple[Recording, bool]:
+        """``create_pending`` for a tenant given by name, in one statement when the row is new.
+
+        The daemon registers every RECORD_STOP as it arrives; resolving the
+        tenant inside the INSERT saves the separate lookup transaction. When
+        nothing was inserted (unknown tenant, or the row exists) the two
+        cases are told apart by the ordinary lookups: ``UnknownTenant`` or
+        ``(existing row, False)``, exactly as ``tenant_by_name`` followed by
+        ``create_pending`` would answer.
+        """
+        with self.statement("recording a pending recording") as cur:
+            cur.execute(
+                "INSERT INTO call_recordings (tenant_id, call_uuid, core_uuid, source_path,"
+                " source_fingerprint, status, encryption_metadata)"
+                " SELECT t.id, %s, %s, %s, %s, 'pending', %s FROM tenants t WHERE t.name = %s"
+                " ON CONFLICT ON CONSTRAINT call_recordings_source_unique DO NOTHING"
+                f" RETURNING {_RECORDING_COLUMNS}",
+                (
+                    call_uuid,
+                    core_uuid,
+                    source_path,
+                    source_fingerprint,
+                    json.dumps(dict(metadata or {})),
+                    tenant_name,
+                ),
+            )
+            row = cur.fetchone()
+        if row is not None:
+            return _recording(row), True
+        tenant = self.tenant_by_name(tenant_name)
+        return self.create_pending(
+            tenant_id=tenant.id,
+            source_path=source_path,
+            source_fingerprint=source_fingerprint,
+            call_uuid=call_uuid,
+            core_uuid=core_uuid,
+            metadata=metadata,
+        )
+
+    def claim_with_tenant(
+        self, recording_id: str, worker: str, lease_seconds: float
+    ) -> tuple[Recording, Tenant] | None:
+        """``claim`` plus the row's tenant as it is now, in one statement.
+
+        The tenant (and so its current key) is read at the instant of the
+        claim, just before the data key is generated, so a rotation takes
+        effect at once as with a separate ``tenant_by_id``. None when the row
+        cannot be claimed (not pending/failed, or leased by someone else);
+        the caller then looks at the row the ordinary way.
+        """
+        rec_cols = ", ".join(f"c.{name}" for name in Recording.__dataclass_fields__)
+        tenant_cols = ", ".join(f"t.{name}" for name in Tenant.__dataclass_fields__)
+        with self.statement("claiming a recording") as cur:
+            cur.execute(
+                "WITH c AS (UPDATE call_recordings SET claimed_by = %s,"
+                " claimed_until = now() + make_interval(secs => %s), updated_at = now()"
+                " WHERE id = %s AND status IN ('pending', 'failed')"
+                " AND (claimed_until IS NULL OR claimed_until < now() OR claimed_by = %s)"
+                f" RETURNING {_RECORDING_COLUMNS})"
+                f" SELECT {rec_cols}, {tenant_cols} FROM c JOIN tenants t ON t.id = c.tenant_id",
+                (worker, lease_seconds, recording_id, worker),
+            )
+            row = cur.fetchone()
+        if row is None:
+            return None
+        split = len(Recording.__dataclass_fields__)
+        return _recording(row[:split]), _tenant(row[split:])
+
     def release_claims(self, worker_prefix: str) -> int:
         """Drop leases left by a previous (crashed) run of this worker."""
         with self.transaction("releasing stale claims") as cur:
@@ -753,16 +853,19 @@ class Database:
         if fields.get("decryption_duration_ms") is not None:
             fields["decryption_duration_ms"] = round(float(fields["decryption_duration_ms"]), 3)
         chain = str(tenant_id) if tenant_id else "global"
-        cur.execute("SELECT pg_advisory_xact_lock(hashtextextended(%s, 7))", ("audit:" + chain,))
+        # Lock, then read the chain's head and the row's time: two statements
+        # in one message (one round trip while the chain is locked). Under READ
+        # COMMITTED each statement of a message takes its own snapshot, so the
+        # SELECT sees every row committed by whoever held the lock before us.
         cur.execute(
-            "SELECT row_hash FROM recording_access_logs"
-            " WHERE tenant_id IS NOT DISTINCT FROM %s ORDER BY id DESC LIMIT 1",
-            (tenant_id,),
+            "SELECT pg_advisory_xact_lock(hashtextextended(%s, 7));"
+            " SELECT (SELECT row_hash FROM recording_access_logs"
+            " WHERE tenant_id IS NOT DISTINCT FROM %s ORDER BY id DESC LIMIT 1),"
+            " date_trunc('microseconds', clock_timestamp())",
+            ("audit:" + chain, tenant_id),
         )
-        last = cur.fetchone()
-        prev_hash = last[0] if last else GENESIS_HASH
-        cur.execute("SELECT date_trunc('microseconds', clock_timestamp())")
-        fields["accessed_at"] = cur.fetchone()[0]
+        last_hash, fields["accessed_at"] = cur.fetchone()
+        prev_hash = last_hash or GENESIS_HASH
         row_hash = audit_row_hash(prev_hash, fields)
         cur.execute(
             "INSERT INTO recording_access_logs (recording_id, tenant_id, user_id, action,"

@@ -373,8 +373,14 @@ def store_recording(
     delete: bool | None = None,
     lease_seconds: float = 600.0,
     on_chunk: Callable[[int], None] | None = None,
+    claimed: Recording | None = None,
 ) -> StoreOutcome:
-    """Encrypt one claimed recording into the store, mark it stored, then drop the plaintext."""
+    """Encrypt one claimed recording into the store, mark it stored, then drop the plaintext.
+
+    ``claimed``: the row as returned by a claim this ``worker`` already holds
+    (the daemon claims and reads the tenant in one statement); the claim is
+    then not taken a second time. Anything else is claimed here.
+    """
     config = services.config
     delete = config.pipeline.delete_plaintext if delete is None else delete
     if recording.status == "stored":
@@ -384,7 +390,8 @@ def store_recording(
         return StoreOutcome(recording, recording.s3_path or "", 0, 0, 0.0, deleted, True)
     if recording.status not in ("pending", "failed"):
         raise InvalidState(f"recording {recording.id} is {recording.status}; nothing to store")
-    claimed = services.db.claim(recording.id, worker, lease_seconds)
+    if claimed is None or claimed.id != recording.id or claimed.claimed_by != worker:
+        claimed = services.db.claim(recording.id, worker, lease_seconds)
     if claimed is None:
         raise InvalidState(
             f"recording {recording.id} is being stored by another worker",
