@@ -1038,29 +1038,57 @@ worker thread costs little next to decrypting it, small enough that the
 first batch (and a failed one) stays cheap."""
 
 _FrameJob = tuple[int, bytes, memoryview, bytes]  # sequence number, IV, sealed bytes, AAD
-_BatchResult = tuple[bytes, "AuthenticationFailed | None"]  # verified plaintext, first failure
+# The verified plaintext and the first failure.
+_BatchResult = tuple[bytes | bytearray, "AuthenticationFailed | None"]
 
 
 def _open_batch(aes: AESGCM, message_id: bytes, jobs: Sequence[_FrameJob]) -> _BatchResult:
     """Authenticate and decrypt a batch's frames in order, stopping at the first bad one.
 
     Runs in whatever thread ``submit`` picks (AESGCM releases the GIL).
-    Returns the joined plaintext of the frames that verified before the
-    first failure, and that failure (None when all verified): like
+    Returns the plaintext of the frames that verified before the first
+    failure, and that failure (None when all verified): like
     :func:`decrypt_stream`, frames 1..k-1 may go out when frame k fails,
     never frame k or a later one.
+
+    The frames are decrypted straight into one buffer for the batch (no
+    per-frame ``bytes`` to allocate, zero-fill and then join: that was most
+    of a worker's time besides AES itself). ``decrypt_into`` may have
+    written the failed frame's unauthenticated plaintext before refusing
+    its tag, so on a failure that part is wiped and cut off before the
+    buffer is returned.
     """
-    out = []
+    out = bytearray(sum(len(sealed) - TAG_LENGTH for _seq, _iv, sealed, _aad in jobs))
+    into = _decrypter_into(aes)
     failure = None
-    for seq, iv, sealed, aad in jobs:
-        try:
-            out.append(aes.decrypt(iv, sealed, aad))
-        except InvalidTag:
-            failure = AuthenticationFailed(
-                f"frame {seq} of message {message_id.hex()} does not authenticate"
-            )
-            break
-    return (out[0] if len(out) == 1 else b"".join(out)), failure
+    pos = 0
+    with memoryview(out) as view:
+        for seq, iv, sealed, aad in jobs:
+            end = pos + len(sealed) - TAG_LENGTH
+            try:
+                into(iv, sealed, aad, view[pos:end])
+            except InvalidTag:
+                failure = AuthenticationFailed(
+                    f"frame {seq} of message {message_id.hex()} does not authenticate"
+                )
+                view[pos:] = bytes(len(out) - pos)
+                break
+            pos = end
+    if failure is not None:
+        del out[pos:]
+    return out, failure
+
+
+def _decrypter_into(aes: AESGCM) -> Callable[[bytes, memoryview, bytes, memoryview], object]:
+    """``aes.decrypt_into`` where cryptography has it; older versions decrypt and copy."""
+    into = getattr(aes, "decrypt_into", None)
+    if into is not None:
+        return into  # type: ignore[no-any-return]
+
+    def copy_into(iv: bytes, sealed: memoryview, aad: bytes, dest: memoryview) -> None:
+        dest[:] = aes.decrypt(iv, sealed, aad)
+
+    return copy_into
 
 
 def decrypt_stream_batched(
@@ -1086,7 +1114,9 @@ def decrypt_stream_batched(
     final frame's only after the end of the message was proven (no trailing
     bytes). When frame k fails (bad tag, wrong sequence number or IV,
     truncation), the consumer receives exactly frames 1..k-1, then the error;
-    never frame k or a later one. Chunks are up to one batch of plaintext long.
+    never frame k or a later one. Chunks are up to one batch of plaintext long;
+    each is a fresh ``bytearray`` (decrypted in place, see :func:`_open_batch`)
+    that the consumer may keep.
     """
     if batch_bytes <= 0 or depth <= 0:
         raise InvalidState("batch_bytes and depth must be positive")
@@ -1110,14 +1140,18 @@ def decrypt_stream_batched(
     regular_aad = message_id + _FRAME_LABEL
     final_aad = message_id + _FINAL_FRAME_LABEL
     readinto = getattr(source, "readinto", None)
-    pending: list[Callable[[], _BatchResult]] = []
+    # Each batch in flight owns its buffer (a worker reads it); once its result
+    # is collected the buffer is reused, so a stream allocates and zero-fills
+    # depth + 1 buffers rather than one per batch.
+    pending: list[tuple[Callable[[], _BatchResult], bytearray]] = []
+    spare: list[bytearray] = []
     failure: FormatError | None = None  # found while reading: raised after earlier frames
     seq = 1
     finished = False
     while not finished or pending:
         while not finished and len(pending) < depth:
-            # A fresh buffer per batch: a worker may still be reading the previous ones.
-            buf = bytearray(capacity)
+            # Never a buffer still in flight: a worker may be reading it.
+            buf = spare.pop() if spare else bytearray(capacity)
             view = memoryview(buf)
             filled = _fill(source, readinto, view[:block])
 
@@ -1183,9 +1217,14 @@ def decrypt_stream_batched(
                 finished = True
             if jobs:
                 batch = tuple(jobs)
-                pending.append(submit(lambda batch=batch: _open_batch(aes, message_id, batch)))
+                wait = submit(lambda batch=batch: _open_batch(aes, message_id, batch))
+                pending.append((wait, buf))
+            else:
+                spare.append(buf)
         if pending:
-            plaintext, bad = pending.pop(0)()
+            wait, done = pending.pop(0)
+            plaintext, bad = wait()
+            spare.append(done)  # its job returned: nothing reads it any more
             if plaintext:
                 yield plaintext
             if bad is not None:

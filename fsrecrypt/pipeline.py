@@ -238,16 +238,25 @@ def wav_info(head: bytes, file_size: int) -> dict[str, Any]:
 
 
 class IterReader(io.RawIOBase):
-    """A read-only file object over an iterator of byte chunks (a store's GET body)."""
+    """A read-only file object over an iterator of byte chunks (a store's GET body).
+
+    When the chunks come from a body that can fill a buffer itself (S3's,
+    see ``store._S3Body.readinto``), reads go straight to it once no chunk
+    is pending: the caller's buffer is filled from the socket's data in one
+    copy, instead of a chunk being allocated and then copied again here.
+    """
 
     def __init__(self, chunks: Iterable[bytes]):
         self._chunks = iter(chunks)
+        self._direct: Callable[[Any], int] | None = getattr(chunks, "readinto", None)
         self._pending = memoryview(b"")
 
     def readable(self) -> bool:
         return True
 
     def readinto(self, buffer: Any) -> int:
+        if self._direct is not None and not self._pending:
+            return self._direct(buffer)
         while not self._pending:
             try:
                 self._pending = memoryview(next(self._chunks))
