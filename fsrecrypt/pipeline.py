@@ -281,6 +281,43 @@ def read_object_header(store: ObjectStore, key: str, object_size: int) -> esdk.H
             probe = min(object_size, probe * 4)
 
 
+class HeaderCache:
+    """Recently read object headers, so a player's seeks skip one request each.
+
+    Sound because an object key is never reused or overwritten (every store
+    refuses to overwrite; a rewritten header gets a new key), so the header
+    read once under a key is that object's header. Headers hold only the
+    wrapped data key, and entries expire after ``ttl`` seconds so even that
+    does not linger in memory after an erasure; every read still unwraps the
+    key from the database's copy and checks the row's status first.
+    """
+
+    def __init__(self, size: int = 1024, ttl: float = 300.0) -> None:
+        import threading
+        from collections import OrderedDict
+
+        self._entries: OrderedDict[str, tuple[float, bytes]] = OrderedDict()
+        self._size = size
+        self._ttl = ttl
+        self._lock = threading.Lock()
+
+    def get(self, key: str) -> esdk.Header | None:
+        with self._lock:
+            entry = self._entries.get(key)
+            if entry is None or time.monotonic() - entry[0] > self._ttl:
+                self._entries.pop(key, None)
+                return None
+            self._entries.move_to_end(key)
+        return esdk.parse_header(entry[1])
+
+    def put(self, key: str, header: esdk.Header) -> None:
+        with self._lock:
+            self._entries[key] = (time.monotonic(), header.raw)
+            self._entries.move_to_end(key)
+            while len(self._entries) > self._size:
+                self._entries.popitem(last=False)
+
+
 # --- the services a job needs -------------------------------------------------------------
 
 
@@ -292,6 +329,7 @@ class Services:
     _db: Database | None = field(default=None, repr=False)
     _keys: KeyProvider | None = field(default=None, repr=False)
     _store: ObjectStore | None = field(default=None, repr=False)
+    headers: HeaderCache = field(default_factory=HeaderCache, repr=False)
 
     @property
     def db(self) -> Database:
@@ -586,7 +624,10 @@ def open_recording(services: Services, recording: Recording) -> OpenedRecording:
     """Unwrap the data key (database copy) and verify the object's header against the row."""
     key = check_readable(recording)
     info = services.store.head(key)
-    header = read_object_header(services.store, key, info.size)
+    header = services.headers.get(key)
+    if header is None:
+        header = read_object_header(services.store, key, info.size)
+        services.headers.put(key, header)
     data_key = unwrap_data_key(services, recording, header)
     content_key = esdk.verify_header(header, data_key)
     size = checked_plaintext_size(recording, header, info.size)

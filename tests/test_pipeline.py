@@ -278,3 +278,34 @@ def test_wav_info_reads_freeswitch_header(tmp_path: Path) -> None:
         "duration_s": 3.0,
     }
     assert wav_info(b"not a wav", 9) == {}
+
+
+def test_seek_reuses_the_object_header_but_never_the_erased_state(local_services) -> None:
+    from fsrecrypt.pipeline import HeaderCache
+
+    services, tenant, recordings = local_services
+    wav = recordings / "cache.wav"
+    original = make_wav(wav, 2.0, seed=6)
+    rec = ingest_file(services, str(wav), tenant.name).recording
+    reads: list[tuple[int, int | None]] = []
+    store = services.store
+    real_read = store.read_bytes
+
+    def counting_read(key: str, start: int = 0, end: int | None = None) -> bytes:
+        reads.append((start, end))
+        return real_read(key, start, end)
+
+    store.read_bytes = counting_read  # type: ignore[method-assign]
+    for start in (0, 10_000, 20_000):
+        _plan, chunks = iter_plaintext_range(services, open_recording(services, rec), start, None)
+        assert b"".join(chunks) == original[start:]
+    assert len(reads) == 1, "the header is read once per object key"
+    # A cache entry expires: the header is read again after its TTL.
+    services.headers = HeaderCache(ttl=0.0)
+    open_recording(services, rec)
+    open_recording(services, rec)
+    assert len(reads) == 3
+    # Status is checked before any cached header is used.
+    services.db.set_status(rec.id, "erased")
+    with pytest.raises(errors.RecordingGone):
+        open_recording(services, services.db.recording(rec.id))
