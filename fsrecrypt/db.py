@@ -562,7 +562,7 @@ class Database:
                 )
             recording = _recording(row)
             if audit is not None:
-                self._insert_audit(
+                self.audit_in_transaction(
                     cur, recording_id=recording_id, tenant_id=recording.tenant_id, **audit
                 )
             return recording
@@ -829,7 +829,7 @@ class Database:
     ) -> int:
         """Append one row to the tenant's hash-chained access log."""
         with self.transaction("writing the access log") as cur:
-            return self._insert_audit(
+            return self.audit_in_transaction(
                 cur,
                 action=action,
                 user_id=user_id,
@@ -844,7 +844,9 @@ class Database:
             )
 
     @staticmethod
-    def _insert_audit(cur: Any, **fields: Any) -> int:
+    def audit_in_transaction(cur: Any, **fields: Any) -> int:
+        """Append an audit row inside the caller's transaction, so a change and
+        its log row commit (or roll back) together."""
         tenant_id = fields.get("tenant_id")
         fields.setdefault("details", None)
         fields["details"] = dict(fields["details"] or {})

@@ -35,6 +35,7 @@ import click
 # The CLI's own -c option and state (cli imports only click, config and errors).
 from fsrecrypt.cli import State
 from fsrecrypt.cli import config_option as _config_option
+from fsrecrypt.db import GENESIS_HASH
 from fsrecrypt.errors import (
     ConfigError,
     FsrecryptError,
@@ -49,7 +50,6 @@ if TYPE_CHECKING:  # pragma: no cover
     from fsrecrypt.db import Recording
     from fsrecrypt.pipeline import Services
 
-GENESIS_HASH = "0" * 64  # same value as fsrecrypt.db.GENESIS_HASH (db is not light)
 _PAGE = 500
 _MAX_ROTATION_PASSES = 3
 # Test-only: "STEP:N" makes `rotate` SIGKILL itself after the N-th STEP
@@ -132,7 +132,7 @@ def _iso(value: datetime | None) -> str | None:
 
 def _insert_audit(services: Services, cur: Any, **fields: Any) -> int:
     """Write an audit row inside the caller's transaction (change + log commit together)."""
-    return int(services.db._insert_audit(cur, **fields))
+    return int(services.db.audit_in_transaction(cur, **fields))
 
 
 _crash_counts: dict[str, int] = {}
