@@ -1768,6 +1768,28 @@ def erase_command(
     _echo_json(receipt)
 
 
+def _change_hold(
+    ctx: click.Context,
+    change: Callable[..., Any],
+    recording_id: str | None,
+    call_uuid: str | None,
+    reason: str,
+    user_id: str | None,
+) -> None:
+    services = _services(ctx)
+    try:
+        results = change(
+            services,
+            reason=reason,
+            user_id=_user(user_id),
+            recording_id=recording_id,
+            call_uuid=call_uuid,
+        )
+    finally:
+        services.close()
+    _echo_json(results)
+
+
 @click.group("hold")
 def hold_group() -> None:
     """Legal holds: recordings on hold cannot be erased or expired."""
@@ -1788,18 +1810,7 @@ def hold_add_command(
     user_id: str | None,
 ) -> None:
     """Place a legal hold (logged as hold_add)."""
-    services = _services(ctx)
-    try:
-        results = add_hold(
-            services,
-            reason=reason,
-            user_id=_user(user_id),
-            recording_id=recording_id,
-            call_uuid=call_uuid,
-        )
-    finally:
-        services.close()
-    _echo_json(results)
+    _change_hold(ctx, add_hold, recording_id, call_uuid, reason, user_id)
 
 
 @hold_group.command("remove")
@@ -1817,18 +1828,7 @@ def hold_remove_command(
     user_id: str | None,
 ) -> None:
     """Release a legal hold (logged as hold_remove; the hold stays as history)."""
-    services = _services(ctx)
-    try:
-        results = remove_hold(
-            services,
-            reason=reason,
-            user_id=_user(user_id),
-            recording_id=recording_id,
-            call_uuid=call_uuid,
-        )
-    finally:
-        services.close()
-    _echo_json(results)
+    _change_hold(ctx, remove_hold, recording_id, call_uuid, reason, user_id)
 
 
 @hold_group.command("list")
