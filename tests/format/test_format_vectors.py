@@ -20,7 +20,7 @@ from fsrecrypt import format as fmt
 from fsrecrypt.errors import AuthenticationFailed, CommitmentMismatch, UnsupportedAlgorithmSuite
 from fsrecrypt.format.constants import _IV
 
-VECTORS = Path(__file__).parents[3] / "shared" / "vectors" / "esdk-v2-commitment-vectors.json"
+VECTORS = Path(__file__).parents[1] / "fixtures" / "vectors" / "esdk-v2-commitment-vectors.json"
 
 
 def _load() -> list[dict[str, Any]]:

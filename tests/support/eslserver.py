@@ -1,7 +1,7 @@
 """A replaying FreeSWITCH Event Socket server for tests and demos.
 
 It speaks the real inbound ESL wire protocol and answers with the bytes
-captured from FreeSWITCH 1.10.12 (``../shared/fixtures/freeswitch``), so the
+captured from FreeSWITCH 1.10.12 (``tests/fixtures/freeswitch``), so the
 client is tested against what FreeSWITCH actually sends, not against what we
 think it sends. It is built on plain threads and blocking sockets (never
 gevent) so that it behaves like a separate peer even inside a gevent test
@@ -38,7 +38,7 @@ import pytest
 FIXTURES_DIR = Path(
     os.environ.get(
         "FSRECRYPT_ESL_FIXTURES",
-        Path(__file__).resolve().parents[3] / "shared" / "fixtures" / "freeswitch",
+        Path(__file__).resolve().parents[1] / "fixtures" / "freeswitch",
     )
 )
 
