@@ -202,9 +202,7 @@ class _Client:
 class EslReplayServer:
     """In-process replaying ESL server (threads + blocking sockets)."""
 
-    def __init__(
-        self, password: str = "ClueCon", host: str = "127.0.0.1", port: int = 0
-    ) -> None:
+    def __init__(self, password: str = "ClueCon", host: str = "127.0.0.1", port: int = 0) -> None:
         self.password = password
         self.host = host
         self.port = port
@@ -382,8 +380,7 @@ class EslReplayServer:
                 subclass = value.decode("ascii", "replace")
         with self._lock:
             return [
-                c for c in self._clients.values()
-                if not c.closed and c.wants(name or "", subclass)
+                c for c in self._clients.values() if not c.closed and c.wants(name or "", subclass)
             ]
 
     def _accept_loop(self, lsock: socket.socket) -> None:
@@ -564,7 +561,8 @@ def _control_op(server: EslReplayServer, msg: Mapping[str, Any]) -> Any:
         return server.port
     if op == "wait_subscribed":
         return server.wait_subscribed(
-            int(msg.get("n", 1)), float(msg.get("timeout", 5.0)),
+            int(msg.get("n", 1)),
+            float(msg.get("timeout", 5.0)),
             min_connections=int(msg.get("min_connections", 0)),
         )
     if op == "status":
@@ -575,8 +573,12 @@ def _control_op(server: EslReplayServer, msg: Mapping[str, Any]) -> Any:
         }
     if op == "received":
         return [
-            {"client": c.client, "line": c.line, "headers": c.headers,
-             "body": c.body.decode("utf-8", "replace")}
+            {
+                "client": c.client,
+                "line": c.line,
+                "headers": c.headers,
+                "body": c.body.decode("utf-8", "replace"),
+            }
             for c in server.commands(msg.get("prefix", ""))
         ]
     raise ValueError(f"unknown op {op!r}")
@@ -588,9 +590,7 @@ def _control_loop(server: EslReplayServer, lsock: socket.socket, done: threading
             conn, _ = lsock.accept()
         except OSError:
             return
-        threading.Thread(
-            target=_control_conn, args=(server, conn, done), daemon=True
-        ).start()
+        threading.Thread(target=_control_conn, args=(server, conn, done), daemon=True).start()
 
 
 def _control_conn(server: EslReplayServer, conn: socket.socket, done: threading.Event) -> None:
@@ -617,9 +617,18 @@ class EslServerProcess:
     def __init__(self, password: str = "ClueCon", port: int = 0) -> None:
         root = Path(__file__).resolve().parents[2]
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "tests.support.eslserver",
-             "--port", str(port), "--password", password],
-            cwd=root, stdout=subprocess.PIPE, text=True,
+            [
+                sys.executable,
+                "-m",
+                "tests.support.eslserver",
+                "--port",
+                str(port),
+                "--password",
+                password,
+            ],
+            cwd=root,
+            stdout=subprocess.PIPE,
+            text=True,
         )
         assert self.proc.stdout is not None
         ready = json.loads(self.proc.stdout.readline())
