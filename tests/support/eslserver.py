@@ -1,7 +1,7 @@
 """A replaying FreeSWITCH Event Socket server for tests and demos.
 
 It speaks the real inbound ESL wire protocol and answers with the bytes
-captured from FreeSWITCH 1.10.12 (``../shared/fixtures/freeswitch``), so the
+captured from FreeSWITCH 1.10.12 (``tests/fixtures/freeswitch``), so the
 client is tested against what FreeSWITCH actually sends, not against what we
 think it sends. It is built on plain threads and blocking sockets (never
 gevent) so that it behaves like a separate peer even inside a gevent test
@@ -38,7 +38,7 @@ import pytest
 FIXTURES_DIR = Path(
     os.environ.get(
         "FSRECRYPT_ESL_FIXTURES",
-        Path(__file__).resolve().parents[3] / "shared" / "fixtures" / "freeswitch",
+        Path(__file__).resolve().parents[1] / "fixtures" / "freeswitch",
     )
 )
 
@@ -202,9 +202,7 @@ class _Client:
 class EslReplayServer:
     """In-process replaying ESL server (threads + blocking sockets)."""
 
-    def __init__(
-        self, password: str = "ClueCon", host: str = "127.0.0.1", port: int = 0
-    ) -> None:
+    def __init__(self, password: str = "ClueCon", host: str = "127.0.0.1", port: int = 0) -> None:
         self.password = password
         self.host = host
         self.port = port
@@ -382,8 +380,7 @@ class EslReplayServer:
                 subclass = value.decode("ascii", "replace")
         with self._lock:
             return [
-                c for c in self._clients.values()
-                if not c.closed and c.wants(name or "", subclass)
+                c for c in self._clients.values() if not c.closed and c.wants(name or "", subclass)
             ]
 
     def _accept_loop(self, lsock: socket.socket) -> None:
@@ -564,7 +561,8 @@ def _control_op(server: EslReplayServer, msg: Mapping[str, Any]) -> Any:
         return server.port
     if op == "wait_subscribed":
         return server.wait_subscribed(
-            int(msg.get("n", 1)), float(msg.get("timeout", 5.0)),
+            int(msg.get("n", 1)),
+            float(msg.get("timeout", 5.0)),
             min_connections=int(msg.get("min_connections", 0)),
         )
     if op == "status":
@@ -575,8 +573,12 @@ def _control_op(server: EslReplayServer, msg: Mapping[str, Any]) -> Any:
         }
     if op == "received":
         return [
-            {"client": c.client, "line": c.line, "headers": c.headers,
-             "body": c.body.decode("utf-8", "replace")}
+            {
+                "client": c.client,
+                "line": c.line,
+                "headers": c.headers,
+                "body": c.body.decode("utf-8", "replace"),
+            }
             for c in server.commands(msg.get("prefix", ""))
         ]
     raise ValueError(f"unknown op {op!r}")
@@ -588,9 +590,7 @@ def _control_loop(server: EslReplayServer, lsock: socket.socket, done: threading
             conn, _ = lsock.accept()
         except OSError:
             return
-        threading.Thread(
-            target=_control_conn, args=(server, conn, done), daemon=True
-        ).start()
+        threading.Thread(target=_control_conn, args=(server, conn, done), daemon=True).start()
 
 
 def _control_conn(server: EslReplayServer, conn: socket.socket, done: threading.Event) -> None:
@@ -617,9 +617,18 @@ class EslServerProcess:
     def __init__(self, password: str = "ClueCon", port: int = 0) -> None:
         root = Path(__file__).resolve().parents[2]
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "tests.support.eslserver",
-             "--port", str(port), "--password", password],
-            cwd=root, stdout=subprocess.PIPE, text=True,
+            [
+                sys.executable,
+                "-m",
+                "tests.support.eslserver",
+                "--port",
+                str(port),
+                "--password",
+                password,
+            ],
+            cwd=root,
+            stdout=subprocess.PIPE,
+            text=True,
         )
         assert self.proc.stdout is not None
         ready = json.loads(self.proc.stdout.readline())

@@ -1,21 +1,9 @@
-"""Object stores for encrypted recordings: a local directory or S3.
+"""The S3 store (any S3 API: AWS, MinIO, moto through ``endpoint_url``).
 
-Both stores share one contract, chosen for what the pipeline needs:
-
-* ``put_stream`` consumes an iterable of ciphertext chunks exactly once with
-  bounded memory and publishes the object atomically: either the complete
-  object exists afterwards or nothing does (no partial file, no orphaned
-  multipart upload), even if the iterator itself raises half way (an
-  encryption error, a cancelled greenlet). Existing objects are never
-  overwritten: object keys are unique per recording, so a collision is a bug.
-* ``get_range`` is one contiguous read (one ranged GET for S3), which is what
-  random access into framed ESDK messages needs.
-* ``delete`` removes every version: crypto-shredding and retention must not
-  leave old versions behind in a versioned bucket.
-
-boto3 is imported inside ``S3Store`` only, so the local path never imports
-botocore. ``S3Store`` uses plain client calls rather than boto3's threaded
-transfer manager: we control memory (one part buffered), checksums and the
+boto3 and botocore are imported inside the methods that call them, so
+importing :mod:`fsrecrypt.store` (and the local path) never loads botocore.
+``S3Store`` uses plain client calls rather than boto3's threaded transfer
+manager: we control memory (one part buffered), checksums and the
 abort-on-failure path ourselves, and it behaves under gevent.
 """
 
@@ -24,21 +12,21 @@ from __future__ import annotations
 import base64
 import contextlib
 import hashlib
-import os
-import re
 import secrets
-import stat
 import threading
 import time
-from abc import ABC, abstractmethod
 from collections.abc import Iterable, Iterator, Mapping
-from dataclasses import dataclass
-from datetime import UTC, datetime
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from fsrecrypt.config import StorageConfig
 from fsrecrypt.errors import ObjectExists, ObjectNotFound, StorageError
+from fsrecrypt.store.base import (
+    READ_CHUNK,
+    InvalidObjectKey,
+    ObjectInfo,
+    ObjectStore,
+    StorageAccessError,
+    _check_range,
+)
 
 if TYPE_CHECKING:  # pragma: no cover
     from botocore.client import BaseClient
@@ -46,315 +34,6 @@ if TYPE_CHECKING:  # pragma: no cover
 MIN_PART_SIZE = 5 * 1024 * 1024
 MAX_PART_SIZE = 5 * 1024 * 1024 * 1024
 MAX_PARTS = 10_000
-READ_CHUNK = 256 * 1024
-_TMP_MARKER = ".tmp-"
-_ID_RE = re.compile(r"[A-Za-z0-9._-]{1,128}")
-
-
-class InvalidObjectKey(StorageError):
-    """An object key is empty, absolute, or would leave the store's root."""
-
-    hint = "Object keys are relative paths without '.', '..' or hidden components."
-    transient = False
-
-
-class StorageAccessError(StorageError):
-    """The store refused the request (permissions, missing bucket, bad request).
-
-    Separate from plain ``StorageError`` because retrying cannot help.
-    """
-
-    transient = False
-
-
-@dataclass(frozen=True)
-class ObjectInfo:
-    """Size and identity of a stored object (etag/version only where the store has them)."""
-
-    key: str
-    size: int
-    etag: str | None = None
-    version_id: str | None = None
-
-
-class ObjectStore(ABC):
-    """Where encrypted recordings live."""
-
-    name: str
-
-    @abstractmethod
-    def put_stream(
-        self, key: str, chunks: Iterable[bytes], *, metadata: Mapping[str, str] | None = None
-    ) -> ObjectInfo:
-        """Store the concatenated chunks under ``key`` atomically; refuse to overwrite."""
-
-    @abstractmethod
-    def get_range(self, key: str, start: int = 0, end: int | None = None) -> Iterator[bytes]:
-        """Bytes ``[start, end)`` (``end=None``: to the end), streamed in chunks.
-
-        The object is opened (or the request made) before this returns, so a
-        missing object raises here rather than on the first ``next()``. A range
-        beyond the object's end yields what exists (possibly nothing).
-        """
-
-    def read_bytes(self, key: str, start: int = 0, end: int | None = None) -> bytes:
-        """A small range in one piece (headers, trailers)."""
-        return b"".join(self.get_range(key, start, end))
-
-    @abstractmethod
-    def head(self, key: str) -> ObjectInfo:
-        """Size and identity; ``ObjectNotFound`` if absent."""
-
-    @abstractmethod
-    def delete(self, key: str) -> int:
-        """Delete the object (all versions); returns how many entries were removed."""
-
-    def exists(self, key: str) -> bool:
-        try:
-            self.head(key)
-        except ObjectNotFound:
-            return False
-        return True
-
-    @abstractmethod
-    def list_keys(self, prefix: str = "") -> Iterator[str]:
-        """Object keys starting with ``prefix``."""
-
-    @abstractmethod
-    def abort_incomplete_uploads(self, older_than_seconds: float = 0) -> int:
-        """Clean up what crashed writers left behind; returns how many were removed."""
-
-    @abstractmethod
-    def check(self) -> None:
-        """Raise ``StorageError`` unless the store is reachable and writable."""
-
-
-def _check_range(start: int, end: int | None) -> None:
-    if start < 0 or (end is not None and end < start):
-        raise ValueError(f"invalid byte range [{start}, {end})")
-
-
-@contextlib.contextmanager
-def _io_errors(what: str) -> Iterator[None]:
-    """Turn an OSError from our own file I/O into a StorageError naming the object."""
-    try:
-        yield
-    except OSError as exc:
-        raise StorageError(f"{what}: {exc.strerror or type(exc).__name__}") from None
-
-
-def object_key(prefix: str, tenant_id: str, recording_id: str, created: datetime) -> str:
-    """``{prefix}{tenant}/{yyyy}/{mm}/{dd}/{recording_id}.esdk`` (UTC date).
-
-    Only identifiers go into the key (object keys show up in bucket listings,
-    access logs and inventories in clear): never caller numbers or names. A
-    non-empty prefix without a trailing '/' gets one, so ``rec`` and ``rec/``
-    give the same layout.
-    """
-    for what, value in (("tenant id", tenant_id), ("recording id", recording_id)):
-        if not isinstance(value, str) or not _ID_RE.fullmatch(value) or value in (".", ".."):
-            raise InvalidObjectKey(f"{what} {value!r} cannot be used in an object key")
-    if prefix and not prefix.endswith("/"):
-        prefix += "/"
-    if created.tzinfo is not None:
-        created = created.astimezone(UTC)
-    return (
-        f"{prefix}{tenant_id}/{created.year:04d}/{created.month:02d}/{created.day:02d}/"
-        f"{recording_id}.esdk"
-    )
-
-
-# --- local directory -------------------------------------------------------------
-
-
-class LocalStore(ObjectStore):
-    """Objects as files under a root directory.
-
-    Writes go to ``.<name>.tmp-<random>`` in the destination directory, are
-    fsynced, then published with ``link()`` (which, unlike ``rename()``,
-    fails if the target exists, so publishing and the no-overwrite check are
-    one atomic step), and the directory is fsynced so the name survives a
-    crash. Hidden names are reserved for temp files, so keys may not contain
-    components starting with '.'. ``metadata`` is not persisted locally.
-    """
-
-    name = "local"
-
-    def __init__(self, root: str | os.PathLike[str], prefix: str = "") -> None:
-        self.root = Path(root)
-        self.prefix = prefix
-
-    def __repr__(self) -> str:
-        return f"LocalStore({str(self.root)!r})"
-
-    def _path(self, key: str) -> Path:
-        if not key or key.startswith("/") or "\x00" in key or "\\" in key:
-            raise InvalidObjectKey(f"object key {key!r} is not a relative path")
-        parts = key.split("/")
-        if any(p in ("", ".", "..") or p.startswith(".") for p in parts):
-            raise InvalidObjectKey(f"object key {key!r} has an empty, '..' or hidden component")
-        path = self.root.joinpath(*parts)
-        # A symlinked directory inside the root must not lead outside it either.
-        root_real = os.path.realpath(self.root)
-        parent_real = os.path.realpath(path.parent)
-        if os.path.commonpath([root_real, parent_real]) != root_real:
-            raise InvalidObjectKey(f"object key {key!r} resolves outside the store root")
-        return path
-
-    @staticmethod
-    def _fsync_dir(directory: Path) -> None:
-        fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-
-    def put_stream(
-        self, key: str, chunks: Iterable[bytes], *, metadata: Mapping[str, str] | None = None
-    ) -> ObjectInfo:
-        path = self._path(key)
-        if path.exists() or path.is_symlink():
-            raise ObjectExists(f"object {key} already exists")
-        try:
-            path.parent.mkdir(mode=0o750, parents=True, exist_ok=True)
-        except OSError as exc:
-            raise StorageError(f"cannot create directory for {key}: {exc.strerror}") from None
-        self._path(key)  # re-check after mkdir: the parents now exist and resolve
-        tmp = path.with_name(f".{path.name}{_TMP_MARKER}{secrets.token_hex(8)}")
-        size = 0
-        try:
-            with _io_errors(f"cannot write object {key}"):
-                fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o640)
-            with os.fdopen(fd, "wb") as f:
-                # Only our own I/O is translated: an exception from the chunk
-                # iterator (e.g. reading the plaintext) passes through as is.
-                for chunk in chunks:
-                    with _io_errors(f"cannot write object {key}"):
-                        f.write(chunk)
-                    size += len(chunk)
-                with _io_errors(f"cannot write object {key}"):
-                    f.flush()
-                    os.fsync(f.fileno())
-            try:
-                os.link(tmp, path)
-            except FileExistsError:
-                raise ObjectExists(f"object {key} already exists") from None
-            except OSError as exc:
-                raise StorageError(f"cannot publish object {key}: {exc.strerror}") from None
-        finally:
-            # Success or failure (including KeyboardInterrupt or a failing
-            # iterator): the temp name never outlives this call.
-            with contextlib.suppress(OSError):
-                os.unlink(tmp)
-        try:
-            self._fsync_dir(path.parent)
-        except OSError as exc:
-            raise StorageError(f"cannot sync directory of {key}: {exc.strerror}") from None
-        return ObjectInfo(key=key, size=size)
-
-    def get_range(self, key: str, start: int = 0, end: int | None = None) -> Iterator[bytes]:
-        _check_range(start, end)
-        path = self._path(key)
-        try:
-            f = open(path, "rb")  # closed by the generator below
-        except FileNotFoundError:
-            raise ObjectNotFound(f"object {key} not found") from None
-        except OSError as exc:
-            raise StorageError(f"cannot read object {key}: {exc.strerror}") from None
-        return self._iter_file(f, key, start, end)
-
-    @staticmethod
-    def _iter_file(f: Any, key: str, start: int, end: int | None) -> Iterator[bytes]:
-        with f:
-            try:
-                f.seek(start)
-                remaining = None if end is None else end - start
-                while remaining is None or remaining > 0:
-                    n = READ_CHUNK if remaining is None else min(READ_CHUNK, remaining)
-                    data = f.read(n)
-                    if not data:
-                        return
-                    if remaining is not None:
-                        remaining -= len(data)
-                    yield data
-            except OSError as exc:
-                raise StorageError(f"cannot read object {key}: {exc.strerror}") from None
-
-    def head(self, key: str) -> ObjectInfo:
-        path = self._path(key)
-        try:
-            st = os.stat(path)
-        except FileNotFoundError:
-            raise ObjectNotFound(f"object {key} not found") from None
-        except OSError as exc:
-            raise StorageError(f"cannot stat object {key}: {exc.strerror}") from None
-        if not stat.S_ISREG(st.st_mode):
-            raise ObjectNotFound(f"object {key} is not a regular file")
-        return ObjectInfo(key=key, size=st.st_size)
-
-    def delete(self, key: str) -> int:
-        path = self._path(key)
-        try:
-            os.unlink(path)
-        except FileNotFoundError:
-            return 0
-        except OSError as exc:
-            raise StorageError(f"cannot delete object {key}: {exc.strerror}") from None
-        with contextlib.suppress(OSError):
-            self._fsync_dir(path.parent)
-        return 1
-
-    def _walk(self, prefix: str) -> Iterator[tuple[str, Path]]:
-        """(key, path) for every regular, non-hidden file; temp files excluded."""
-        base_dir = prefix.rpartition("/")[0]
-        start = self.root.joinpath(*base_dir.split("/")) if base_dir else self.root
-        for dirpath, dirnames, filenames in os.walk(start):
-            dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
-            rel = os.path.relpath(dirpath, self.root)
-            for name in sorted(filenames):
-                key = name if rel == "." else f"{rel.replace(os.sep, '/')}/{name}"
-                yield key, Path(dirpath, name)
-
-    def list_keys(self, prefix: str = "") -> Iterator[str]:
-        for key, _path in self._walk(prefix):
-            if key.startswith(prefix) and not key.rpartition("/")[2].startswith("."):
-                yield key
-
-    def abort_incomplete_uploads(self, older_than_seconds: float = 0) -> int:
-        cutoff = time.time() - older_than_seconds
-        removed = 0
-        for _key, path in self._walk(""):
-            if not (path.name.startswith(".") and _TMP_MARKER in path.name):
-                continue
-            try:
-                if path.lstat().st_mtime <= cutoff:
-                    path.unlink()
-                    removed += 1
-            except FileNotFoundError:
-                continue
-            except OSError as exc:
-                raise StorageError(f"cannot remove temp file {path}: {exc.strerror}") from None
-        return removed
-
-    def check(self) -> None:
-        if not self.root.is_dir():
-            raise StorageAccessError(f"store root {self.root} is not a directory")
-        probe = self.root / f".check{_TMP_MARKER}{secrets.token_hex(8)}"
-        try:
-            fd = os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-            try:
-                os.write(fd, b"ok")
-                os.fsync(fd)
-            finally:
-                os.close(fd)
-            os.unlink(probe)
-        except OSError as exc:
-            raise StorageAccessError(
-                f"store root {self.root} is not writable: {exc.strerror}"
-            ) from None
-
-
-# --- S3 ------------------------------------------------------------------------------
 
 _S3_TRANSIENT = {
     "SlowDown",
@@ -809,20 +488,3 @@ def _map_s3_error(exc: Any, op: str, bucket: str, key: str) -> StorageError:
     if code in _S3_TRANSIENT or status >= 500 or status == 429:
         return StorageError(f"{where}: {code} (HTTP {status})")
     return StorageAccessError(f"{where}: {code} (HTTP {status})")
-
-
-def build_store(cfg: StorageConfig) -> ObjectStore:
-    """The store named by ``[storage] backend``."""
-    if cfg.backend == "local":
-        return LocalStore(cfg.path, prefix=cfg.prefix)
-    if cfg.backend == "s3":
-        return S3Store(
-            cfg.bucket,
-            prefix=cfg.prefix,
-            region=cfg.region,
-            endpoint_url=cfg.endpoint_url or None,
-            sse=cfg.sse,
-            sse_kms_key_id=cfg.sse_kms_key_id,
-            part_size=cfg.part_size,
-        )
-    raise StorageAccessError(f"unknown storage backend {cfg.backend!r}")

@@ -360,7 +360,7 @@ def test_wrong_data_key_is_a_commitment_failure() -> None:
 
 # --- the non-framed body (read for interop only) ------------------------------------
 
-VECTORS = Path(__file__).parents[2] / "shared" / "vectors" / "esdk-v2-commitment-vectors.json"
+VECTORS = Path(__file__).parents[1] / "fixtures" / "vectors" / "esdk-v2-commitment-vectors.json"
 
 
 def _unframed_vector() -> tuple[bytes, bytes, bytes]:

@@ -25,6 +25,7 @@ from fsrecrypt.errors import (
     TruncatedMessage,
     UnsupportedAlgorithmSuite,
 )
+from fsrecrypt.format.header import _parse_context
 
 KEY = bytes(range(32))
 EDKS = [fmt.EncryptedDataKey("fsrecrypt-local", b"tenant-a\x00\x00\x00\x80", b"\x01" * 48)]
@@ -142,7 +143,7 @@ def test_serialize_context_matches_sdk(ctx: dict[str, str]) -> None:
         return
     assert fmt.serialize_context(ctx) == expected
     if ctx:
-        assert fmt._parse_context(expected) == ctx
+        assert _parse_context(expected) == ctx
 
 
 # --- header ------------------------------------------------------------------------------

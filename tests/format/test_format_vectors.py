@@ -18,8 +18,9 @@ import pytest
 
 from fsrecrypt import format as fmt
 from fsrecrypt.errors import AuthenticationFailed, CommitmentMismatch, UnsupportedAlgorithmSuite
+from fsrecrypt.format.constants import _IV
 
-VECTORS = Path(__file__).parents[2] / "shared" / "vectors" / "esdk-v2-commitment-vectors.json"
+VECTORS = Path(__file__).parents[1] / "fixtures" / "vectors" / "esdk-v2-commitment-vectors.json"
 
 
 def _load() -> list[dict[str, Any]]:
@@ -44,13 +45,13 @@ def _canonical_ivs(ciphertext: bytes) -> bool:
     header = fmt.parse_header(ciphertext)
     pos = header.size
     if not header.framed:
-        return ciphertext[pos : pos + 12] == fmt._IV.pack(1)
+        return ciphertext[pos : pos + 12] == _IV.pack(1)
     seq = 1
     while True:
         if ciphertext[pos : pos + 4] == b"\xff\xff\xff\xff":
             iv = ciphertext[pos + 8 : pos + 20]
-            return iv == fmt._IV.pack(seq)
-        if ciphertext[pos + 4 : pos + 16] != fmt._IV.pack(seq):
+            return iv == _IV.pack(seq)
+        if ciphertext[pos + 4 : pos + 16] != _IV.pack(seq):
             return False
         pos += header.frame_length + 32
         seq += 1

@@ -1,0 +1,54 @@
+"""Object stores for encrypted recordings: a local directory or S3.
+
+:mod:`~fsrecrypt.store.base` holds the contract every store keeps
+(:class:`ObjectStore`) and the shared types; :mod:`~fsrecrypt.store.local`
+and :mod:`~fsrecrypt.store.s3` the two implementations; :func:`build_store`
+picks one from the configuration. Importing this package does not import
+boto3: ``S3Store`` loads it on first use.
+"""
+
+from __future__ import annotations
+
+from fsrecrypt.config import StorageConfig
+from fsrecrypt.store.base import (
+    READ_CHUNK,
+    InvalidObjectKey,
+    ObjectInfo,
+    ObjectStore,
+    StorageAccessError,
+    object_key,
+)
+from fsrecrypt.store.local import LocalStore
+from fsrecrypt.store.s3 import MAX_PART_SIZE, MAX_PARTS, MIN_PART_SIZE, S3Store
+
+__all__ = [
+    "MAX_PARTS",
+    "MAX_PART_SIZE",
+    "MIN_PART_SIZE",
+    "READ_CHUNK",
+    "InvalidObjectKey",
+    "LocalStore",
+    "ObjectInfo",
+    "ObjectStore",
+    "S3Store",
+    "StorageAccessError",
+    "build_store",
+    "object_key",
+]
+
+
+def build_store(cfg: StorageConfig) -> ObjectStore:
+    """The store named by ``[storage] backend``."""
+    if cfg.backend == "local":
+        return LocalStore(cfg.path, prefix=cfg.prefix)
+    if cfg.backend == "s3":
+        return S3Store(
+            cfg.bucket,
+            prefix=cfg.prefix,
+            region=cfg.region,
+            endpoint_url=cfg.endpoint_url or None,
+            sse=cfg.sse,
+            sse_kms_key_id=cfg.sse_kms_key_id,
+            part_size=cfg.part_size,
+        )
+    raise StorageAccessError(f"unknown storage backend {cfg.backend!r}")

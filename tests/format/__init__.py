@@ -1,0 +1,1 @@
+"""Tests of fsrecrypt.format: header, frames, random access, vectors, interop."""

@@ -1,0 +1,193 @@
+"""The layout's rules, read from the source with ``ast``: who may import what, how big a module is.
+
+These rules are what keeps the packages meaning something: ``fsrecrypt.format``
+is pure (bytes in, bytes out: vector-testable on its own, no I/O library), a
+store does not reach into keys, the database or the command line, and no
+module grows past what one can hold in one's head. Modules not yet split are
+listed in ``NOT_YET_SPLIT``; when one becomes a package, delete its line (the
+test insists, so the list only ever shrinks).
+"""
+
+from __future__ import annotations
+
+import ast
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+PACKAGE = ROOT / "fsrecrypt"
+
+MAX_MODULE_LINES = 700
+MAX_CLASS_LINES = 300
+
+# Modules still waiting for their split (issue 12). Shrink this list, never grow it.
+NOT_YET_SPLIT = frozenset(
+    {
+        "fsrecrypt/cli.py",
+        "fsrecrypt/daemon.py",
+        "fsrecrypt/db.py",
+        "fsrecrypt/esl.py",
+        "fsrecrypt/keys.py",
+        "fsrecrypt/lifecycle.py",
+        "fsrecrypt/pipeline.py",
+        "fsrecrypt/web.py",
+    }
+)
+
+# Libraries that do I/O (or bring a framework that does): not in the format package.
+IO_MODULES = frozenset(
+    {
+        "os",
+        "io",
+        "socket",
+        "pathlib",
+        "subprocess",
+        "boto3",
+        "botocore",
+        "psycopg2",
+        "gevent",
+        "flask",
+        "click",
+    }
+)
+
+
+def _module_name(path: Path) -> str:
+    parts = list(path.relative_to(ROOT).with_suffix("").parts)
+    if parts[-1] == "__init__":
+        parts.pop()
+    return ".".join(parts)
+
+
+def imports_of(path: Path) -> Iterator[tuple[int, str]]:
+    """(line, absolute module name) for every import anywhere in the file.
+
+    Function-local and ``TYPE_CHECKING`` imports count too: a rule about what
+    a package may depend on must not be dodged by importing late. Relative
+    imports are resolved against the file's own package; for ``from a import
+    b`` both ``a`` and ``a.b`` are reported (``b`` may be a submodule).
+    """
+    tree = ast.parse(path.read_text(encoding="utf-8"), filename=str(path))
+    package = _module_name(path)
+    if path.name != "__init__.py":
+        package = package.rpartition(".")[0]
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            for alias in node.names:
+                yield node.lineno, alias.name
+        elif isinstance(node, ast.ImportFrom):
+            if node.level:
+                base_parts = package.split(".")
+                base_parts = base_parts[: len(base_parts) - (node.level - 1)]
+                base = ".".join(base_parts)
+                module = f"{base}.{node.module}" if node.module else base
+            else:
+                module = node.module or ""
+            yield node.lineno, module
+            for alias in node.names:
+                yield node.lineno, f"{module}.{alias.name}"
+
+
+def _within(name: str, prefix: str) -> bool:
+    return name == prefix or name.startswith(prefix + ".")
+
+
+def _sources(subdir: str) -> list[Path]:
+    found = sorted((PACKAGE / subdir).rglob("*.py"))
+    assert found, f"fsrecrypt/{subdir} has no modules"
+    return found
+
+
+def _rel(path: Path) -> str:
+    return path.relative_to(ROOT).as_posix()
+
+
+def test_format_imports_only_errors_and_itself() -> None:
+    bad = []
+    for path in _sources("format"):
+        for line, name in imports_of(path):
+            if _within(name, "fsrecrypt") and not (
+                _within(name, "fsrecrypt.errors") or _within(name, "fsrecrypt.format")
+            ):
+                bad.append(f"{_rel(path)}:{line} imports {name}")
+    assert not bad, "fsrecrypt.format may import only fsrecrypt.errors:\n" + "\n".join(bad)
+
+
+def test_format_imports_no_io_library() -> None:
+    bad = [
+        f"{_rel(path)}:{line} imports {name}"
+        for path in _sources("format")
+        for line, name in imports_of(path)
+        if name.split(".")[0] in IO_MODULES
+    ]
+    assert not bad, "fsrecrypt.format does no I/O of its own:\n" + "\n".join(bad)
+
+
+def test_store_stays_below_keys_db_pipeline_and_cli() -> None:
+    forbidden = ("fsrecrypt.db", "fsrecrypt.keys", "fsrecrypt.pipeline", "fsrecrypt.cli", "click")
+    bad = [
+        f"{_rel(path)}:{line} imports {name}"
+        for path in _sources("store")
+        for line, name in imports_of(path)
+        if any(_within(name, f) for f in forbidden)
+    ]
+    assert not bad, "fsrecrypt.store must not know keys, the database or the CLI:\n" + "\n".join(
+        bad
+    )
+
+
+def _all_modules() -> list[Path]:
+    return sorted(PACKAGE.rglob("*.py"))
+
+
+def test_modules_stay_small() -> None:
+    too_big = []
+    for path in _all_modules():
+        if _rel(path) in NOT_YET_SPLIT:
+            continue
+        lines = len(path.read_text(encoding="utf-8").splitlines())
+        if lines > MAX_MODULE_LINES:
+            too_big.append(f"{_rel(path)}: {lines} lines")
+    assert not too_big, f"modules over {MAX_MODULE_LINES} lines (split them):\n" + "\n".join(
+        too_big
+    )
+
+
+def test_classes_stay_small() -> None:
+    too_big = []
+    for path in _all_modules():
+        if _rel(path) in NOT_YET_SPLIT:
+            continue
+        tree = ast.parse(path.read_text(encoding="utf-8"), filename=str(path))
+        for node in ast.walk(tree):
+            if isinstance(node, ast.ClassDef):
+                lines = (node.end_lineno or node.lineno) - node.lineno + 1
+                if lines > MAX_CLASS_LINES:
+                    too_big.append(f"{_rel(path)}:{node.lineno} {node.name}: {lines} lines")
+    assert not too_big, f"classes over {MAX_CLASS_LINES} lines:\n" + "\n".join(too_big)
+
+
+@pytest.mark.parametrize("module", sorted(NOT_YET_SPLIT))
+def test_not_yet_split_list_only_shrinks(module: str) -> None:
+    """A module that was split (or removed) must leave the allow-list with it."""
+    assert (ROOT / module).is_file(), f"{module} is gone: remove it from NOT_YET_SPLIT"
+
+
+def test_nothing_points_outside_the_repository() -> None:
+    """A clone tests on its own: no path into a directory beside the project."""
+    needles = (".." + "/shared", '/ "' + 'shared"')
+    places = [ROOT / name for name in ("Makefile", "DEVELOPERS.md", "README.rst")]
+    for subdir in ("fsrecrypt", "tests", "bench", "demo", "docs", "conf", "systemd"):
+        places += [p for p in (ROOT / subdir).rglob("*") if p.is_file()]
+    bad = []
+    for path in places:
+        if "__pycache__" in path.parts or not path.is_file():
+            continue
+        try:
+            text = path.read_text(encoding="utf-8")
+        except UnicodeDecodeError:
+            continue  # recordings and captures: data, not references
+        bad += [f"{_rel(path)} mentions {n!r}" for n in needles if n in text]
+    assert not bad, "\n".join(bad)
