@@ -25,7 +25,7 @@ MAX_CLASS_LINES = 300
 # Modules still waiting for their split (issue 12). Shrink this list, never grow it.
 NOT_YET_SPLIT = frozenset(
     {
-        "fsrecrypt/cli.py",
+        "fsrecrypt/cli/__init__.py",
         "fsrecrypt/daemon.py",
         "fsrecrypt/db.py",
         "fsrecrypt/esl.py",
