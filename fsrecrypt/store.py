@@ -69,12 +69,18 @@ class StorageAccessError(StorageError):
 
 @dataclass(frozen=True)
 class ObjectInfo:
-    """Size and identity of a stored object (etag/version only where the store has them)."""
+    """Size and identity of a stored object (etag/version only where the store has them).
+
+    ``stamp``: for stores without an etag (the local store), a token that
+    changes whenever the object's bytes may have changed (inode, mtime and
+    ctime), so a reader can tell that a cached view of the object is stale.
+    """
 
     key: str
     size: int
     etag: str | None = None
     version_id: str | None = None
+    stamp: str | None = None
 
 
 class ObjectStore(ABC):
@@ -290,7 +296,8 @@ class LocalStore(ObjectStore):
             raise StorageError(f"cannot stat object {key}: {exc.strerror}") from None
         if not stat.S_ISREG(st.st_mode):
             raise ObjectNotFound(f"object {key} is not a regular file")
-        return ObjectInfo(key=key, size=st.st_size)
+        stamp = f"{st.st_dev}:{st.st_ino}:{st.st_mtime_ns}:{st.st_ctime_ns}"
+        return ObjectInfo(key=key, size=st.st_size, stamp=stamp)
 
     def delete(self, key: str) -> int:
         path = self._path(key)
