@@ -99,6 +99,20 @@ class TrailingData(IntegrityError):
     """Bytes follow the final frame."""
 
 
+class ObjectMismatch(IntegrityError):
+    """The object is not this recording's (swapped, misfiled) or its wrapped key does not fit.
+
+    An integrity failure, not a key outage: the header names another
+    recording or tenant, or the recording's wrapped data key does not
+    authenticate under its own tenant/recording context. Retrying cannot help.
+    """
+
+    hint = (
+        "Treat the object as swapped or tampered: do not play it; restore this "
+        "recording's own object (or its row) from a backup or an earlier version"
+    )
+
+
 class RangeNotSatisfiable(FsrecryptError):
     """A requested plaintext byte range lies outside the recording."""
 

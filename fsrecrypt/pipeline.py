@@ -38,8 +38,9 @@ from fsrecrypt.errors import (
     InputFileError,
     InvalidState,
     MalformedMessage,
-    NoUsableDataKey,
+    ObjectMismatch,
     PathRefused,
+    RangeNotSatisfiable,
     RecordingGone,
     TruncatedMessage,
 )
@@ -47,7 +48,7 @@ from fsrecrypt.errors import (
 if TYPE_CHECKING:
     from fsrecrypt.db import Database, Recording, Tenant
     from fsrecrypt.keys import KeyProvider
-    from fsrecrypt.store import ObjectStore
+    from fsrecrypt.store import ObjectInfo, ObjectStore
 
 ALGORITHM_NAME = "AES_256_GCM_HKDF_SHA512_COMMIT_KEY"
 OBJECT_SUFFIX = ".esdk"
@@ -282,40 +283,62 @@ def read_object_header(store: ObjectStore, key: str, object_size: int) -> esdk.H
 
 
 class HeaderCache:
-    """Recently read object headers, so a player's seeks skip one request each.
+    """Recently verified object headers, so a player's seeks skip one request each.
 
-    Sound because an object key is never reused or overwritten (every store
-    refuses to overwrite; a rewritten header gets a new key), so the header
-    read once under a key is that object's header. Headers hold only the
-    wrapped data key, and entries expire after ``ttl`` seconds so even that
-    does not linger in memory after an erasure; every read still unwraps the
-    key from the database's copy and checks the row's status first.
+    Only a header that verified (key commitment and header tag, under the
+    data key unwrapped from the database's copy) is put here, and an entry
+    is used only while the object's identity from the store's HEAD (size,
+    etag, version, local stamp) is the one it was read under: a rewritten,
+    tampered or restored object misses the cache and has its header read
+    and verified again at once. A read that fails in any way drops the entry
+    (``drop``), so a bad object is never served from memory. Entries hold
+    only the wrapped data key and expire after ``ttl`` seconds, so even that
+    does not linger after an erasure; every read still unwraps the key from
+    the database's copy and checks the row's status first.
     """
 
     def __init__(self, size: int = 1024, ttl: float = 300.0) -> None:
         import threading
         from collections import OrderedDict
 
-        self._entries: OrderedDict[str, tuple[float, bytes]] = OrderedDict()
+        self._entries: OrderedDict[str, tuple[float, tuple[Any, ...], bytes]] = OrderedDict()
         self._size = size
         self._ttl = ttl
         self._lock = threading.Lock()
 
-    def get(self, key: str) -> esdk.Header | None:
+    def get(self, key: str, identity: tuple[Any, ...]) -> esdk.Header | None:
+        """The verified header cached for ``key`` if the object is still ``identity``."""
         with self._lock:
             entry = self._entries.get(key)
-            if entry is None or time.monotonic() - entry[0] > self._ttl:
-                self._entries.pop(key, None)
+            if entry is None:
+                return None
+            if time.monotonic() - entry[0] > self._ttl or entry[1] != identity:
+                del self._entries[key]
                 return None
             self._entries.move_to_end(key)
-        return esdk.parse_header(entry[1])
+        return esdk.parse_header(entry[2])
 
-    def put(self, key: str, header: esdk.Header) -> None:
+    def put(self, key: str, identity: tuple[Any, ...], header: esdk.Header) -> None:
+        """Remember ``header``; call only once it verified with the recording's data key."""
         with self._lock:
-            self._entries[key] = (time.monotonic(), header.raw)
+            self._entries[key] = (time.monotonic(), identity, header.raw)
             self._entries.move_to_end(key)
             while len(self._entries) > self._size:
                 self._entries.popitem(last=False)
+
+    def drop(self, key: str) -> None:
+        """Forget ``key``: a read of that object failed."""
+        with self._lock:
+            self._entries.pop(key, None)
+
+    def __contains__(self, key: str) -> bool:
+        with self._lock:
+            return key in self._entries
+
+
+def object_identity(info: ObjectInfo) -> tuple[Any, ...]:
+    """What must be unchanged for a cached header to still be the object's header."""
+    return (info.size, info.etag, info.version_id, info.stamp)
 
 
 # --- the services a job needs -------------------------------------------------------------
@@ -594,19 +617,30 @@ def check_readable(recording: Recording) -> str:
 def unwrap_data_key(services: Services, recording: Recording, header: esdk.Header) -> bytes:
     """The data key from the database's copy, once the header is shown to be this recording's.
 
-    The header's context must name the row's recording and tenant: an object
-    swapped between recordings or tenants is refused before any key is used.
+    The header's context must be exactly the row's (tenant and recording):
+    an object swapped between recordings or tenants is refused before any
+    key is used. Both that and a wrapped key that does not authenticate
+    under the recording's own context are integrity failures
+    (``ObjectMismatch``), not key outages: retrying cannot help, and they
+    must be audited as tampering. A provider that cannot be reached still
+    raises its transient ``KeyProviderUnavailable``.
     """
-    context = header.encryption_context
-    if context.get("recording_id") != recording.id or (
-        context.get("tenant_id") != recording.tenant_id
-    ):
-        raise NoUsableDataKey(
+    from fsrecrypt.keys import DataKeyAuthenticationFailed
+
+    context = encryption_context(recording.tenant_id, recording.id)
+    if dict(header.encryption_context) != context:
+        raise ObjectMismatch(
             f"object {recording.s3_path} belongs to another recording or tenant",
             hint="The object was swapped or misfiled; treat it as tampered and do not play it.",
         )
     edk = edk_from_bytes(recording.encrypted_dek_bytes())
-    return services.keys.decrypt_data_key([edk], context)
+    try:
+        return services.keys.decrypt_data_key([edk], context)
+    except DataKeyAuthenticationFailed:
+        raise ObjectMismatch(
+            f"the wrapped data key of recording {recording.id} does not authenticate "
+            "under its tenant/recording context"
+        ) from None
 
 
 def checked_plaintext_size(recording: Recording, header: esdk.Header, object_size: int) -> int:
@@ -621,36 +655,67 @@ def checked_plaintext_size(recording: Recording, header: esdk.Header, object_siz
 
 
 def open_recording(services: Services, recording: Recording) -> OpenedRecording:
-    """Unwrap the data key (database copy) and verify the object's header against the row."""
+    """Unwrap the data key (database copy) and verify the object's header against the row.
+
+    The header comes from the cache only while the object's identity is
+    unchanged; a header read from the store is cached only after it
+    verified. Any failure drops the cache entry.
+    """
     key = check_readable(recording)
     info = services.store.head(key)
-    header = services.headers.get(key)
-    if header is None:
-        header = read_object_header(services.store, key, info.size)
-        services.headers.put(key, header)
-    data_key = unwrap_data_key(services, recording, header)
-    content_key = esdk.verify_header(header, data_key)
-    size = checked_plaintext_size(recording, header, info.size)
+    identity = object_identity(info)
+    header = services.headers.get(key, identity)
+    cached = header is not None
+    try:
+        if header is None:
+            header = read_object_header(services.store, key, info.size)
+        data_key = unwrap_data_key(services, recording, header)
+        content_key = esdk.verify_header(header, data_key)
+        size = checked_plaintext_size(recording, header, info.size)
+    except FsrecryptError:
+        services.headers.drop(key)
+        raise
+    if not cached:
+        services.headers.put(key, identity, header)
     return OpenedRecording(recording, header, content_key, data_key, info.size, size)
+
+
+def _dropping_on_failure(services: Services, key: str, chunks: Iterator[bytes]) -> Iterator[bytes]:
+    """``chunks``, forgetting ``key``'s cached header if reading the object fails."""
+    try:
+        yield from chunks
+    except RangeNotSatisfiable:
+        raise
+    except FsrecryptError:
+        services.headers.drop(key)
+        raise
 
 
 def iter_plaintext(services: Services, opened: OpenedRecording) -> Iterator[bytes]:
     """The whole recording, each frame released only after it authenticates."""
-    chunks = services.store.get_range(opened.recording.s3_path or "", 0, None)
+    key = opened.recording.s3_path or ""
+    chunks = services.store.get_range(key, 0, None)
     reader = io.BufferedReader(IterReader(chunks), buffer_size=1 << 20)
-    return esdk.decrypt_stream(reader, lambda _header: opened.data_key)
+    return _dropping_on_failure(
+        services, key, esdk.decrypt_stream(reader, lambda _header: opened.data_key)
+    )
 
 
 def iter_plaintext_range(
     services: Services, opened: OpenedRecording, start: int, end: int | None
 ) -> tuple[esdk.RangePlan, Iterator[bytes]]:
     """Plaintext [start, end) from one ranged read of just the frames that hold it."""
+    key = opened.recording.s3_path or ""
     plan = esdk.plan_range(opened.header, opened.object_size, start, end)
-    chunks = services.store.get_range(
-        opened.recording.s3_path or "", plan.ciphertext_start, plan.ciphertext_end
-    )
-    return plan, esdk.decrypt_range(
-        opened.header, opened.content_key, plan, chunks, opened.object_size
+    try:
+        chunks = services.store.get_range(key, plan.ciphertext_start, plan.ciphertext_end)
+    except FsrecryptError:
+        services.headers.drop(key)
+        raise
+    return plan, _dropping_on_failure(
+        services,
+        key,
+        esdk.decrypt_range(opened.header, opened.content_key, plan, chunks, opened.object_size),
     )
 
 

@@ -1052,12 +1052,15 @@ def create_app(services: Services, *, now: Callable[[], float] = time.time) -> F
             # so a bad header or first frame is a clean JSON error, not a cut stream.
             first = next(chunks, b"")
         except FsrecryptError as exc:
+            # The row names the failure's class as the caller sees it
+            # (integrity_error, key_unavailable, ...), so tampering and a
+            # swapped object are told apart from outages in the audit log.
             audit(
                 "stream",
                 False,
                 recording=recording,
                 error=f"{type(exc).__name__}: {exc.message}",
-                details=range_details,
+                details={**range_details, "error_code": classify(exc)[1]},
                 duration_ms=(time.monotonic() - started) * 1000,
             )
             raise
@@ -1179,6 +1182,10 @@ def _full_plaintext(services: Services, recording: Any) -> Iterator[bytes]:
                 raise MalformedMessage(
                     f"object {key} ended after {sent} of the row's {expected} bytes"
                 )
+        except FsrecryptError:
+            # The object failed a read: a header cached for seeks must not outlive that.
+            services.headers.drop(key)
+            raise
         finally:
             if producer is not None:
                 producer.kill()

@@ -178,7 +178,7 @@ def test_object_swapped_between_recordings_is_refused(local_services) -> None:
     data_a = pa.read_bytes()
     os.chmod(pa, 0o600)
     pa.write_bytes(pb.read_bytes())
-    with pytest.raises(errors.KeyAccessError):
+    with pytest.raises(errors.ObjectMismatch):
         fetch_recording(services, a.id, io.BytesIO(), user_id="t")
     pa.write_bytes(data_a)
     fails = [r for r in services.db.audit_rows(recording_id=a.id) if not r["success"]]

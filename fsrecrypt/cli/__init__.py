@@ -13,6 +13,7 @@ traceback. Anything else is a bug and always shows its traceback.
 from __future__ import annotations
 
 import contextlib
+import functools
 import getpass
 import json
 import os
@@ -158,29 +159,197 @@ def _state(ctx: click.Context) -> State:
     return ctx.ensure_object(State)
 
 
-@contextlib.contextmanager
-def atomic_output(path: str, mode: int = 0o600) -> Iterator[IO[bytes]]:
-    """Write to a temp file beside ``path``; rename on success, remove on any failure.
+STDOUT = "-"
+"""An output path of ``-`` means standard output (``get -o -``, ``decrypt IN -``)."""
 
-    A failed decrypt must never leave a partial plaintext behind.
+_CLEANUP_SIGNALS = ("SIGTERM", "SIGHUP", "SIGINT")
+
+
+@contextlib.contextmanager
+def _removed_on_signal() -> Iterator[set[str]]:
+    """Names put in the yielded set are unlinked if SIGTERM, SIGHUP or SIGINT arrives.
+
+    Why: a ``get`` or ``decrypt`` killed mid-write must not leave a readable
+    file of partial plaintext. The handler unlinks the pending names, puts
+    the previous handlers back and lets the signal take its usual course
+    (the process ends by it, so its exit status names it; SIGINT still
+    raises KeyboardInterrupt). A signal set to be ignored (``nohup``) stays
+    ignored. Signal handlers can only be installed from the main thread;
+    elsewhere only the ordinary failure cleanup applies.
     """
-    target = Path(path)
-    directory = target.parent if str(target.parent) else Path(".")
+    import signal
+    import threading
+
+    pending: set[str] = set()
+    if threading.current_thread() is not threading.main_thread():
+        yield pending
+        return
+    previous: dict[int, Any] = {}
+
+    def restore() -> None:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+        previous.clear()
+
+    def on_signal(signum: int, frame: Any) -> None:
+        for name in list(pending):
+            with contextlib.suppress(OSError):
+                os.unlink(name)
+        pending.clear()
+        before = previous.get(signum, signal.SIG_DFL)
+        restore()
+        if callable(before):
+            before(signum, frame)
+        else:
+            os.kill(os.getpid(), signum)
+
+    for name in _CLEANUP_SIGNALS:
+        signum = getattr(signal, name, None)
+        if signum is None:
+            continue
+        current = signal.getsignal(signum)
+        if current is signal.SIG_IGN or current is None:
+            continue
+        previous[signum] = current
+        signal.signal(signum, on_signal)
     try:
-        fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".part", dir=directory)
+        yield pending
+    finally:
+        restore()
+
+
+def _open_unnamed(directory: Path, mode: int) -> int | None:
+    """An unnamed file (O_TMPFILE) in ``directory``, or None where that is not possible.
+
+    An unnamed file has no name until it is linked into place, so even a
+    SIGKILL (or a crash) mid-write leaves nothing readable behind. It needs
+    kernel and filesystem support, and /proc to link it by descriptor.
+    """
+    flag = getattr(os, "O_TMPFILE", None)
+    if flag is None:
+        return None
+    try:
+        fd = os.open(directory, flag | os.O_WRONLY | getattr(os, "O_CLOEXEC", 0), mode)
+    except OSError:
+        # EOPNOTSUPP (filesystem), EISDIR/EINVAL (kernel) and real errors alike:
+        # the named fallback reports a real error with its own message.
+        return None
+    if not os.path.exists(f"/proc/self/fd/{fd}"):
+        os.close(fd)
+        return None
+    return fd
+
+
+def _link_into_place(fd: int, target: Path, directory: Path, pending: set[str]) -> None:
+    """Give the finished unnamed file ``fd`` the name ``target``.
+
+    linkat(2) with AT_SYMLINK_FOLLOW on /proc/self/fd/N, the documented way
+    for O_TMPFILE files (AT_EMPTY_PATH would need CAP_DAC_READ_SEARCH).
+    os.link calls linkat only when given a directory descriptor (plain
+    link(2) would try to link the /proc symlink itself), hence ``dir_fd``.
+    link never replaces a name, so an existing ``target`` is replaced as
+    before: via a hidden name beside it and an atomic rename, that name
+    removed on a signal.
+    """
+    source = f"/proc/self/fd/{fd}"
+    try:
+        dir_fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | getattr(os, "O_CLOEXEC", 0))
     except OSError as exc:
         raise InputFileError(f"cannot write in {directory}: {exc.strerror}") from None
     try:
-        os.fchmod(fd, mode)
-        with os.fdopen(fd, "wb") as out:
-            yield out
-            out.flush()
-            os.fsync(out.fileno())
-        os.replace(tmp, target)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
+        link = functools.partial(
+            os.link, source, src_dir_fd=dir_fd, dst_dir_fd=dir_fd, follow_symlinks=True
+        )
+        try:
+            link(target.name)
+            return
+        except FileExistsError:
+            pass
+        except OSError as exc:
+            raise InputFileError(f"cannot create {target}: {exc.strerror}") from None
+        import secrets
+
+        while True:
+            name = f".{target.name}.{secrets.token_hex(6)}.part"
+            tmp = str(directory / name)
+            pending.add(tmp)
+            try:
+                link(name)
+                break
+            except FileExistsError:
+                pending.discard(tmp)
+            except OSError as exc:
+                pending.discard(tmp)
+                raise InputFileError(f"cannot create {target}: {exc.strerror}") from None
+        try:
+            os.replace(name, target.name, src_dir_fd=dir_fd, dst_dir_fd=dir_fd)
+        except OSError as exc:
+            with contextlib.suppress(OSError):
+                os.unlink(name, dir_fd=dir_fd)
+            raise InputFileError(f"cannot replace {target}: {exc.strerror}") from None
+        finally:
+            pending.discard(tmp)
+    finally:
+        os.close(dir_fd)
+
+
+def _fsync_directory(directory: Path) -> None:
+    with contextlib.suppress(OSError):
+        fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+@contextlib.contextmanager
+def atomic_output(path: str, mode: int = 0o600) -> Iterator[IO[bytes]]:
+    """Write ``path`` all at once: it appears complete or not at all.
+
+    A failed or interrupted decrypt must never leave partial plaintext
+    behind. Where the filesystem allows, the bytes go to an unnamed file
+    (O_TMPFILE, ``mode``) linked into place only once complete and synced,
+    so nothing has a name even if the process is SIGKILLed. Elsewhere a
+    hidden temp file (mode ``mode``) beside ``path`` is renamed into place,
+    and removed on any failure and on SIGTERM, SIGHUP and SIGINT. An
+    existing ``path`` is replaced only by a complete output, never touched
+    by a failed one. ``-`` writes to standard output.
+    """
+    if path == STDOUT:
+        stream = sys.stdout.buffer
+        yield stream
+        stream.flush()
+        return
+    target = Path(path)
+    directory = target.parent
+    with _removed_on_signal() as pending:
+        fd = _open_unnamed(directory, mode)
+        tmp: str | None = None
+        if fd is None:
+            try:
+                fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".part", dir=directory)
+            except OSError as exc:
+                raise InputFileError(f"cannot write in {directory}: {exc.strerror}") from None
+            pending.add(tmp)
+        try:
+            os.fchmod(fd, mode)
+            with os.fdopen(fd, "wb") as out:
+                yield out
+                out.flush()
+                os.fsync(out.fileno())
+                if tmp is None:
+                    _link_into_place(out.fileno(), target, directory, pending)
+            if tmp is not None:
+                os.replace(tmp, target)
+                pending.discard(tmp)
+                tmp = None
+            _fsync_directory(directory)
+        except BaseException:
+            if tmp is not None:
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(tmp)
+                pending.discard(tmp)
+            raise
 
 
 def _open_input(path: str) -> IO[bytes]:
@@ -353,7 +522,8 @@ def encrypt(
                 "ciphertext_bytes": encryptor.ciphertext_length,
                 "message_id": encryptor.header.message_id.hex(),
             }
-        )
+        ),
+        err=output_path == STDOUT,
     )
 
 
@@ -363,7 +533,10 @@ def encrypt(
 @click.argument("output_path", metavar="OUT")
 @click.pass_context
 def decrypt(ctx: click.Context, input_path: str, output_path: str) -> None:
-    """Decrypt the message IN to OUT; nothing is left at OUT if anything fails."""
+    """Decrypt the message IN to OUT ('-': stdout); nothing is left at OUT if anything fails.
+
+    Not even when killed: see ``atomic_output``.
+    """
     from fsrecrypt import format as esdk
     from fsrecrypt.keys import build_key_provider
 
@@ -377,7 +550,10 @@ def decrypt(ctx: click.Context, input_path: str, output_path: str) -> None:
         for chunk in esdk.decrypt_stream(src, data_key_for):
             out.write(chunk)
             written += len(chunk)
-    click.echo(json.dumps({"in": input_path, "out": output_path, "plaintext_bytes": written}))
+    click.echo(
+        json.dumps({"in": input_path, "out": output_path, "plaintext_bytes": written}),
+        err=output_path == STDOUT,
+    )
 
 
 # --- the pipeline, one file at a time ------------------------------------------------------------
@@ -431,7 +607,9 @@ def ingest(
 @main.command()
 @config_option
 @click.argument("recording_id")
-@click.option("-o", "--output", "output_path", required=True, help="Where to write the WAV.")
+@click.option(
+    "-o", "--output", "output_path", required=True, help="Where to write the WAV ('-': stdout)."
+)
 @click.option("--user", "user_id", default=None, help="User id for the audit log.")
 @click.pass_context
 def get(ctx: click.Context, recording_id: str, output_path: str, user_id: str | None) -> None:
@@ -453,7 +631,8 @@ def get(ctx: click.Context, recording_id: str, output_path: str, user_id: str | 
                 "out": output_path,
                 "plaintext_bytes": opened.plaintext_size,
             }
-        )
+        ),
+        err=output_path == STDOUT,
     )
 
 

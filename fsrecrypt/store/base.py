@@ -48,12 +48,18 @@ class StorageAccessError(StorageError):
 
 @dataclass(frozen=True)
 class ObjectInfo:
-    """Size and identity of a stored object (etag/version only where the store has them)."""
+    """Size and identity of a stored object (etag/version only where the store has them).
+
+    ``stamp``: for stores without an etag (the local store), a token that
+    changes whenever the object's bytes may have changed (inode, mtime and
+    ctime), so a reader can tell that a cached view of the object is stale.
+    """
 
     key: str
     size: int
     etag: str | None = None
     version_id: str | None = None
+    stamp: str | None = None
 
 
 class ObjectStore(ABC):

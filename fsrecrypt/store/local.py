@@ -156,7 +156,8 @@ class LocalStore(ObjectStore):
             raise StorageError(f"cannot stat object {key}: {exc.strerror}") from None
         if not stat.S_ISREG(st.st_mode):
             raise ObjectNotFound(f"object {key} is not a regular file")
-        return ObjectInfo(key=key, size=st.st_size)
+        stamp = f"{st.st_dev}:{st.st_ino}:{st.st_mtime_ns}:{st.st_ctime_ns}"
+        return ObjectInfo(key=key, size=st.st_size, stamp=stamp)
 
     def delete(self, key: str) -> int:
         path = self._path(key)
