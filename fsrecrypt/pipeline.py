@@ -100,11 +100,7 @@ def edk_from_bytes(data: bytes) -> esdk.EncryptedDataKey:
 
 _DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | getattr(os, "O_CLOEXEC", 0)
 _FILE_FLAGS = (
-    os.O_RDONLY
-    | os.O_NOFOLLOW
-    | os.O_NONBLOCK
-    | os.O_NOCTTY
-    | getattr(os, "O_CLOEXEC", 0)
+    os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_NOCTTY | getattr(os, "O_CLOEXEC", 0)
 )
 
 
