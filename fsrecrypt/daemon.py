@@ -41,7 +41,6 @@ import os
 import random
 import signal
 import stat
-import struct
 import sys
 import time
 from collections.abc import Iterator, Sequence
@@ -59,6 +58,7 @@ from fsrecrypt.errors import (
     InputFileError,
     InvalidState,
     PathRefused,
+    SourceIncomplete,
     UnknownTenant,
 )
 
@@ -73,7 +73,6 @@ STATUS_EVENT_INTERVAL = 30.0
 LEASE_SECONDS = 600.0
 ORPHAN_UPLOAD_AGE = 3600.0
 SWEEP_BATCH = 1000
-WAV_PROBE = 4096
 
 
 class UnexpectedJobError(FsrecryptError):
@@ -130,32 +129,25 @@ def _log() -> Any:
 # --- files ---------------------------------------------------------------------------
 
 
-def wav_complete(path: str) -> bool:
-    """True when the RIFF/WAVE header's sizes match the file on disk.
+def wav_complete(path: str, allowed_dirs: Sequence[str] | None = None) -> bool:
+    """True when ``path`` is a WAV whose RIFF and data sizes match the file on disk.
 
     FreeSWITCH writes a 44-byte placeholder header while recording and fixes
     the sizes when it closes the file, so consistent sizes mean "finished".
+    The file is opened by the same descriptor walk as every other read
+    (:func:`fsrecrypt.pipeline.open_source`) and judged by the one rule
+    (:func:`fsrecrypt.pipeline.wav_state`) the pipeline applies before storing.
     """
+    from fsrecrypt.pipeline import open_source
+
     try:
-        with open(path, "rb", buffering=0) as f:
-            head = f.read(WAV_PROBE)
-            size = os.fstat(f.fileno()).st_size
-    except OSError:
+        source = open_source(path, allowed_dirs)
+    except (FsrecryptError, OSError):
         return False
-    if len(head) < 12 or head[:4] != b"RIFF" or head[8:12] != b"WAVE":
-        return False
-    (riff_size,) = struct.unpack_from("<I", head, 4)
-    if riff_size + 8 != size:
-        return False
-    offset = 12
-    while offset + 8 <= len(head):
-        chunk_id = head[offset : offset + 4]
-        (chunk_size,) = struct.unpack_from("<I", head, offset + 4)
-        body = offset + 8
-        if chunk_id == b"data":
-            return chunk_size > 0 and body + chunk_size <= size
-        offset = body + chunk_size + (chunk_size & 1)
-    return False
+    try:
+        return source.wav_state == "complete"
+    finally:
+        source.close()
 
 
 def open_by_others(roots: Sequence[str]) -> set[str]:
@@ -702,27 +694,14 @@ class Daemon:
             self.log.warning("job.unassigned_not_recorded", path=job.path, error=str(err))
 
     def _vet_path(self, path: str) -> None:
-        """Refuse without opening: outside the directories, '..', symlinks, non-regular files."""
-        from fsrecrypt.pipeline import is_inside
+        """Refuse without opening: outside the directories, '..', NUL, symlinks, non-regular.
 
-        raw = Path(path)
-        if not raw.is_absolute() or any(part == ".." for part in raw.parts):
-            raise PathRefused(f"refusing {path!r}: not an absolute path without '..'")
-        dirs = self.config.freeswitch.recordings_dirs
-        if not is_inside(raw.resolve(strict=False), dirs):
-            raise PathRefused(f"refusing {path}: outside the configured recordings directories")
-        try:
-            st = os.lstat(raw)
-        except FileNotFoundError:
-            return  # the job reports the missing file; nothing to open or delete
-        except OSError as exc:
-            raise PathRefused(f"refusing {path!r}: cannot stat it ({exc.strerror})") from None
-        if stat.S_ISLNK(st.st_mode):
-            raise PathRefused(f"refusing {path}: it is a symbolic link")
-        if not stat.S_ISREG(st.st_mode):
-            raise PathRefused(f"refusing {path}: not a regular file")
-        if not is_inside(raw.resolve(), dirs):
-            raise PathRefused(f"refusing {path}: outside the configured recordings directories")
+        The directories are walked by descriptor exactly as ``open_source``
+        does (no name is resolved), so nothing here can be raced or looped.
+        """
+        from fsrecrypt.pipeline import vet_path
+
+        vet_path(path, self.config.freeswitch.recordings_dirs)
 
     def _record_terminal(
         self, rs: Any, tenant_name: str, metadata: dict[str, Any], base: dict[str, Any]
@@ -855,6 +834,8 @@ class Daemon:
                 )
             finally:
                 source.fileobj.close()
+        except SourceIncomplete as exc:
+            return self._wait_for_complete(job, exc)
         except PathRefused as exc:
             self._refuse("path", error=str(exc), call_uuid=job.call_uuid)
             if recording is not None:
@@ -885,6 +866,8 @@ class Daemon:
         self.metrics.stage.labels("total").observe(total)
         result = "already-stored" if outcome.already_stored else "stored"
         self._count(result)
+        if outcome.source_changed:
+            self._requeue_changed(job, tenant_label)
         self.metrics.bytes.inc(outcome.plaintext_bytes)
         self.log.info(
             "recording",
@@ -900,7 +883,58 @@ class Daemon:
             plaintext_deleted=outcome.plaintext_deleted,
             origin=job.origin,
         )
+        return outcome.source_changed
+
+    def _wait_for_complete(self, job: Job, exc: SourceIncomplete) -> bool:
+        """A WAV still being written: retry with backoff, then leave it to the sweep.
+
+        Never counted towards ``failed``: the file is fine, just unfinished.
+        After ``max_attempts`` quick retries the row stays pending with a
+        later ``next_attempt_at``, so the sweep resumes it (with this tenant)
+        instead of a worker waiting on it forever.
+        """
+        if job.recording_id is None or job.attempts + 1 < self.config.pipeline.max_attempts:
+            return self._retry_later(job, exc)
+        delay = self.config.pipeline.retry_cap
+        try:
+            self.services.db.record_attempt_failure(
+                job.recording_id, exc.one_line(), final=False, retry_in=delay
+            )
+        except FsrecryptError as db_exc:
+            self.log.warning("job.attempt_not_recorded", error=str(db_exc))
+            return self._retry_later(job, exc, count=False)
+        self._count("incomplete")
+        self.log.warning("recording", outcome="incomplete", recording_id=job.recording_id,
+                         tenant=job.tenant_name, call_uuid=job.call_uuid,
+                         attempts=job.attempts + 1, resume_in=delay, error=exc.one_line())
         return False
+
+    def _requeue_changed(self, job: Job, tenant: str | None) -> None:
+        """The file changed after what was read was stored: keep it and store it again.
+
+        The plaintext was not deleted (it holds bytes that were not stored);
+        a fresh job for the same path and tenant registers the file as it is
+        now and stores it once it is complete and stable.
+        """
+        import gevent
+
+        p = self.config.pipeline
+        again = Job(path=job.path, tenant_name=tenant, call_uuid=job.call_uuid,
+                    core_uuid=job.core_uuid, metadata=dict(job.metadata), origin="changed",
+                    attempts=job.attempts + 1)
+        delay = backoff(again.attempts, p.retry_base, p.retry_cap)
+        self._count("source-changed")
+        self.log.warning("recording.source_changed", path=job.path, tenant=tenant,
+                         call_uuid=job.call_uuid, retry_in=round(delay, 2),
+                         hint="The plaintext was kept; it is stored again once stable.")
+
+        def requeue() -> None:
+            if self.stopping.is_set():
+                self.busy.discard(job.path)
+                return
+            self.queue.put(again)
+
+        gevent.spawn_later(delay, requeue)
 
     def _retry_later(self, job: Job, exc: FsrecryptError, *, count: bool = True) -> bool:
         import gevent
@@ -1024,6 +1058,10 @@ class Daemon:
             rows = self.services.db.rows_for_sources([p for p, _ in batch])
             unassigned = self.services.db.unassigned_for([p for p, _ in batch])
             by_key = {(p, fp): (status, rid) for p, fp, status, rid in rows}
+            # A pending row whose file grew since it was registered (its event
+            # came while the WAV was being written) is still that row's file.
+            pending_inode = {(p, ":".join(fp.split(":")[:2])): rid
+                             for p, fp, status, rid in rows if status == "pending"}
             uri_failed = {p for p, fp, status, _ in rows if fp.startswith("uri-failure:")}
             for path, st in batch:
                 if os.path.realpath(path) in held or path in uri_failed or path in self.busy:
@@ -1035,7 +1073,11 @@ class Daemon:
                         # Stored, then killed before the unlink: finish the job.
                         self.submit(Job(path=path, recording_id=rid, origin="finish"))
                     continue
-                if not wav_complete(path):
+                if not wav_complete(path, dirs):
+                    continue
+                grown = pending_inode.get((path, f"{st.st_dev}:{st.st_ino}"))
+                if grown is not None:
+                    self.submit(Job(path=path, recording_id=grown, origin="resume"))
                     continue
                 waiting = unassigned.get((path, fingerprint_of(st)))
                 if waiting is not None:

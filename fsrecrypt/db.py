@@ -696,6 +696,30 @@ class Database:
                 (recording_id,),
             )
 
+    def repoint_source(
+        self, recording_id: str, old_fingerprint: str, new_fingerprint: str
+    ) -> Recording | None:
+        """Move a not-yet-stored row to its file's current fingerprint (the file grew).
+
+        A RECORD_STOP can arrive while the WAV is still being written: the row
+        registered then names the file's early size. Only a pending/failed row
+        still naming ``old_fingerprint`` moves; None when it did not (another
+        row already names the new fingerprint, or the row moved on).
+        """
+        try:
+            with self.transaction("re-pointing a recording at its grown file") as cur:
+                cur.execute(
+                    "UPDATE call_recordings SET source_fingerprint = %s, updated_at = now()"
+                    " WHERE id = %s AND source_fingerprint = %s"
+                    " AND status IN ('pending', 'failed')"
+                    f" RETURNING {_RECORDING_COLUMNS}",
+                    (new_fingerprint, recording_id, old_fingerprint),
+                )
+                row = cur.fetchone()
+        except AlreadyExists:
+            return None
+        return _recording(row) if row else None
+
     def set_status(self, recording_id: str, status: str, *, error: str | None = None) -> None:
         with self.transaction("updating a recording") as cur:
             cur.execute(

@@ -255,6 +255,20 @@ class InputFileError(FsrecryptError):
     hint = "Check that the path exists and that the fsrecrypt user may read/write it."
 
 
+class SourceIncomplete(InputFileError):
+    """A WAV's header does not match its size yet: the recorder is still writing it."""
+
+    hint = "It is retried with backoff; a partial recording is never stored as done."
+    transient = True
+
+
+class SourceChanged(InputFileError):
+    """The plaintext changed (grew, was rewritten or replaced) between open and delete."""
+
+    hint = "The plaintext was kept; the recording is retried once the file is stable."
+    transient = True
+
+
 class EventError(FsrecryptError):
     """A FreeSWITCH event could not be understood."""
 
