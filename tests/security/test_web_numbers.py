@@ -33,10 +33,10 @@ def _audit_count(world: World, **filters) -> int:
     return len(world.services.db.audit_rows(**filters))
 
 
-def _refusals(world: World, action: str, reason: str) -> int:
+def _refusals(world: World, ip: str, action: str, reason: str) -> int:
     return sum(
         b["refusals"]
-        for b in world.services.db.refusal_buckets("127.0.0.1")
+        for b in world.services.db.refusal_buckets(ip)
         if b["action"] == action and b["reason"] == reason
     )
 
@@ -72,15 +72,18 @@ def test_odd_signed_url_expiry_is_400_and_counted(web_world: World, web_client, 
     url = issued.get_json()["url"]
     query = dict(part.split("=", 1) for part in url.split("?", 1)[1].split("&"))
     query["exp"] = value
-    before = _refusals(web_world, "stream", "invalid_parameter")
-    r = web_client.get(f"/v1/recordings/{rec.id}/stream", query_string=query)
+    ip = f"10.77.{len(value) % 250}.{sum(map(ord, value[:50])) % 250 + 1}"
+    before = _refusals(web_world, ip, "stream", "invalid_parameter")
+    r = web_client.get(
+        f"/v1/recordings/{rec.id}/stream", query_string=query, environ_base={"REMOTE_ADDR": ip}
+    )
     assert_json_error(r, 400, "invalid_parameter")
     # anonymous refusals are counted (the first of each minute is also a chain row)
-    assert _refusals(web_world, "stream", "invalid_parameter") == before + 1
+    assert _refusals(web_world, ip, "stream", "invalid_parameter") == before + 1
     rows = [
         row
         for row in web_world.services.db.audit_rows(action="stream")
-        if row["error_message"] == "invalid_parameter" and row["tenant_id"] is None
+        if row["error_message"] == "invalid_parameter" and str(row["ip_address"]) == ip
     ]
     assert rows and rows[-1]["user_id"] == "anonymous" and rows[-1]["success"] is False
 
