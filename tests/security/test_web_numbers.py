@@ -134,9 +134,3 @@ def test_parse_int_accepts_only_bounded_ascii(value: str) -> None:
         parse_int("9" * 20)
     with pytest.raises(NumberError):
         parse_int("7", maximum=6)
-
-
-def test_malformed_recording_id_with_newline_is_404(web_world: World, web_client) -> None:
-    rid = web_world.recordings["a1"].id
-    r = web_client.get(f"/v1/recordings/{rid}%0A", headers=hdr(web_world))
-    assert_json_error(r, 404, "not_found")
