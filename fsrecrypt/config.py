@@ -14,7 +14,9 @@ secrets without writing them into the file. A key ending in ``_file`` (such as
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import math
 import os
 import tomllib
 from collections.abc import Mapping
@@ -23,6 +25,7 @@ from pathlib import Path
 from typing import Any, get_args, get_origin, get_type_hints
 
 from fsrecrypt.errors import ConfigError
+from fsrecrypt.numbers import NumberError, parse_int
 
 DEFAULT_CONFIG_PATHS = (Path("/etc/fsrecrypt/fsrecrypt.toml"),)
 ENV_CONFIG = "FSRECRYPT_CONFIG"
@@ -130,11 +133,25 @@ class PlaybackConfig:
     listen: str = "127.0.0.1:8080"
     url_ttl: int = 900
     signing_key_file: str = "/var/lib/fsrecrypt/url-signing.key"
+    # Connection limits of `fsrecrypt serve` (slow or idle clients must not
+    # exhaust the server): see conf/fsrecrypt.toml.
+    max_connections: int = 1000
+    max_connections_per_client: int = 64
+    header_timeout: float = 10.0
+    idle_timeout: float = 30.0
 
     def validate(self) -> None:
         _check_listen("playback.listen", self.listen)
         if self.url_ttl <= 0:
             raise ValueError("url_ttl must be positive")
+        if not 1 <= self.max_connections <= 100_000:
+            raise ValueError("max_connections must be between 1 and 100000")
+        if not 1 <= self.max_connections_per_client <= self.max_connections:
+            raise ValueError("max_connections_per_client must be between 1 and max_connections")
+        if not 0.1 <= self.header_timeout <= 300:
+            raise ValueError("header_timeout must be between 0.1 and 300 seconds")
+        if not 0.1 <= self.idle_timeout <= 3600:
+            raise ValueError("idle_timeout must be between 0.1 and 3600 seconds")
 
 
 @dataclass(frozen=True)
@@ -189,9 +206,13 @@ def _check_port(name: str, port: int) -> None:
 
 def _check_listen(name: str, listen: str) -> None:
     host, sep, port = listen.rpartition(":")
-    if not sep or not host or not port.isdigit():
-        raise ValueError(f"{name} must look like HOST:PORT, got {listen!r}")
-    _check_port(name, int(port))
+    try:
+        number = parse_int(port, max_digits=5)
+    except NumberError:
+        number = -1
+    if not sep or not host or number < 0:
+        raise ValueError(f"{name} must look like HOST:PORT, got {listen[:100]!r}")
+    _check_port(name, number)
 
 
 def _read_secret(path: str) -> str:
@@ -206,6 +227,15 @@ def _read_secret(path: str) -> str:
             f"cannot read secret file {candidate}: {exc.strerror}",
             hint="Check the path, or the systemd LoadCredential= line that provides it.",
         ) from None
+
+
+_FLOAT_CHARS = frozenset("0123456789.eE+-_")
+
+
+def _shown(value: Any) -> str:
+    """A config value for an error message, cut short (an env var can be huge)."""
+    text = repr(value)
+    return text if len(text) <= 60 else text[:60] + "..."
 
 
 def _coerce(value: Any, typ: Any, where: str) -> Any:
@@ -233,19 +263,21 @@ def _coerce(value: Any, typ: Any, where: str) -> Any:
             return value
         if isinstance(value, str):
             try:
-                return int(value.replace("_", ""))
-            except ValueError:
+                return parse_int(value.strip().replace("_", ""), allow_negative=True)
+            except NumberError:
                 pass
-        raise ConfigError(f"{where}: expected an integer, got {value!r}")
+        raise ConfigError(f"{where}: expected an integer, got {_shown(value)}")
     if typ is float:
+        number: float | None = None
         if isinstance(value, int | float) and not isinstance(value, bool):
-            return float(value)
-        if isinstance(value, str):
-            try:
-                return float(value)
-            except ValueError:
-                pass
-        raise ConfigError(f"{where}: expected a number, got {value!r}")
+            number = float(value)
+        elif isinstance(value, str) and value.strip() and _FLOAT_CHARS.issuperset(value.strip()):
+            with contextlib.suppress(ValueError, OverflowError):
+                number = float(value.strip()) if len(value) <= 40 else None
+        # nan and inf (TOML allows both) would slip past every "<= 0" check.
+        if number is None or not math.isfinite(number):
+            raise ConfigError(f"{where}: expected a finite number, got {_shown(value)}")
+        return number
     if typ is str:
         if isinstance(value, str):
             return value

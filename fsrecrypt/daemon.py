@@ -459,10 +459,13 @@ class Daemon:
     def _watchdog_loop(self) -> None:
         import gevent
 
-        usec = os.environ.get("WATCHDOG_USEC")
-        if not usec or not usec.isdigit():
+        from fsrecrypt.numbers import NumberError, parse_int
+
+        try:
+            usec = parse_int(os.environ.get("WATCHDOG_USEC"), minimum=1)
+        except NumberError:
             return
-        interval = int(usec) / 1e6 / 2
+        interval = usec / 1e6 / 2
         while True:
             if self.progress_ok():
                 self._notify("WATCHDOG=1")

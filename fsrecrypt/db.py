@@ -258,6 +258,52 @@ AUDIT_FIELDS = (
 )
 
 
+USER_AGENT_LIMIT = 512
+"""Characters of a User-Agent kept in an audit row (a real one is ~150)."""
+ERROR_TEXT_LIMIT = 2000
+USER_ID_LIMIT = 200
+DETAIL_TEXT_LIMIT = 2000
+"""Characters kept of any string inside ``details`` (callers may bound tighter)."""
+_DETAIL_DEPTH = 4
+_DETAIL_ITEMS = 200
+
+
+def bounded(text: Any, limit: int) -> str | None:
+    """``text`` as a str of at most ``limit`` characters, cut with a visible marker.
+
+    Why: every free-text field of an audit row can come from a caller (User-
+    Agent, a path, a Range header, an error naming them); audit rows are never
+    deleted, so an unbounded field lets anyone grow the log without limit.
+    NUL characters, which PostgreSQL text and jsonb refuse (the row would
+    fail to be written at all), are shown as ``\\x00``.
+    """
+    if text is None:
+        return None
+    text = str(text)
+    if "\x00" in text:
+        text = text.replace("\x00", "\\x00")
+    if len(text) <= limit:
+        return text
+    marker = f"...[{len(text)} chars, truncated]"
+    return text[: max(0, limit - len(marker))] + marker
+
+
+def bounded_details(value: Any, limit: int = DETAIL_TEXT_LIMIT, depth: int = 0) -> Any:
+    """``details`` with every string (and key) bounded, and containers capped in size."""
+    if isinstance(value, str):
+        return bounded(value, limit)
+    if isinstance(value, Mapping):
+        if depth >= _DETAIL_DEPTH:
+            return bounded(json.dumps(value, default=str), limit)
+        items = list(value.items())[:_DETAIL_ITEMS]
+        return {bounded(k, 200): bounded_details(v, limit, depth + 1) for k, v in items}
+    if isinstance(value, list | tuple):
+        if depth >= _DETAIL_DEPTH:
+            return bounded(json.dumps(value, default=str), limit)
+        return [bounded_details(v, limit, depth + 1) for v in value[:_DETAIL_ITEMS]]
+    return value
+
+
 def audit_row_hash(prev_hash: str, fields: Mapping[str, Any]) -> str:
     """sha256 over the previous hash and a canonical JSON of the row's fields."""
     canonical = {}
@@ -873,9 +919,12 @@ class Database:
         its log row commit (or roll back) together."""
         tenant_id = fields.get("tenant_id")
         fields.setdefault("details", None)
-        fields["details"] = dict(fields["details"] or {})
+        fields["details"] = bounded_details(dict(fields["details"] or {}))
+        fields["user_id"] = bounded(fields["user_id"], USER_ID_LIMIT)
         if fields.get("error_message"):
-            fields["error_message"] = str(fields["error_message"])[:2000]
+            fields["error_message"] = bounded(fields["error_message"], ERROR_TEXT_LIMIT)
+        if fields.get("user_agent"):
+            fields["user_agent"] = bounded(fields["user_agent"], USER_AGENT_LIMIT)
         if fields.get("decryption_duration_ms") is not None:
             fields["decryption_duration_ms"] = round(float(fields["decryption_duration_ms"]), 3)
         chain = str(tenant_id) if tenant_id else "global"
@@ -915,6 +964,111 @@ class Database:
             ),
         )
         return int(cur.fetchone()[0])
+
+    def audit_together(self, rows: Sequence[Mapping[str, Any]]) -> list[int]:
+        """Append several audit rows (possibly to different chains) in one transaction.
+
+        Why: a refused cross-tenant request is logged in the caller's chain
+        and in the owner's; both rows commit together, in one round trip
+        like a single row, so the refusal takes as long as any other 404.
+        Chains are locked in a fixed order (by chain name), so two such
+        transactions cannot deadlock.
+        """
+        ordered = sorted(rows, key=lambda r: str(r.get("tenant_id") or "global"))
+        with self.transaction("writing the access log") as cur:
+            return [self.audit_in_transaction(cur, **dict(r)) for r in ordered]
+
+    def audit_refusal(
+        self,
+        *,
+        action: str,
+        reason: str,
+        ip_address: str | None,
+        user_agent: str | None = None,
+        error_message: str | None = None,
+        details: Mapping[str, Any] | None = None,
+    ) -> tuple[int, int | None]:
+        """Count an anonymous refusal; the first of its minute becomes an audit row.
+
+        Why: an unauthenticated caller costs nothing to repeat, and audit rows
+        are never deleted, so one row per anonymous request lets anyone grow
+        the log without bound. Refusals are counted per (client address,
+        action, reason, minute) in ``audit_refusal_buckets``; the first one
+        of each bucket is written to the global hash chain as an ordinary
+        row (so the attempt is tamper-evident at once), and that row also
+        carries the final count of the same client's previous bucket, which
+        is thereby sealed into the chain too. Chain rows are never updated:
+        the hash chain keeps its meaning.
+
+        Returns (count so far in this bucket, id of the audit row written or None).
+        """
+        client = str(ip_address) if ip_address else "unknown"
+        reason = bounded(reason, 100) or "refused"
+        with self.transaction("counting a refused request") as cur:
+            cur.execute(
+                "INSERT INTO audit_refusal_buckets AS b (bucket_start, client, action, reason,"
+                " refusals, first_seen_at, last_seen_at)"
+                " VALUES (date_trunc('minute', clock_timestamp()), %s, %s, %s, 1,"
+                " clock_timestamp(), clock_timestamp())"
+                " ON CONFLICT (client, action, reason, bucket_start) DO UPDATE"
+                " SET refusals = b.refusals + 1, last_seen_at = EXCLUDED.last_seen_at"
+                " RETURNING refusals, bucket_start",
+                (client, action, reason),
+            )
+            refusals, bucket_start = cur.fetchone()
+            if refusals > 1:
+                return int(refusals), None
+            cur.execute(
+                "SELECT bucket_start, refusals FROM audit_refusal_buckets"
+                " WHERE client = %s AND action = %s AND reason = %s AND bucket_start < %s"
+                " AND sealed_by_log_id IS NULL ORDER BY bucket_start DESC LIMIT 1",
+                (client, action, reason, bucket_start),
+            )
+            previous = cur.fetchone()
+            aggregate: dict[str, Any] = {
+                "aggregated": "first anonymous refusal of this client, action and reason"
+                " in this minute; the count is in audit_refusal_buckets",
+                "bucket_start": bucket_start.astimezone(UTC).isoformat(),
+            }
+            if previous is not None:
+                aggregate["previous_bucket"] = {
+                    "start": previous[0].astimezone(UTC).isoformat(),
+                    "refusals": int(previous[1]),
+                }
+            log_id = self.audit_in_transaction(
+                cur,
+                action=action,
+                user_id="anonymous",
+                success=False,
+                tenant_id=None,
+                ip_address=ip_address,
+                user_agent=user_agent,
+                error_message=error_message or reason,
+                details={**(details or {}), **aggregate},
+            )
+            cur.execute(
+                "UPDATE audit_refusal_buckets SET first_log_id = %s"
+                " WHERE client = %s AND action = %s AND reason = %s AND bucket_start = %s",
+                (log_id, client, action, reason, bucket_start),
+            )
+            if previous is not None:
+                cur.execute(
+                    "UPDATE audit_refusal_buckets SET sealed_by_log_id = %s"
+                    " WHERE client = %s AND action = %s AND reason = %s AND bucket_start = %s",
+                    (log_id, client, action, reason, previous[0]),
+                )
+        return 1, log_id
+
+    def refusal_buckets(self, client: str | None = None) -> list[dict[str, Any]]:
+        """The anonymous-refusal counters (oldest first), for operators and tests."""
+        with self.transaction("reading refused-request counts") as cur:
+            cur.execute(
+                "SELECT * FROM audit_refusal_buckets WHERE %s IS NULL OR client = %s"
+                " ORDER BY bucket_start, client, action, reason",
+                (client, client),
+            )
+            names = [d[0] for d in cur.description]
+            return [dict(zip(names, row, strict=True)) for row in cur.fetchall()]
 
     def audit_rows(
         self,

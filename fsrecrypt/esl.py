@@ -46,6 +46,7 @@ import gevent.socket
 from greenswitch.esl import InboundESL
 
 from fsrecrypt.errors import EslError, EventError
+from fsrecrypt.numbers import NumberError, parse_int
 
 try:  # structlog is a declared dependency; stay importable without it
     import structlog
@@ -169,9 +170,9 @@ def parse_event_body(raw: bytes) -> Event:
     body: str | None = None
     if "Content-Length" in headers:
         try:
-            length = int(headers["Content-Length"])
-        except ValueError:
-            raise EventError("event body Content-Length is not a number") from None
+            length = parse_int(headers["Content-Length"].strip(), maximum=MAX_BODY)
+        except NumberError:
+            raise EventError("event body Content-Length is not a number in range") from None
         if length < 0 or length > len(rest) or not sep:
             raise EventError("event body shorter than its Content-Length")
         body = rest[:length].decode("utf-8", "surrogateescape")
@@ -220,9 +221,10 @@ def _strip_prefix(path: str) -> str:
 
 
 def _int_or_none(value: str | None) -> int | None:
+    """An optional numeric event header: ASCII digits, bounded; anything else is absent."""
     try:
-        return int(value) if value not in (None, "") else None
-    except ValueError:
+        return parse_int(value.strip()) if value else None
+    except NumberError:
         return None
 
 
@@ -437,8 +439,8 @@ class _HardenedESL(InboundESL):  # type: ignore[misc]
         body = b""
         if "Content-Length" in headers:
             try:
-                length = int(headers["Content-Length"])
-            except ValueError:
+                length = parse_int(headers["Content-Length"], max_digits=12)
+            except NumberError:
                 raise EslError("ESL Content-Length is not a number") from None
             if length < 0 or length > MAX_BODY:
                 raise EslError(f"ESL Content-Length out of range: {length}")

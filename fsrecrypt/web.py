@@ -58,6 +58,7 @@ from fsrecrypt.errors import (
     RecordingGone,
     StorageError,
 )
+from fsrecrypt.numbers import NumberError, parse_int
 
 if TYPE_CHECKING:
     from flask import Flask
@@ -68,16 +69,21 @@ log = logging.getLogger("fsrecrypt.web")
 
 API_KEY_HEADER = "X-API-Key"
 API_KEY_PREFIX = "fsr_"
-_API_KEY_RE = re.compile(r"^fsr_([0-9a-f]{16})_([A-Za-z0-9_-]{43})$")
+_API_KEY_RE = re.compile(r"^fsr_([0-9a-f]{16})_([A-Za-z0-9_-]{43})\Z")
 _UUID_RE = re.compile(
-    r"^[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}$"
+    r"[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}"
 )
-_SIGNATURE_RE = re.compile(r"^[A-Za-z0-9_-]{43}$")
+_SIGNATURE_RE = re.compile(r"^[A-Za-z0-9_-]{43}\Z")
 _LAST_USED_GRANULARITY_S = 60
 SIGNING_KEY_BYTES = 32
 STATIC_DIR = "web_static"
 MAX_LIST_LIMIT = 1000
 DEFAULT_LIST_LIMIT = 100
+PATH_LIMIT = 256
+RANGE_LIMIT = 100
+REQUESTED_ID_LIMIT = 64
+EXPIRY_DIGITS = 12
+"""A signed URL's exp has at most 12 digits (Unix seconds up to the year 33658)."""
 
 
 # --- errors the API answers with ------------------------------------------------------
@@ -362,16 +368,25 @@ class UrlSigner:
             status=403,
             hint="Ask GET /v1/recordings/{id}/playback for a new URL.",
         )
-        if not (re.fullmatch(r"[0-9a-f]{16}", kid) and exp.isdigit() and _SIGNATURE_RE.match(sig)):
+        try:
+            expires = parse_int(exp, minimum=0, max_digits=EXPIRY_DIGITS)
+        except NumberError as exc:
+            raise ApiAuthError(
+                f"the playback URL's exp is not a Unix time in seconds ({exc})",
+                code="invalid_parameter",
+                status=400,
+                hint="Ask GET /v1/recordings/{id}/playback for a new URL.",
+            ) from None
+        if not (re.fullmatch(r"[0-9a-f]{16}", kid) and _SIGNATURE_RE.fullmatch(sig)):
             raise altered
         found = _active_key(services, kid)
         if found is None:
             raise altered
         row, _hash = found
         principal = Principal(row.tenant_id, row.tenant_name, row.user_id, row.key_id, "signed_url")
-        if not hmac.compare_digest(self.signature(recording_id, principal, int(exp)), sig):
+        if not hmac.compare_digest(self.signature(recording_id, principal, expires), sig):
             raise altered
-        if int(exp) <= now:
+        if expires <= now:
             raise ApiAuthError(
                 "the playback URL has expired",
                 code="url_expired",
@@ -384,7 +399,7 @@ class UrlSigner:
 # --- Range headers ----------------------------------------------------------------------------
 
 
-_RANGE_RE = re.compile(r"^bytes=(\d*)-(\d*)$")
+_RANGE_RE = re.compile(r"bytes=([0-9]*)-([0-9]*)", re.ASCII)
 
 
 def parse_range(header: str | None, size: int) -> tuple[int, int] | None:
@@ -394,29 +409,34 @@ def parse_range(header: str | None, size: int) -> tuple[int, int] | None:
     bytes). A range reaching past the end is clipped to it. Multiple ranges,
     other units, malformed values and ranges starting at or past the end are
     refused (BadRange -> 416): serving multipart/byteranges would make every
-    request decrypt scattered frames for no player's benefit.
+    request decrypt scattered frames for no player's benefit. Positions are
+    ASCII digits only (no superscripts or other scripts' digits) and at most
+    19 of them, so a hostile header is a 416, never a conversion error.
     """
     if header is None:
         return None
+    shown = repr(header[:60])
     value = header.strip().replace(" ", "")
     if "," in value:
         raise BadRange("multiple ranges are not supported")
-    match = _RANGE_RE.match(value)
+    match = _RANGE_RE.fullmatch(value)
     if match is None or (not match[1] and not match[2]):
-        raise BadRange(f"the Range header {header[:60]!r} is not 'bytes=START-END'")
-    first, last = match[1], match[2]
-    if not first:
-        suffix = int(last)
-        if suffix == 0 or size == 0:
-            raise BadRange(f"the suffix range {header[:60]!r} selects no byte")
-        return max(0, size - suffix), size
-    start = int(first)
-    if last and int(last) < start:
-        raise BadRange(f"the Range header {header[:60]!r} ends before it starts")
-    if start >= size:
-        raise BadRange(f"range start {start} is at or past the size {size}")
-    end = size if not last else min(size, int(last) + 1)
-    return start, end
+        raise BadRange(f"the Range header {shown} is not 'bytes=START-END'")
+    try:
+        first = parse_int(match[1]) if match[1] else None
+        last = parse_int(match[2]) if match[2] else None
+    except NumberError as exc:
+        raise BadRange(f"the Range header {shown} has an unusable position ({exc})") from None
+    if first is None:
+        if not last or size == 0:
+            raise BadRange(f"the suffix range {shown} selects no byte")
+        return max(0, size - last), size
+    if last is not None and last < first:
+        raise BadRange(f"the Range header {shown} ends before it starts")
+    if first >= size:
+        raise BadRange(f"range start {first} is at or past the size {size}")
+    end = size if last is None else min(size, last + 1)
+    return first, end
 
 
 # --- the API document -------------------------------------------------------------------------
@@ -787,6 +807,7 @@ def create_app(services: Services, *, now: Callable[[], float] = time.time) -> F
     from werkzeug.exceptions import HTTPException
 
     from fsrecrypt import pipeline
+    from fsrecrypt.db import USER_AGENT_LIMIT, bounded
 
     app = Flask("fsrecrypt.web", static_folder=None)
     app.json.sort_keys = False  # type: ignore[attr-defined]
@@ -805,8 +826,27 @@ def create_app(services: Services, *, now: Callable[[], float] = time.time) -> F
         response.headers.update(headers)
         return response
 
+    def int_parameter(name: str, raw: str | None, default: int, low: int, high: int) -> int:
+        """A query parameter as an ASCII integer in [low, high], or 400 invalid_parameter."""
+        if raw is None:
+            return default
+        try:
+            return parse_int(raw, minimum=low, maximum=high)
+        except NumberError:
+            raise ApiError(
+                f"{name} must be an integer between {low} and {high}",
+                code="invalid_parameter",
+                hint="Use ASCII digits only, e.g. " + f"{name}={default}.",
+            ) from None
+
     def client_ip() -> str | None:
         return request.remote_addr or None
+
+    def user_agent() -> str | None:
+        return bounded(request.user_agent.string or None, USER_AGENT_LIMIT)
+
+    def request_path() -> str:
+        return bounded(request.path, PATH_LIMIT) or ""
 
     def audit(
         action: str,
@@ -818,7 +858,21 @@ def create_app(services: Services, *, now: Callable[[], float] = time.time) -> F
         duration_ms: float | None = None,
         principal: Principal | None = None,
     ) -> None:
+        """One access-log row for this request (anonymous refusals: one per minute, counted)."""
+        g.audited = True
         who = principal or g.get("principal")
+        if recording is None:
+            recording = g.get("recording")
+        if who is None and recording is None and not success:
+            services.db.audit_refusal(
+                action=action,
+                reason=bounded(error, 100) or "refused",
+                ip_address=client_ip(),
+                user_agent=user_agent(),
+                error_message=error,
+                details=details,
+            )
+            return
         tenant_id = recording.tenant_id if recording is not None else None
         if tenant_id is None and who is not None:
             tenant_id = who.tenant_id
@@ -829,15 +883,30 @@ def create_app(services: Services, *, now: Callable[[], float] = time.time) -> F
             recording_id=recording.id if recording is not None else None,
             tenant_id=tenant_id,
             ip_address=client_ip(),
-            user_agent=(request.user_agent.string or None),
+            user_agent=user_agent(),
             decryption_duration_ms=duration_ms,
             error_message=error,
             details={**(details or {}), **({"key_id": who.key_id, "via": who.via} if who else {})},
         )
 
+    def audit_unaudited_refusal(status: int, code: str) -> None:
+        """Every refusal leaves evidence: a row for errors no handler audited itself."""
+        if g.get("audited") or status < 400:
+            return
+        try:
+            audit(
+                g.get("action", "request"),
+                False,
+                error=code,
+                details={"path": request_path(), "status": status},
+            )
+        except FsrecryptError as exc:
+            log.error("could not write the refusal's access-log row: %s", exc.one_line())
+
     @app.errorhandler(HTTPException)
     def http_error(exc: HTTPException) -> Response:
         code = (exc.name or "error").lower().replace(" ", "_")
+        audit_unaudited_refusal(exc.code or 500, code)
         return error_response(exc.code or 500, code, exc.description or exc.name, None, {})
 
     @app.errorhandler(FsrecryptError)
@@ -845,15 +914,17 @@ def create_app(services: Services, *, now: Callable[[], float] = time.time) -> F
         status, code, message, hint = classify(exc)
         headers = dict(getattr(exc, "headers", {}) or {})
         if status >= 500:
-            log.error("%s %s failed: %s", request.method, request.path, exc.one_line())
+            log.error("%s %s failed: %s", request.method, request_path(), exc.one_line())
         if status == 401:
             headers.setdefault("WWW-Authenticate", f'ApiKey header="{API_KEY_HEADER}"')
+        audit_unaudited_refusal(status, code)
         return error_response(status, code, message, hint, headers)
 
     @app.errorhandler(Exception)
     def unexpected(exc: Exception) -> Response:
-        log.exception("%s %s: unexpected error", request.method, request.path)
+        log.exception("%s %s: unexpected error", request.method, request_path())
         status, code, message, hint = classify(exc)
+        audit_unaudited_refusal(status, code)
         return error_response(status, code, message, hint, {})
 
     @app.after_request
@@ -867,7 +938,7 @@ def create_app(services: Services, *, now: Callable[[], float] = time.time) -> F
     def require_key() -> Principal:
         key = request.headers.get(API_KEY_HEADER)
         if not key:
-            audit("auth", False, error="missing API key", details={"path": request.path})
+            audit("auth", False, error="missing API key", details={"path": request_path()})
             raise ApiAuthError(
                 "an API key is required",
                 code="auth_required",
@@ -876,23 +947,68 @@ def create_app(services: Services, *, now: Callable[[], float] = time.time) -> F
         try:
             principal = authenticate_api_key(services, key)
         except ApiAuthError as exc:
-            audit("auth", False, error=exc.code, details={"path": request.path})
+            audit("auth", False, error=exc.code, details={"path": request_path()})
             raise
         g.principal = principal
         return principal
 
     def tenant_recording(principal: Principal, recording_id: str, action: str) -> Any:
-        """The recording if it belongs to the caller's tenant; 404 (and an audit row) if not."""
+        """The recording if it belongs to the caller's tenant; 404 (and an audit row) if not.
+
+        A recording of another tenant gets exactly the 404 of an unknown id
+        (same body, and the same work: one access-log transaction), and the
+        attempt is logged twice in that transaction: in the caller's chain
+        (with the id as the caller gave it, as for any unknown id) and in the
+        owner's chain with the recording id, so the owner's audit export
+        shows who tried to read its recordings.
+        """
         found = None
-        if _UUID_RE.match(recording_id):
+        if _UUID_RE.fullmatch(recording_id):
             with contextlib.suppress(NotFound):
                 found = services.db.recording(recording_id.lower())
         if found is None or found.tenant_id != principal.tenant_id:
-            audit(action, False, error="not_found", details={"requested_id": recording_id})
+            requested = bounded(recording_id, REQUESTED_ID_LIMIT)
+            common = {
+                "action": action,
+                "user_id": principal.user_id,
+                "success": False,
+                "ip_address": client_ip(),
+                "user_agent": user_agent(),
+                "error_message": "not_found",
+            }
+            rows: list[dict[str, Any]] = [
+                {
+                    **common,
+                    "tenant_id": principal.tenant_id,
+                    "details": {
+                        "requested_id": requested,
+                        "key_id": principal.key_id,
+                        "via": principal.via,
+                    },
+                }
+            ]
+            if found is not None:
+                rows.append(
+                    {
+                        **common,
+                        "tenant_id": found.tenant_id,
+                        "recording_id": found.id,
+                        "error_message": "cross_tenant_refused",
+                        "details": {
+                            "caller_tenant_id": principal.tenant_id,
+                            "key_id": principal.key_id,
+                            "via": principal.via,
+                            "answered": 404,
+                        },
+                    }
+                )
+            g.audited = True
+            services.db.audit_together(rows)
             raise NotFound(
-                f"no recording {recording_id} for this tenant",
+                f"no recording {requested} for this tenant",
                 hint="List the tenant's recordings with GET /v1/recordings.",
             )
+        g.recording = found
         return found
 
     def usable(recording: Any, action: str) -> None:
@@ -953,50 +1069,44 @@ def create_app(services: Services, *, now: Callable[[], float] = time.time) -> F
 
     @app.get("/v1/recordings")
     def list_recordings() -> Response:
+        g.action = "list"
         principal = require_key()
         args = request.args
-        raw_limit = args.get("limit", str(DEFAULT_LIST_LIMIT))
-        if not raw_limit.isdigit() or not 1 <= int(raw_limit) <= MAX_LIST_LIMIT:
-            raise ApiError(
-                f"limit must be an integer between 1 and {MAX_LIST_LIMIT}",
-                code="invalid_parameter",
-            )
+        limit = int_parameter("limit", args.get("limit"), DEFAULT_LIST_LIMIT, 1, MAX_LIST_LIMIT)
         rows = services.db.recordings(
             tenant_id=principal.tenant_id,
             call_uuid=args.get("call_uuid") or None,
             created_from=_parse_time("from", args.get("from")),
             created_to=_parse_time("to", args.get("to")),
-            limit=int(raw_limit),
+            limit=limit,
         )
         return jsonify({"recordings": [_recording_json(r) for r in rows]})
 
     @app.get("/v1/recordings/<recording_id>")
     def get_recording(recording_id: str) -> Response:
+        g.action = "metadata"
         principal = require_key()
         return jsonify(_recording_json(tenant_recording(principal, recording_id, "metadata")))
 
     @app.get("/v1/recordings/<recording_id>/playback")
     def playback_url(recording_id: str) -> Response:
+        g.action = "playback_url"
         principal = require_key()
         recording = tenant_recording(principal, recording_id, "playback_url")
         usable(recording, "playback_url")
-        raw_ttl = request.args.get("ttl", str(playback.url_ttl))
-        if not raw_ttl.isdigit() or not 1 <= int(raw_ttl) <= playback.url_ttl:
-            raise ApiError(
-                f"ttl must be an integer between 1 and {playback.url_ttl} seconds",
-                code="invalid_parameter",
-            )
-        expires = int(now()) + int(raw_ttl)
+        ttl = int_parameter("ttl", request.args.get("ttl"), playback.url_ttl, 1, playback.url_ttl)
+        expires = int(now()) + ttl
         query = signer.query(recording.id, principal, expires)
         url = f"/v1/recordings/{recording.id}/stream?" + "&".join(
             f"{k}={v}" for k, v in query.items()
         )
         expires_at = datetime.fromtimestamp(expires, UTC).isoformat()
         audit("playback_url", True, recording=recording, details={"expires_at": expires_at})
-        return jsonify({"url": url, "expires_at": expires_at, "expires_in": int(raw_ttl)})
+        return jsonify({"url": url, "expires_at": expires_at, "expires_in": ttl})
 
     @app.route("/v1/recordings/<recording_id>/stream", methods=["GET", "HEAD"])
     def stream(recording_id: str) -> Response:
+        g.action = "stream"
         started = time.monotonic()
         if "sig" in request.args and not request.headers.get(API_KEY_HEADER):
             try:
@@ -1008,7 +1118,10 @@ def create_app(services: Services, *, now: Callable[[], float] = time.time) -> F
                     "stream",
                     False,
                     error=exc.code,
-                    details={"requested_id": recording_id, "path": request.path},
+                    details={
+                        "requested_id": bounded(recording_id, REQUESTED_ID_LIMIT),
+                        "path": request_path(),
+                    },
                 )
                 raise
             g.principal = principal
@@ -1025,7 +1138,7 @@ def create_app(services: Services, *, now: Callable[[], float] = time.time) -> F
                 False,
                 recording=recording,
                 error="range_not_satisfiable",
-                details={"range_header": (request.headers.get("Range") or "")[:100]},
+                details={"range_header": bounded(request.headers.get("Range") or "", RANGE_LIMIT)},
             )
             exc.headers = {"Content-Range": f"bytes */{size}"}  # type: ignore[attr-defined]
             raise
@@ -1040,7 +1153,7 @@ def create_app(services: Services, *, now: Callable[[], float] = time.time) -> F
             return response
         start, end = (0, size) if wanted is None else wanted
         range_details = {"range": {"start": start, "end": end - 1 if end else None, "size": size}}
-        user_agent = request.user_agent.string or None
+        agent = user_agent()
         ip = client_ip()
         try:
             if wanted is None:
@@ -1075,7 +1188,7 @@ def create_app(services: Services, *, now: Callable[[], float] = time.time) -> F
                 recording_id=recording.id,
                 tenant_id=recording.tenant_id,
                 ip_address=ip,
-                user_agent=user_agent,
+                user_agent=agent,
                 decryption_duration_ms=(time.monotonic() - started) * 1000,
                 error_message=error,
                 details={
@@ -1311,11 +1424,143 @@ class _AuditedStream:
 # --- serving ------------------------------------------------------------------------------
 
 
+_SENSITIVE_PARAMS = frozenset(
+    {"sig", "signature", "token", "access_token", "api_key", "apikey", "key", "x-api-key"}
+)
+_QUERY_PARAM_RE = re.compile(r"([?&;])([^=&;\s\"]*)=([^&;\s\"]*)")
+_KEY_IN_TEXT_RE = re.compile(r"fsr_([0-9a-f]{16})_[A-Za-z0-9_-]+")
+LOG_LINE_LIMIT = 2048
+
+
+def redact(text: str) -> str:
+    """``text`` safe for a log line: no signature, API key or token, no control characters.
+
+    Why: a signed playback URL is a bearer credential until it expires, and
+    the access log (request line with its query) is read by more people than
+    may play recordings. Query parameters named like a credential (also when
+    percent-encoded) keep their name and lose their value; anything shaped
+    like an API key anywhere in the line keeps only its public id. Control
+    characters are escaped (no forged log lines) and the line is bounded.
+    """
+    from urllib.parse import unquote
+
+    def param(match: re.Match[str]) -> str:
+        if unquote(match[2]).lower() in _SENSITIVE_PARAMS:
+            return f"{match[1]}{match[2]}=[redacted]"
+        return match[0]
+
+    text = _QUERY_PARAM_RE.sub(param, text)
+    text = _KEY_IN_TEXT_RE.sub(r"fsr_\1_[redacted]", text)
+    if not text.isprintable():
+        text = "".join(c if c.isprintable() else f"\\x{ord(c):02x}" for c in text)
+    if len(text) > LOG_LINE_LIMIT:
+        text = text[:LOG_LINE_LIMIT] + f"...[{len(text)} chars, truncated]"
+    return text
+
+
+class RedactingFilter(logging.Filter):
+    """Applies :func:`redact` to every record of the server's access and error logs."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        record.msg = redact(record.getMessage())
+        record.args = ()
+        return True
+
+
+@dataclass(frozen=True)
+class ConnectionLimits:
+    """How many connections ``fsrecrypt serve`` holds, and how long it waits for a request."""
+
+    max_connections: int = 1000
+    max_connections_per_client: int = 64
+    header_timeout: float = 10.0
+    idle_timeout: float = 30.0
+
+
+FD_HEADROOM = 128
+"""Descriptors kept free beside the connections: database pool, store and key
+clients, log files, and connections accepted in one loop turn before older
+ones are closed."""
+
+
+def raise_nofile_limit() -> int:
+    """Raise this process's soft open-files limit to its hard limit; return the soft limit.
+
+    Why: the default soft limit (often 1024) is what made the server log
+    "Too many open files" and stop accepting anyone; the hard limit is what
+    the administrator granted (systemd LimitNOFILE=).
+    """
+    import resource
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    target = hard if hard != resource.RLIM_INFINITY else max(soft, 1 << 20)
+    if soft != resource.RLIM_INFINITY and target > soft:
+        with contextlib.suppress(ValueError, OSError):
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+    soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+    return soft if soft != resource.RLIM_INFINITY else 1 << 20
+
+
+def connection_limits(playback: Any, *, nofile: int, reserved: int) -> ConnectionLimits:
+    """The configured limits, with max_connections lowered to fit the open-files limit."""
+    room = nofile - FD_HEADROOM - reserved
+    if room < 1:
+        raise ConfigError(
+            f"the open-files limit ({nofile}) leaves no room for connections",
+            hint="Raise LimitNOFILE= in the systemd unit (or ulimit -n).",
+        )
+    wanted = playback.max_connections
+    if wanted > room:
+        log.warning(
+            "open-files limit %d allows %d connections, not the configured %d; lowered",
+            nofile,
+            room,
+            wanted,
+        )
+    total = min(wanted, room)
+    return ConnectionLimits(
+        max_connections=total,
+        max_connections_per_client=min(playback.max_connections_per_client, total),
+        header_timeout=playback.header_timeout,
+        idle_timeout=playback.idle_timeout,
+    )
+
+
+_BUSY_BODY = json.dumps(
+    {
+        "error": {
+            "code": "too_many_connections",
+            "message": "the server holds its maximum of connections",
+            "hint": "Retry in a moment.",
+        }
+    }
+).encode("ascii")
+_BUSY_RESPONSE = (
+    b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json\r\n"
+    b"Retry-After: 1\r\nConnection: close\r\nContent-Length: "
+    + str(len(_BUSY_BODY)).encode("ascii")
+    + b"\r\n\r\n"
+    + _BUSY_BODY
+)
+
+
 def _handler_class() -> type:
-    """gevent's WSGI handler, with typed errors logged as one line and the connection cut."""
+    """gevent's WSGI handler: typed errors cut the connection, request deadlines, redacted log.
+
+    Deadlines: a new connection must deliver its request line and headers
+    within ``header_timeout`` seconds, a kept-alive one within ``idle_timeout``
+    of its previous response (slow-header clients cannot hold a connection).
+    While it waits for a request the connection is evictable (see
+    :func:`_server_class`); from the end of its headers to the end of its
+    response it is busy and never evicted.
+    """
+    import gevent
     from gevent.pywsgi import WSGIHandler
 
     class Handler(WSGIHandler):  # type: ignore[misc]
+        _deadline: Any = None
+        _served = 0
+
         def handle_error(self, t: Any, v: Any, tb: Any) -> None:
             if isinstance(v, FsrecryptError):
                 # Already logged and audited by the app: drop the connection
@@ -1324,7 +1569,185 @@ def _handler_class() -> type:
                 return
             super().handle_error(t, v, tb)
 
+        def handle(self) -> None:
+            try:
+                super().handle()
+            except gevent.Timeout as timeout:
+                if timeout is not self._deadline:
+                    raise
+                # the request did not arrive in time; the socket is closed already
+            finally:
+                self._stop_deadline()
+
+        def _stop_deadline(self) -> None:
+            if self._deadline is not None:
+                self._deadline.close()
+
+        def read_requestline(self) -> str:
+            limits = getattr(self.server, "limits", None)
+            if limits is not None:
+                self.server.connection_waiting(True)
+                seconds = limits.idle_timeout if self._served else limits.header_timeout
+                self._stop_deadline()
+                self._deadline = gevent.Timeout(seconds)
+                self._deadline.start()
+            try:
+                line = super().read_requestline()
+            except BaseException:
+                self._stop_deadline()
+                raise
+            if not line:
+                self._stop_deadline()
+            return line  # type: ignore[no-any-return]
+
+        def read_request(self, raw_requestline: str) -> Any:
+            try:
+                return super().read_request(raw_requestline)
+            finally:
+                self._stop_deadline()
+                self._served += 1
+                if getattr(self.server, "limits", None) is not None:
+                    self.server.connection_waiting(False)
+
+        def format_request(self) -> str:
+            return redact(super().format_request())
+
     return Handler
+
+
+def _server_class() -> type:
+    """gevent's WSGIServer with a cap on connections, per server and per client address.
+
+    A new connection over a cap is admitted by closing a connection that is
+    still waiting for its request (from the client holding the most such
+    connections, oldest first): slow or idle clients give way, and one
+    address (or many addresses) opening thousands of half-sent requests
+    cannot keep a legitimate request out. When every connection is busy the
+    newcomer gets an immediate 503 instead. Waiting is bounded by the
+    handler's header and idle deadlines anyway.
+    """
+    import gevent
+    from gevent.pywsgi import WSGIServer
+
+    class LimitedServer(WSGIServer):  # type: ignore[misc]
+        def __init__(self, *args: Any, limits: ConnectionLimits, **kwargs: Any) -> None:
+            super().__init__(*args, **kwargs)
+            self.limits = limits
+            self._live: dict[Any, str] = {}  # greenlet -> client address
+            self._per_client: dict[str, int] = {}
+            self._waiting: dict[str, dict[Any, None]] = {}  # client -> waiting greenlets
+            self.refused = 0
+            self.evicted = 0
+            self._last_warning = 0.0
+
+        @property
+        def open_connections(self) -> int:
+            return len(self._live)
+
+        def connection_waiting(self, waiting: bool) -> None:
+            """Called by the handler: its connection waits for a request (evictable) or not."""
+            me = gevent.getcurrent()
+            client = self._live.get(me)
+            if client is None:
+                return
+            queue = self._waiting.setdefault(client, {})
+            queue.pop(me, None)
+            if waiting:
+                queue[me] = None
+            elif not queue:
+                del self._waiting[client]
+
+        def _forget(self, greenlet: Any) -> None:
+            client = self._live.pop(greenlet, None)
+            if client is None:
+                return
+            left = self._per_client.get(client, 1) - 1
+            if left > 0:
+                self._per_client[client] = left
+            else:
+                self._per_client.pop(client, None)
+            queue = self._waiting.get(client)
+            if queue is not None:
+                queue.pop(greenlet, None)
+                if not queue:
+                    del self._waiting[client]
+
+        def _evict(self, client: str | None) -> bool:
+            if client is None:
+                if not self._waiting:
+                    return False
+                client = max(self._waiting, key=lambda c: len(self._waiting[c]))
+            queue = self._waiting.get(client)
+            if not queue:
+                return False
+            victim = next(iter(queue))
+            self._forget(victim)
+            victim.kill(block=False)
+            self.evicted += 1
+            return True
+
+        def _admit(self, client: str) -> bool:
+            if self._per_client.get(client, 0) >= self.limits.max_connections_per_client:
+                if not self._evict(client):
+                    return False
+            if len(self._live) >= self.limits.max_connections:
+                return self._evict(None)
+            return True
+
+        def _refuse(self, sock: Any, client: str) -> None:
+            self.refused += 1
+            now = time.monotonic()
+            if now - self._last_warning > 10:
+                self._last_warning = now
+                log.warning(
+                    "connection limit reached (%d open, %d refused so far); refused %s",
+                    len(self._live),
+                    self.refused,
+                    client,
+                )
+            with contextlib.suppress(OSError):
+                sock.settimeout(1)
+                sock.sendall(_BUSY_RESPONSE)
+            with contextlib.suppress(OSError):
+                sock.close()
+
+        def handle(self, sock: Any, address: Any) -> None:
+            client = str(address[0]) if isinstance(address, tuple) and address else "local"
+            if not self._admit(client):
+                self._refuse(sock, client)
+                return
+            me = gevent.getcurrent()
+            self._live[me] = client
+            self._per_client[client] = self._per_client.get(client, 0) + 1
+            try:
+                super().handle(sock, address)
+            finally:
+                self._forget(me)
+                with contextlib.suppress(OSError):
+                    sock.close()
+
+    return LimitedServer
+
+
+def make_server(app: Any, config: Any, listen: str | None = None) -> Any:
+    """The playback server (not started) on ``listen`` or [playback] listen, limits applied."""
+    nofile = raise_nofile_limit()
+    db_pool = max(4, config.pipeline.concurrency + 2)  # as pipeline.Services sizes it
+    limits = connection_limits(config.playback, nofile=nofile, reserved=db_pool)
+    host, port = _split_listen(listen or config.playback.listen)
+    access = logging.getLogger("fsrecrypt.web.access")
+    errors = logging.getLogger("fsrecrypt.web.error")
+    for logger in (access, errors):
+        if not any(isinstance(f, RedactingFilter) for f in logger.filters):
+            logger.addFilter(RedactingFilter())
+    return _server_class()(
+        (host, port),
+        app,
+        handler_class=_handler_class(),
+        log=access,
+        error_log=errors,
+        limits=limits,
+    )
 
 
 def _split_listen(listen: str) -> tuple[str, int]:
@@ -1364,7 +1787,6 @@ def serve_command(ctx: click.Context, config_path: str | None, listen: str | Non
     import signal
 
     import gevent
-    from gevent.pywsgi import WSGIServer
 
     from fsrecrypt import db as dbmod
     from fsrecrypt.config import with_overrides
@@ -1378,14 +1800,7 @@ def serve_command(ctx: click.Context, config_path: str | None, listen: str | Non
     services = Services(config)
     services.db.ping()
     app = create_app(services)
-    host, port = _split_listen(config.playback.listen)
-    server = WSGIServer(
-        (host, port),
-        app,
-        handler_class=_handler_class(),
-        log=logging.getLogger("fsrecrypt.web.access"),
-        error_log=logging.getLogger("fsrecrypt.web.error"),
-    )
+    server = make_server(app, config)
     server.start()
     bound_host, bound_port = server.address[:2]
     click.echo(f"fsrecrypt serve: listening on http://{bound_host}:{bound_port}/", err=True)
