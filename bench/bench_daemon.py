@@ -143,7 +143,7 @@ def audit_chains_intact(env: Any) -> bool:
     mean the chain's lock or its read of the head is wrong, and a fast result
     built on that would be worthless.
     """
-    from fsrecrypt.lifecycle import verify_audit_chains
+    from fsrecrypt.lifecycle.audit import verify_audit_chains
 
     result = verify_audit_chains(env.services())
     for problem in result.problems[:5]:

@@ -2,7 +2,9 @@
 
 These rules are what keeps the packages meaning something: ``fsrecrypt.format``
 is pure (bytes in, bytes out: vector-testable on its own, no I/O library), a
-store does not reach into keys, the database or the command line, and no
+store does not reach into keys, the database or the command line, key
+providers know nothing of the database, stores or pipeline, click lives only
+in ``fsrecrypt.cli`` (domain packages return results and never print), and no
 module grows past what one can hold in one's head. Modules not yet split are
 listed in ``NOT_YET_SPLIT``; when one becomes a package, delete its line (the
 test insists, so the list only ever shrinks).
@@ -29,8 +31,6 @@ NOT_YET_SPLIT = frozenset(
         "fsrecrypt/daemon.py",
         "fsrecrypt/db.py",
         "fsrecrypt/esl.py",
-        "fsrecrypt/keys.py",
-        "fsrecrypt/lifecycle.py",
         "fsrecrypt/pipeline.py",
         "fsrecrypt/web.py",
     }
@@ -136,6 +136,87 @@ def test_store_stays_below_keys_db_pipeline_and_cli() -> None:
     assert not bad, "fsrecrypt.store must not know keys, the database or the CLI:\n" + "\n".join(
         bad
     )
+
+
+def test_keys_stay_below_db_store_pipeline_and_cli() -> None:
+    forbidden = ("fsrecrypt.db", "fsrecrypt.store", "fsrecrypt.pipeline", "fsrecrypt.cli", "click")
+    bad = [
+        f"{_rel(path)}:{line} imports {name}"
+        for path in _sources("keys")
+        for line, name in imports_of(path)
+        if any(_within(name, f) for f in forbidden)
+    ]
+    assert not bad, (
+        "fsrecrypt.keys must not know the database, the stores, the pipeline or the CLI:\n"
+        + "\n".join(bad)
+    )
+
+
+# Packages of domain code: they return results; only fsrecrypt.cli talks to the terminal.
+DOMAIN_PACKAGES = ("format", "store", "keys", "lifecycle")
+
+
+@pytest.mark.parametrize("package", DOMAIN_PACKAGES)
+def test_domain_never_imports_click_or_the_cli(package: str) -> None:
+    bad = [
+        f"{_rel(path)}:{line} imports {name}"
+        for path in _sources(package)
+        for line, name in imports_of(path)
+        if _within(name, "click") or _within(name, "fsrecrypt.cli")
+    ]
+    assert not bad, f"fsrecrypt.{package} is domain code; click lives in fsrecrypt.cli:\n" + (
+        "\n".join(bad)
+    )
+
+
+def terminal_output_of(path: Path) -> Iterator[tuple[int, str]]:
+    """(line, what) for each ``print(...)``, ``click.*`` call or write to sys.stdout/stderr."""
+    tree = ast.parse(path.read_text(encoding="utf-8"), filename=str(path))
+    for node in ast.walk(tree):
+        if not isinstance(node, ast.Call):
+            continue
+        func = node.func
+        if isinstance(func, ast.Name) and func.id in ("print", "echo", "secho"):
+            yield node.lineno, f"{func.id}()"
+        elif isinstance(func, ast.Attribute):
+            owner = func.value
+            if isinstance(owner, ast.Name) and owner.id == "click":
+                yield node.lineno, f"click.{func.attr}()"
+            elif (
+                func.attr in ("write", "writelines")
+                and isinstance(owner, ast.Attribute)
+                and isinstance(owner.value, ast.Name)
+                and owner.value.id == "sys"
+                and owner.attr in ("stdout", "stderr")
+            ):
+                yield node.lineno, f"sys.{owner.attr}.{func.attr}()"
+
+
+@pytest.mark.parametrize("package", DOMAIN_PACKAGES)
+def test_domain_never_prints(package: str) -> None:
+    bad = [
+        f"{_rel(path)}:{line} calls {what}"
+        for path in _sources(package)
+        for line, what in terminal_output_of(path)
+    ]
+    assert not bad, (
+        f"fsrecrypt.{package} returns results (and takes callbacks); the command prints:\n"
+        + "\n".join(bad)
+    )
+
+
+def test_terminal_output_check_sees_what_it_forbids(tmp_path: Path) -> None:
+    """The print check is only worth something if it catches each form."""
+    sample = tmp_path / "sample.py"
+    sample.write_text(
+        "import sys\nimport click\n"
+        "print('x')\nclick.echo('x')\nsys.stderr.write('x')\nsys.stderr.flush()\n"
+    )
+    assert [what for _line, what in terminal_output_of(sample)] == [
+        "print()",
+        "click.echo()",
+        "sys.stderr.write()",
+    ]
 
 
 def _all_modules() -> list[Path]:

@@ -86,12 +86,12 @@ LAZY_COMMANDS: dict[str, str] = {
     "health": "fsrecrypt.daemon:health_command",
     "serve": "fsrecrypt.web:serve_command",
     "apikeys": "fsrecrypt.web:apikeys_group",
-    "audit": "fsrecrypt.lifecycle:audit_group",
-    "rotate": "fsrecrypt.lifecycle:rotate_command",
-    "erase": "fsrecrypt.lifecycle:erase_command",
-    "hold": "fsrecrypt.lifecycle:hold_group",
-    "expire": "fsrecrypt.lifecycle:expire_command",
-    "verify": "fsrecrypt.lifecycle:verify_command",
+    "audit": "fsrecrypt.cli.audit:audit_group",
+    "rotate": "fsrecrypt.cli.rotate:rotate_command",
+    "erase": "fsrecrypt.cli.erase:erase_command",
+    "hold": "fsrecrypt.cli.erase:hold_group",
+    "expire": "fsrecrypt.cli.erase:expire_command",
+    "verify": "fsrecrypt.cli.verify:verify_command",
 }
 
 

@@ -21,7 +21,7 @@ from click.testing import CliRunner
 from fsrecrypt import db
 from fsrecrypt.cli import main
 from fsrecrypt.config import load_config
-from fsrecrypt.lifecycle import verify_audit_chains
+from fsrecrypt.lifecycle.audit import verify_audit_chains
 from fsrecrypt.pipeline import Services
 from tests.support.pg import create_database, drop_database, ensure_postgres
 

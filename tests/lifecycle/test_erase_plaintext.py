@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from fsrecrypt.lifecycle import erase_recordings
+from fsrecrypt.lifecycle.erase import erase_recordings
 from fsrecrypt.pipeline import Services, ingest_file, open_source, register_source
 from tests.support.factories import local_config, make_wav, unique
 

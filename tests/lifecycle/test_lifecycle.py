@@ -27,10 +27,11 @@ from fsrecrypt.cli import main
 from fsrecrypt.config import load_config
 from fsrecrypt.errors import NoUsableDataKey, RecordingGone
 from fsrecrypt.keys import LocalKeyring
-from fsrecrypt.lifecycle import receipt_hash, verify_audit_chains
+from fsrecrypt.lifecycle.audit import verify_audit_chains
+from fsrecrypt.lifecycle.erase import receipt_hash
 from fsrecrypt.pipeline import Services, fetch_recording, ingest_file, open_recording
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def make_wav(path: Path, seconds: float, seed: int) -> bytes:

@@ -20,7 +20,9 @@ from fsrecrypt.cli import main
 from fsrecrypt.config import load_config
 from fsrecrypt.errors import RecordingGone
 from fsrecrypt.format import parse_header
-from fsrecrypt.lifecycle import erase_recordings, rotate_tenant, verify_recordings
+from fsrecrypt.lifecycle.erase import erase_recordings
+from fsrecrypt.lifecycle.rotate import rotate_tenant
+from fsrecrypt.lifecycle.verify import verify_recordings
 from fsrecrypt.pipeline import Services, fetch_recording, ingest_file, open_recording
 
 
@@ -81,7 +83,7 @@ def test_kms_rotation_uses_reencrypt(tmp_path: Path, pg_dsn: str, moto_server, k
         services.keys.client.meta.events.register(
             "before-call.kms", lambda model, **_: calls.append(model.name)
         )
-        summary = rotate_tenant(services, tenant, new_key, user_id="ops", progress=False)
+        summary = rotate_tenant(services, tenant, new_key, user_id="ops")
         assert summary.rewrapped == 3 and not summary.failures and summary.remaining == 0
         assert calls.count("ReEncrypt") == 3
         assert "Decrypt" not in calls  # the data key never left KMS
@@ -91,13 +93,11 @@ def test_kms_rotation_uses_reencrypt(tmp_path: Path, pg_dsn: str, moto_server, k
             assert _decrypt(cfg, rec_id) == data
         # Rerun: nothing to re-wrap, so no further ReEncrypt.
         calls.clear()
-        again = rotate_tenant(services, tenant, new_key, user_id="ops", progress=False)
+        again = rotate_tenant(services, tenant, new_key, user_id="ops")
         assert again.rewrapped == 0 and calls.count("ReEncrypt") == 0
 
         # Headers too: afterwards nothing refers to the old key any more.
-        rewritten = rotate_tenant(
-            services, tenant, new_key, rewrite_headers=True, user_id="ops", progress=False
-        )
+        rewritten = rotate_tenant(services, tenant, new_key, rewrite_headers=True, user_id="ops")
         assert rewritten.headers_rewritten == 3
         for rec_id, data in originals.items():
             assert _decrypt(cfg, rec_id) == data
@@ -112,7 +112,7 @@ def test_kms_rotation_uses_reencrypt(tmp_path: Path, pg_dsn: str, moto_server, k
             )
             assert run.exit_code == 0, run.output
             assert out.read_bytes() == data
-        report = verify_recordings(services, user_id="ops", tenant_name=tenant, progress=False)
+        report = verify_recordings(services, user_id="ops", tenant_name=tenant)
         assert report.ok == 3 and not report.failures
     finally:
         services.close()

@@ -38,7 +38,7 @@ from fsrecrypt.keys import (
 )
 
 CTX = {"tenant": "acme", "recording": "rec-0001"}
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture

@@ -1,0 +1,54 @@
+"""Key providers: who wraps and unwraps each recording's data key.
+
+Every recording gets a fresh 32-byte data key; only its *wrapped* form
+(an ESDK encrypted data key, EDK) is stored in the message header.
+
+* ``base.py``: the ``KeyProvider`` interface, ``DataKey``, ``KeyInfo``.
+* ``local.py``: ``LocalKeyring``, the embedded default (ESDK raw-AES EDKs).
+* ``kms.py``: ``AwsKmsProvider`` (boto3 imported on the first KMS call, so
+  importing this package never imports boto3).
+
+The package imports neither the database, the stores, the pipeline nor the
+command line (checked by ``tests/test_layout.py``).
+"""
+
+from __future__ import annotations
+
+from fsrecrypt.config import KeysConfig
+from fsrecrypt.errors import KeyAccessError
+from fsrecrypt.keys.base import (
+    DATA_KEY_BYTES,
+    KMS_PROVIDER_ID,
+    LOCAL_PROVIDER_ID,
+    DataKey,
+    DataKeyAuthenticationFailed,
+    KeyInfo,
+    KeyProvider,
+    validate_key_id,
+)
+from fsrecrypt.keys.kms import AwsKmsProvider, kms_key_ref
+from fsrecrypt.keys.local import LocalKeyring
+
+__all__ = [
+    "DATA_KEY_BYTES",
+    "KMS_PROVIDER_ID",
+    "LOCAL_PROVIDER_ID",
+    "AwsKmsProvider",
+    "DataKey",
+    "DataKeyAuthenticationFailed",
+    "KeyInfo",
+    "KeyProvider",
+    "LocalKeyring",
+    "build_key_provider",
+    "kms_key_ref",
+    "validate_key_id",
+]
+
+
+def build_key_provider(cfg: KeysConfig) -> KeyProvider:
+    """The provider named by ``[keys] provider``."""
+    if cfg.provider == "local":
+        return LocalKeyring(cfg.keyring)
+    if cfg.provider == "aws-kms":
+        return AwsKmsProvider(region=cfg.region, endpoint_url=cfg.endpoint_url or None)
+    raise KeyAccessError(f"unknown key provider {cfg.provider!r}")

@@ -1,0 +1,1 @@
+"""Tests of fsrecrypt.lifecycle and its commands: audit, rotation, holds, erasure, verify."""
