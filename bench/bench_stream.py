@@ -181,7 +181,7 @@ def measure(
     from fsrecrypt import format as esdk
     from fsrecrypt import pipeline
     from fsrecrypt.config import Config, with_overrides
-    from fsrecrypt.web import create_api_key
+    from fsrecrypt.web.auth import create_api_key
 
     sections: dict[str, dict[str, Any]] = {
         "database": {"dsn": dsn},

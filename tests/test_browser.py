@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.test_web_server import ingest, make_setup, serve
+from tests.web.test_web_server import ingest, make_setup, serve
 
 ROOT = Path(__file__).resolve().parents[1]
 CHROMIUM = "/usr/bin/chromium"

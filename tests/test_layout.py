@@ -32,7 +32,6 @@ NOT_YET_SPLIT = frozenset(
         "fsrecrypt/db.py",
         "fsrecrypt/esl.py",
         "fsrecrypt/pipeline.py",
-        "fsrecrypt/web.py",
     }
 )
 
@@ -153,7 +152,7 @@ def test_keys_stay_below_db_store_pipeline_and_cli() -> None:
 
 
 # Packages of domain code: they return results; only fsrecrypt.cli talks to the terminal.
-DOMAIN_PACKAGES = ("format", "store", "keys", "lifecycle")
+DOMAIN_PACKAGES = ("format", "store", "keys", "lifecycle", "web")
 
 
 @pytest.mark.parametrize("package", DOMAIN_PACKAGES)
@@ -217,6 +216,33 @@ def test_terminal_output_check_sees_what_it_forbids(tmp_path: Path) -> None:
         "click.echo()",
         "sys.stderr.write()",
     ]
+
+
+def test_web_never_imports_click_the_cli_or_the_daemon() -> None:
+    """The playback server is domain code: click lives in ``cli/``, and the daemon is separate."""
+    forbidden = ("click", "fsrecrypt.cli", "fsrecrypt.daemon")
+    bad = [
+        f"{_rel(path)}:{line} imports {name}"
+        for path in _sources("web")
+        for line, name in imports_of(path)
+        if any(_within(name, f) for f in forbidden)
+    ]
+    assert not bad, "fsrecrypt.web must not know click, the CLI or the daemon:\n" + "\n".join(bad)
+
+
+def test_cli_web_loads_the_server_only_inside_its_commands() -> None:
+    """``--help`` imports every command module: ``cli/web.py`` keeps Flask and gevent out of it."""
+    path = PACKAGE / "cli" / "web.py"
+    tree = ast.parse(path.read_text(encoding="utf-8"), filename=str(path))
+    heavy = ("fsrecrypt.web", "flask", "gevent", "werkzeug")
+    top_level = []
+    for node in tree.body:
+        if isinstance(node, ast.Import):
+            top_level += [alias.name for alias in node.names]
+        elif isinstance(node, ast.ImportFrom):
+            top_level.append(node.module or "")
+    bad = [name for name in top_level if any(_within(name, h) for h in heavy)]
+    assert not bad, f"cli/web.py imports {bad} at top level"
 
 
 def _all_modules() -> list[Path]:

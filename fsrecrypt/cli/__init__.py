@@ -84,8 +84,8 @@ def default_user() -> str:
 LAZY_COMMANDS: dict[str, str] = {
     "run": "fsrecrypt.daemon:run_command",
     "health": "fsrecrypt.daemon:health_command",
-    "serve": "fsrecrypt.web:serve_command",
-    "apikeys": "fsrecrypt.web:apikeys_group",
+    "serve": "fsrecrypt.cli.web:serve_command",
+    "apikeys": "fsrecrypt.cli.web:apikeys_group",
     "audit": "fsrecrypt.cli.audit:audit_group",
     "rotate": "fsrecrypt.cli.rotate:rotate_command",
     "erase": "fsrecrypt.cli.erase:erase_command",

@@ -7,7 +7,7 @@ from collections.abc import Iterator
 import pytest
 
 from fsrecrypt.web import create_app
-from tests.test_web import World, build_world
+from tests.web.test_web_app import World, build_world
 
 
 @pytest.fixture(scope="module")

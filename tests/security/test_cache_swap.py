@@ -20,7 +20,7 @@ import pytest
 from fsrecrypt import format as esdk
 from fsrecrypt.errors import KeyProviderUnavailable
 from fsrecrypt.web import StreamAborted, create_app
-from tests.test_web import World, assert_json_error, build_world, hdr
+from tests.web.test_web_app import World, assert_json_error, build_world, hdr
 
 pytestmark = pytest.mark.integration
 

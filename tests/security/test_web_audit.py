@@ -19,7 +19,7 @@ from click.testing import CliRunner
 from fsrecrypt.cli import main
 from fsrecrypt.db import GENESIS_HASH, audit_row_hash
 from tests.support.factories import write_config
-from tests.test_web import World, assert_json_error, hdr
+from tests.web.test_web_app import World, assert_json_error, hdr
 
 BIG_AGENT = "Mozilla/5.0 " + "A" * 60_000
 

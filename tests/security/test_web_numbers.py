@@ -13,7 +13,7 @@ import pytest
 
 from fsrecrypt.numbers import NumberError, parse_int
 from fsrecrypt.web import BadRange, parse_range
-from tests.test_web import World, assert_json_error, hdr, stream_path
+from tests.web.test_web_app import World, assert_json_error, hdr, stream_path
 
 ODD = {
     "superscript": "\u00b2",

@@ -26,8 +26,8 @@ from pathlib import Path
 import pytest
 
 from tests.support.moto import free_port
-from tests.test_web import wav_bytes
-from tests.test_web_server import ingest, make_setup
+from tests.web.test_web_app import wav_bytes
+from tests.web.test_web_server import ingest, make_setup
 
 HALF_REQUEST = b"GET /v1/openapi.json HTTP/1.1\r\nHost: fsrecrypt\r\nX-Slow: "
 

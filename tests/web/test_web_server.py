@@ -26,7 +26,7 @@ from fsrecrypt.config import Config, with_overrides
 from fsrecrypt.web import create_api_key
 from tests.support.factories import write_config
 from tests.support.moto import free_port
-from tests.test_web import _base_config, wav_bytes
+from tests.web.test_web_app import _base_config, wav_bytes
 
 
 @contextmanager

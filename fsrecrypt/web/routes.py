@@ -1,0 +1,188 @@
+"""The API, route by route: the one table the Flask app registers and the document describes.
+
+Each :class:`Route` names its method and path, its parameters with their
+types and bounds, its answers (with the typed body of :mod:`.schemas`) and
+the error statuses it can give. :func:`fsrecrypt.web.app.create_app` adds one
+URL rule per route and hands the view only the parameters declared here
+(reading any other is a bug, see :class:`fsrecrypt.web.app.Params`);
+:func:`fsrecrypt.web.openapi.openapi_document` writes the same table out as
+OpenAPI 3.0. Written here rather than with apispec: the table is small, and
+apispec would still need the schemas and parameters spelled out by hand.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import Literal
+
+from fsrecrypt.web import schemas
+
+MAX_LIST_LIMIT = 1000
+DEFAULT_LIST_LIMIT = 100
+
+Kind = Literal["string", "uuid", "integer", "date-time"]
+Security = Literal["api_key", "api_key_or_signed_url", "public"]
+
+
+@dataclass(frozen=True)
+class Param:
+    """One request parameter: where it is, what it holds, its bounds."""
+
+    name: str
+    location: Literal["path", "query", "header"]
+    kind: Kind = "string"
+    description: str | None = None
+    minimum: int | None = None
+    maximum: int | None = None
+    default: int | None = None
+
+
+@dataclass(frozen=True)
+class Answer:
+    """A success answer: its status, and a typed JSON body or a media type (binary or page)."""
+
+    status: int
+    description: str
+    body: type | None = None
+    media_type: str = "application/json"
+
+
+@dataclass(frozen=True)
+class Route:
+    method: Literal["GET"]
+    path: str
+    operation_id: str
+    summary: str
+    view: str
+    answers: tuple[Answer, ...]
+    params: tuple[Param, ...] = ()
+    errors: tuple[int, ...] = ()
+    security: Security = "api_key"
+    description: str | None = None
+
+    @property
+    def rule(self) -> str:
+        """The Flask URL rule: ``{id}`` becomes ``<id>``."""
+        return re.sub(r"\{(\w+)\}", r"<\1>", self.path)
+
+
+RECORDING_ID = Param("id", "path", "uuid")
+SIGNED_URL = (
+    Param("kid", "query", description="Signed URL: the issuing API key id"),
+    Param("exp", "query", description="Signed URL: expiry (Unix seconds)"),
+    Param("sig", "query", description="Signed URL: HMAC-SHA256 signature"),
+)
+AUDIO = "audio/wav"
+
+
+def _page(path: str, operation_id: str, summary: str, view: str, media_type: str) -> Route:
+    return Route(
+        "GET",
+        path,
+        operation_id,
+        summary,
+        view,
+        answers=(Answer(200, summary, media_type=media_type),),
+        security="public",
+    )
+
+
+ROUTES: tuple[Route, ...] = (
+    _page("/", "playerPage", "The playback page", "index", "text/html"),
+    _page("/app.js", "playerScript", "The playback page's script", "app_js", "text/javascript"),
+    _page("/app.css", "playerStyle", "The playback page's style sheet", "app_css", "text/css"),
+    Route(
+        "GET",
+        "/v1/openapi.json",
+        "openapi",
+        "This document",
+        "openapi",
+        answers=(Answer(200, "OpenAPI 3.0 document"),),
+        security="public",
+    ),
+    Route(
+        "GET",
+        "/v1/me",
+        "whoAmI",
+        "The tenant and user behind the API key",
+        "me",
+        answers=(Answer(200, "The caller", schemas.Principal),),
+        errors=(401,),
+    ),
+    Route(
+        "GET",
+        "/v1/recordings",
+        "listRecordings",
+        "The tenant's recordings, oldest first",
+        "list_recordings",
+        params=(
+            Param("call_uuid", "query"),
+            Param("from", "query", "date-time", "Created at or after (ISO 8601; UTC if no offset)"),
+            Param("to", "query", "date-time", "Created before (ISO 8601; UTC if no offset)"),
+            Param(
+                "limit",
+                "query",
+                "integer",
+                minimum=1,
+                maximum=MAX_LIST_LIMIT,
+                default=DEFAULT_LIST_LIMIT,
+            ),
+        ),
+        answers=(Answer(200, "Matching recordings", schemas.RecordingList),),
+        errors=(400, 401, 503),
+    ),
+    Route(
+        "GET",
+        "/v1/recordings/{id}",
+        "getRecording",
+        "One recording's metadata",
+        "get_recording",
+        params=(RECORDING_ID,),
+        answers=(Answer(200, "The recording", schemas.Recording),),
+        errors=(401, 404, 503),
+    ),
+    Route(
+        "GET",
+        "/v1/recordings/{id}/stream",
+        "streamRecording",
+        "The decrypted audio (audio/wav), with single-range support",
+        "stream",
+        description=(
+            "Authenticated by X-API-Key or by a signed URL from /playback. Each "
+            "frame is authenticated before its bytes are sent; an integrity failure "
+            "mid-stream aborts the connection. Audited as action 'stream' with the "
+            "byte range. HEAD answers the headers (size) without decrypting."
+        ),
+        security="api_key_or_signed_url",
+        params=(
+            RECORDING_ID,
+            Param("Range", "header", description="bytes=START-END, bytes=START- or bytes=-SUFFIX"),
+            *SIGNED_URL,
+        ),
+        answers=(
+            Answer(200, "The whole recording", media_type=AUDIO),
+            Answer(206, "The requested range (Content-Range)", media_type=AUDIO),
+        ),
+        errors=(401, 403, 404, 409, 410, 416, 500, 503),
+    ),
+    Route(
+        "GET",
+        "/v1/recordings/{id}/playback",
+        "playbackUrl",
+        "A short-lived signed URL to the stream, for <audio src>",
+        "playback_url",
+        params=(
+            RECORDING_ID,
+            Param(
+                "ttl",
+                "query",
+                "integer",
+                "Lifetime in seconds (at most [playback] url_ttl)",
+                minimum=1,
+            ),
+        ),
+        answers=(Answer(200, "The signed URL", schemas.PlaybackUrl),),
+        errors=(400, 401, 404, 409, 410, 503),
+    ),
+)

@@ -1,0 +1,114 @@
+"""What the API answers, as typed definitions: the views build these, the document describes them.
+
+One definition serves both ends: :func:`to_json` turns an instance into the
+response body (fields in declaration order), and
+:func:`fsrecrypt.web.openapi.schema_of` turns the class into its OpenAPI
+schema. A field's type says what it holds (``X | None``: present, may be
+null; ``Literal``: an enum); a field with a default of None is left out of
+the body when it is None; ``fmt`` names the string format.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any, Literal
+
+RecordingStatus = Literal["pending", "stored", "failed", "discarded", "erased"]
+
+
+def fmt(name: str) -> Any:
+    """A (required) field whose string value has the OpenAPI format ``name``."""
+    return field(metadata={"format": name})
+
+
+@dataclass(frozen=True)
+class ErrorDetail:
+    code: str
+    message: str
+    hint: str | None = None
+
+
+@dataclass(frozen=True)
+class Error:
+    """Every error body: ``{"error": {"code", "message", "hint"}}`` with a stable code."""
+
+    error: ErrorDetail
+
+
+@dataclass(frozen=True)
+class Principal:
+    """The tenant and user behind the API key (``GET /v1/me``); cf. ``auth.Principal``."""
+
+    tenant: str
+    tenant_id: str = fmt("uuid")
+    user: str
+    key_id: str
+
+
+@dataclass(frozen=True)
+class Recording:
+    id: str = fmt("uuid")
+    call_uuid: str | None
+    status: RecordingStatus
+    created_at: str = fmt("date-time")
+    stored_at: str | None = fmt("date-time")
+    erased_at: str | None = fmt("date-time")
+    size_bytes: int | None
+    duration_s: float | None
+    sample_rate: int | None
+    channels: int | None
+    stream_url: str
+    playback_url: str
+
+
+@dataclass(frozen=True)
+class RecordingList:
+    recordings: list[Recording]
+
+
+@dataclass(frozen=True)
+class PlaybackUrl:
+    url: str
+    expires_at: str = fmt("date-time")
+    expires_in: int
+
+
+def to_json(value: Any) -> Any:
+    """The response body for a schema instance (nested, in field order)."""
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        body = {}
+        for f in dataclasses.fields(value):
+            item = getattr(value, f.name)
+            if item is None and f.default is None:
+                continue
+            body[f.name] = to_json(item)
+        return body
+    if isinstance(value, list):
+        return [to_json(v) for v in value]
+    return value
+
+
+def iso(value: datetime | None) -> str | None:
+    return value.astimezone(UTC).isoformat() if value is not None else None
+
+
+def recording_of(recording: Any) -> Recording:
+    """The API's view of a database recording row."""
+    wav = (recording.encryption_metadata or {}).get("wav") or {}
+    base = f"/v1/recordings/{recording.id}"
+    return Recording(
+        id=recording.id,
+        call_uuid=recording.call_uuid,
+        status=recording.status,
+        created_at=iso(recording.created_at),  # type: ignore[arg-type]
+        stored_at=iso(recording.stored_at),
+        erased_at=iso(recording.erased_at),
+        size_bytes=recording.file_size_bytes,
+        duration_s=wav.get("duration_s"),
+        sample_rate=wav.get("sample_rate"),
+        channels=wav.get("channels"),
+        stream_url=f"{base}/stream",
+        playback_url=f"{base}/playback",
+    )
