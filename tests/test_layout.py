@@ -27,7 +27,6 @@ NOT_YET_SPLIT = frozenset(
     {
         "fsrecrypt/cli/__init__.py",
         "fsrecrypt/daemon.py",
-        "fsrecrypt/db.py",
         "fsrecrypt/esl.py",
         "fsrecrypt/keys.py",
         "fsrecrypt/lifecycle.py",
