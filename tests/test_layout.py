@@ -3,9 +3,12 @@
 These rules are what keeps the packages meaning something: ``fsrecrypt.format``
 is pure (bytes in, bytes out: vector-testable on its own, no I/O library), a
 store does not reach into keys, the database or the command line, key
-providers know nothing of the database, stores or pipeline, click lives only
-in ``fsrecrypt.cli`` (domain packages return results and never print), and no
-module grows past what one can hold in one's head. Modules not yet split are
+providers know nothing of the database, stores or pipeline, the database
+package knows nothing above it, the plaintext files are touched by a module
+that knows no keys, store or database, only the pipeline and the lifecycle
+operations compose keys + store + db, click lives only in ``fsrecrypt.cli``
+(domain packages return results and never print), and no module grows past
+what one can hold in one's head. Modules not yet split are
 listed in ``NOT_YET_SPLIT``; when one becomes a package, delete its line (the
 test insists, so the list only ever shrinks).
 """
@@ -29,9 +32,7 @@ NOT_YET_SPLIT = frozenset(
     {
         "fsrecrypt/cli/__init__.py",
         "fsrecrypt/daemon.py",
-        "fsrecrypt/db.py",
         "fsrecrypt/esl.py",
-        "fsrecrypt/pipeline.py",
     }
 )
 
@@ -298,3 +299,81 @@ def test_nothing_points_outside_the_repository() -> None:
             continue  # recordings and captures: data, not references
         bad += [f"{_rel(path)} mentions {n!r}" for n in needles if n in text]
     assert not bad, "\n".join(bad)
+
+
+def _forbidden_imports(paths: list[Path], forbidden: tuple[str, ...]) -> list[str]:
+    return [
+        f"{_rel(path)}:{line} imports {name}"
+        for path in paths
+        for line, name in imports_of(path)
+        if any(_within(name, f) for f in forbidden)
+    ]
+
+
+def test_db_stays_below_keys_store_pipeline_and_the_front_ends() -> None:
+    """The database package speaks SQL and rows only; whatever composes it lives above it."""
+    forbidden = (
+        "fsrecrypt.keys",
+        "fsrecrypt.store",
+        "fsrecrypt.pipeline",
+        "fsrecrypt.plaintext",
+        "fsrecrypt.lifecycle",
+        "fsrecrypt.web",
+        "fsrecrypt.daemon",
+        "fsrecrypt.esl",
+        "fsrecrypt.cli",
+        "click",
+    )
+    bad = _forbidden_imports(_sources("db"), forbidden)
+    assert not bad, "fsrecrypt.db must not know keys, stores or who calls it:\n" + "\n".join(bad)
+
+
+def test_plaintext_knows_no_keys_store_or_database() -> None:
+    """The module that touches plaintext files cannot leak them anywhere but to its caller."""
+    forbidden = (
+        "fsrecrypt.db",
+        "fsrecrypt.keys",
+        "fsrecrypt.store",
+        "fsrecrypt.pipeline",
+        "fsrecrypt.cli",
+        "click",
+    )
+    bad = _forbidden_imports([PACKAGE / "plaintext.py"], forbidden)
+    assert not bad, "fsrecrypt.plaintext must stay below keys, store and db:\n" + "\n".join(bad)
+
+
+def test_esl_imports_no_store_keys_or_db() -> None:
+    """The Event Socket client parses the network; it never reaches storage or keys."""
+    forbidden = ("fsrecrypt.store", "fsrecrypt.keys", "fsrecrypt.db", "fsrecrypt.pipeline")
+    paths = [p for p in _all_modules() if _within(_module_name(p), "fsrecrypt.esl")]
+    assert paths, "no fsrecrypt.esl module found"
+    bad = _forbidden_imports(paths, forbidden)
+    assert not bad, "fsrecrypt.esl must not import store, keys or db:\n" + "\n".join(bad)
+
+
+COMPOSERS = (
+    "fsrecrypt.pipeline",
+    "fsrecrypt.lifecycle",
+    "fsrecrypt.cli",
+    "fsrecrypt.daemon",
+    "fsrecrypt.web",
+)
+
+
+ADAPTERS = ("fsrecrypt.keys", "fsrecrypt.store", "fsrecrypt.db")
+
+
+def test_only_the_pipeline_and_lifecycle_compose_keys_store_and_db() -> None:
+    """Outside the composers, a module knows at most one of keys, store and db."""
+    bad = []
+    for path in _all_modules():
+        module = _module_name(path)
+        if any(_within(module, c) for c in COMPOSERS):
+            continue
+        names = {name for _line, name in imports_of(path)}
+        used = [a for a in ADAPTERS if not _within(module, a) and any(_within(n, a) for n in names)]
+        if len(used) > 1:
+            bad.append(f"{_rel(path)} imports {', '.join(used)}")
+    assert not bad, "only fsrecrypt.pipeline and the lifecycle compose keys + store + db:\n" + (
+        "\n".join(bad)
+    )

@@ -23,15 +23,17 @@ import pytest
 from fsrecrypt import errors
 from fsrecrypt.pipeline import (
     Services,
-    delete_plaintext,
     fetch_recording,
-    open_source,
     register_source,
-    remove_source_if_unchanged,
     store_recording,
+    worker_id,
+)
+from fsrecrypt.plaintext import (
+    delete_plaintext,
+    open_source,
+    remove_source_if_unchanged,
     vet_path,
     wav_state,
-    worker_id,
 )
 from tests.support.factories import local_config, make_wav, unique
 

@@ -1,0 +1,120 @@
+"""The daemon's work queue over recording rows: due rows, leases, attempts and retries.
+
+A worker claims a pending/failed row with a lease (``claimed_by`` names host
+and pid, so a restarted daemon drops its own stale leases); a failed attempt
+is counted and scheduled again, or makes the row ``failed`` for good.
+"""
+
+from __future__ import annotations
+
+from fsrecrypt.db.recordings import Recordings
+from fsrecrypt.db.rows import (
+    RECORDING_COLUMNS,
+    Recording,
+    Tenant,
+    recording_from_row,
+    tenant_from_row,
+)
+
+
+class WorkQueue(Recordings):
+    """Leases and attempts (part of :class:`fsrecrypt.db.Database`)."""
+
+    def due_pending(self, limit: int = 100) -> list[Recording]:
+        with self.transaction("listing pending recordings") as cur:
+            cur.execute(
+                f"SELECT {RECORDING_COLUMNS} FROM call_recordings WHERE status = 'pending'"
+                " AND (next_attempt_at IS NULL OR next_attempt_at <= now())"
+                " ORDER BY created_at LIMIT %s",
+                (limit,),
+            )
+            return [recording_from_row(r) for r in cur.fetchall()]
+
+    def oldest_pending_age(self) -> float:
+        with self.transaction("measuring the backlog") as cur:
+            cur.execute(
+                "SELECT coalesce(extract(epoch FROM now() - min(created_at)), 0)"
+                " FROM call_recordings WHERE status = 'pending'"
+            )
+            return float(cur.fetchone()[0])
+
+    def claim(self, recording_id: str, worker: str, lease_seconds: float) -> Recording | None:
+        """Take the lease on a pending/failed row; None if someone else holds it."""
+        with self.transaction("claiming a recording") as cur:
+            cur.execute(
+                "UPDATE call_recordings SET claimed_by = %s,"
+                " claimed_until = now() + make_interval(secs => %s), updated_at = now()"
+                " WHERE id = %s AND status IN ('pending', 'failed')"
+                " AND (claimed_until IS NULL OR claimed_until < now() OR claimed_by = %s)"
+                f" RETURNING {RECORDING_COLUMNS}",
+                (worker, lease_seconds, recording_id, worker),
+            )
+            row = cur.fetchone()
+        return recording_from_row(row) if row else None
+
+    def claim_with_tenant(
+        self, recording_id: str, worker: str, lease_seconds: float
+    ) -> tuple[Recording, Tenant] | None:
+        """``claim`` plus the row's tenant as it is now, in one statement.
+
+        The tenant (and so its current key) is read at the instant of the
+        claim, just before the data key is generated, so a rotation takes
+        effect at once as with a separate ``tenant_by_id``. None when the row
+        cannot be claimed (not pending/failed, or leased by someone else);
+        the caller then looks at the row the ordinary way.
+        """
+        rec_cols = ", ".join(f"c.{name}" for name in Recording.__dataclass_fields__)
+        tenant_cols = ", ".join(f"t.{name}" for name in Tenant.__dataclass_fields__)
+        with self.statement("claiming a recording") as cur:
+            cur.execute(
+                "WITH c AS (UPDATE call_recordings SET claimed_by = %s,"
+                " claimed_until = now() + make_interval(secs => %s), updated_at = now()"
+                " WHERE id = %s AND status IN ('pending', 'failed')"
+                " AND (claimed_until IS NULL OR claimed_until < now() OR claimed_by = %s)"
+                f" RETURNING {RECORDING_COLUMNS})"
+                f" SELECT {rec_cols}, {tenant_cols} FROM c JOIN tenants t ON t.id = c.tenant_id",
+                (worker, lease_seconds, recording_id, worker),
+            )
+            row = cur.fetchone()
+        if row is None:
+            return None
+        split = len(Recording.__dataclass_fields__)
+        return recording_from_row(row[:split]), tenant_from_row(row[split:])
+
+    def release_claims(self, worker_prefix: str) -> int:
+        """Drop leases left by a previous (crashed) run of this worker."""
+        with self.transaction("releasing stale claims") as cur:
+            cur.execute(
+                "UPDATE call_recordings SET claimed_by = NULL, claimed_until = NULL"
+                " WHERE claimed_by LIKE %s AND status IN ('pending', 'failed')",
+                (worker_prefix.replace("%", r"\%") + "%",),
+            )
+            return cur.rowcount
+
+    def record_attempt_failure(
+        self, recording_id: str, error: str, *, final: bool, retry_in: float | None = None
+    ) -> Recording:
+        """Count a failed attempt; ``final`` moves the row to ``failed``."""
+        with self.transaction("recording a failed attempt") as cur:
+            cur.execute(
+                "UPDATE call_recordings SET attempts = attempts + 1, last_error = %s,"
+                " status = CASE WHEN %s THEN 'failed' ELSE status END,"
+                " next_attempt_at = CASE WHEN %s IS NULL THEN NULL"
+                "   ELSE now() + make_interval(secs => %s) END,"
+                " claimed_by = NULL, claimed_until = NULL, updated_at = now()"
+                " WHERE id = %s AND status IN ('pending', 'failed')"
+                f" RETURNING {RECORDING_COLUMNS}",
+                (error[:2000], final, retry_in, retry_in, recording_id),
+            )
+            row = cur.fetchone()
+        if row is None:
+            return self.recording(recording_id)
+        return recording_from_row(row)
+
+    def reset_for_retry(self, recording_id: str) -> None:
+        with self.transaction("re-queueing a recording") as cur:
+            cur.execute(
+                "UPDATE call_recordings SET status = 'pending', next_attempt_at = NULL,"
+                " updated_at = now() WHERE id = %s AND status = 'failed'",
+                (recording_id,),
+            )

@@ -1,0 +1,99 @@
+"""One recording's job, and the way back: the only place that composes keys + store + db.
+
+- ``ingest``: where a RECORD_STOP becomes a stored row (``register_source``,
+  ``store_recording``, ``ingest_file``)
+- ``playback``: open, verify and decrypt one recording; where a Range request
+  becomes frames (``open_recording``, ``iter_plaintext_range``, ``fetch_recording``)
+- ``headers``: object headers read with one small request, cached once verified
+- ``envelope``: the encryption context and the wrapped data key as the row keeps it
+- ``services``: the adapters a job needs, built on first use; worker ids
+
+The plaintext file itself (the descriptor walk from the recordings directory,
+WAV completeness, delete after the identity check) is :mod:`fsrecrypt.plaintext`,
+which knows nothing of keys, stores or the database; its names are re-exported
+here because the daemon, erasure and the tests reach them through the pipeline.
+"""
+
+from fsrecrypt.pipeline.envelope import (
+    ALGORITHM_NAME,
+    edk_from_bytes,
+    edk_to_bytes,
+    encryption_context,
+)
+from fsrecrypt.pipeline.headers import (
+    HEADER_PROBE,
+    HeaderCache,
+    object_identity,
+    read_object_header,
+)
+from fsrecrypt.pipeline.ingest import (
+    StoreOutcome,
+    ingest_file,
+    register_source,
+    store_recording,
+)
+from fsrecrypt.pipeline.playback import (
+    IterReader,
+    OpenedRecording,
+    check_readable,
+    checked_plaintext_size,
+    fetch_recording,
+    iter_plaintext,
+    iter_plaintext_range,
+    open_recording,
+    unwrap_data_key,
+)
+from fsrecrypt.pipeline.services import Services, host_worker_prefix, worker_id
+from fsrecrypt.plaintext import (
+    SourceFile,
+    content_changed,
+    delete_plaintext,
+    fingerprint_of,
+    fsync_dir,
+    is_inside,
+    open_source,
+    remove_source_if_unchanged,
+    source_changed,
+    vet_path,
+    wav_info,
+    wav_state,
+)
+
+__all__ = [
+    "ALGORITHM_NAME",
+    "HEADER_PROBE",
+    "HeaderCache",
+    "IterReader",
+    "OpenedRecording",
+    "Services",
+    "SourceFile",
+    "StoreOutcome",
+    "check_readable",
+    "checked_plaintext_size",
+    "content_changed",
+    "delete_plaintext",
+    "edk_from_bytes",
+    "edk_to_bytes",
+    "encryption_context",
+    "fetch_recording",
+    "fingerprint_of",
+    "fsync_dir",
+    "host_worker_prefix",
+    "ingest_file",
+    "is_inside",
+    "iter_plaintext",
+    "iter_plaintext_range",
+    "object_identity",
+    "open_recording",
+    "open_source",
+    "read_object_header",
+    "register_source",
+    "remove_source_if_unchanged",
+    "source_changed",
+    "store_recording",
+    "unwrap_data_key",
+    "vet_path",
+    "wav_info",
+    "wav_state",
+    "worker_id",
+]

@@ -1,0 +1,255 @@
+"""Where a RECORD_STOP becomes a stored row: one recording's job, from plaintext to object.
+
+Storing follows one order, and the order is the safety argument: a
+``pending`` row first (so a crash leaves a trace the sweep will resume), then
+encrypt + upload under a fresh data key, then the ``stored`` row and its
+audit row in one transaction, and only then the plaintext is deleted. Every
+step before the last can fail and be retried without losing audio; the
+plaintext disappears only once the object and its row are durable.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import secrets
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from fsrecrypt import format as esdk
+from fsrecrypt.errors import FsrecryptError, InvalidState, SourceChanged, SourceIncomplete
+from fsrecrypt.pipeline.envelope import ALGORITHM_NAME, edk_to_bytes, encryption_context
+from fsrecrypt.pipeline.services import Services, worker_id
+from fsrecrypt.plaintext import (
+    HEAD_BYTES,
+    SourceFile,
+    content_changed,
+    delete_plaintext,
+    open_source,
+    wav_info,
+)
+
+if TYPE_CHECKING:
+    from fsrecrypt.db import Recording, Tenant
+
+
+@dataclass(frozen=True)
+class StoreOutcome:
+    recording: Recording
+    object_key: str
+    plaintext_bytes: int
+    ciphertext_bytes: int
+    encrypt_seconds: float
+    plaintext_deleted: bool
+    already_stored: bool = False
+    # The plaintext was kept because it changed after it was opened: it holds
+    # bytes that were not stored, and must be stored again (the daemon re-queues it).
+    source_changed: bool = False
+
+
+def register_source(
+    services: Services,
+    source: SourceFile,
+    tenant: Tenant,
+    *,
+    call_uuid: str | None = None,
+    core_uuid: str | None = None,
+    metadata: dict[str, Any] | None = None,
+) -> tuple[Recording, bool]:
+    """Insert (or find) the pending row for an opened source file."""
+    return services.db.create_pending(
+        tenant_id=tenant.id,
+        source_path=source.path,
+        source_fingerprint=source.fingerprint,
+        call_uuid=call_uuid,
+        core_uuid=core_uuid,
+        metadata=metadata,
+    )
+
+
+def store_recording(
+    services: Services,
+    recording: Recording,
+    source: SourceFile,
+    tenant: Tenant,
+    *,
+    worker: str,
+    user_id: str = "fsrecrypt",
+    delete: bool | None = None,
+    lease_seconds: float = 600.0,
+    on_chunk: Callable[[int], None] | None = None,
+    claimed: Recording | None = None,
+) -> StoreOutcome:
+    """Encrypt one claimed recording into the store, mark it stored, then drop the plaintext.
+
+    ``claimed``: the row as returned by a claim this ``worker`` already holds
+    (the daemon claims and reads the tenant in one statement); the claim is
+    then not taken a second time. Anything else is claimed here.
+    """
+    config = services.config
+    delete = config.pipeline.delete_plaintext if delete is None else delete
+    if recording.status == "stored":
+        deleted = (
+            delete and services.store.exists(recording.s3_path or "") and delete_plaintext(source)
+        )
+        return StoreOutcome(recording, recording.s3_path or "", 0, 0, 0.0, deleted, True)
+    if recording.status not in ("pending", "failed"):
+        raise InvalidState(f"recording {recording.id} is {recording.status}; nothing to store")
+    if source.wav_state == "incomplete":
+        # Stored now, the recording would be cut short and the rest of the audio
+        # deleted with the plaintext: wait for the recorder to finish it.
+        raise SourceIncomplete(
+            f"{source.path} is a WAV still being written (its header sizes do not match "
+            f"its {source.size} bytes yet)"
+        )
+    if claimed is None or claimed.id != recording.id or claimed.claimed_by != worker:
+        claimed = services.db.claim(recording.id, worker, lease_seconds)
+    if claimed is None:
+        raise InvalidState(
+            f"recording {recording.id} is being stored by another worker",
+            hint="Nothing to do: the other worker will finish it (or its lease will expire).",
+        )
+    if source.fingerprint != claimed.source_fingerprint:
+        claimed = _repoint_grown(services, claimed, source)
+
+    started = time.monotonic()
+    context = encryption_context(tenant.id, recording.id)
+    data_key = services.keys.generate_data_key(tenant.kms_key_id, context)
+    encryptor = esdk.Encryptor(
+        data_key.plaintext,
+        [data_key.encrypted],
+        context,
+        frame_length=config.pipeline.frame_size,
+    )
+    from fsrecrypt.store import object_key
+
+    # A per-attempt suffix: a zombie worker whose lease expired can never
+    # overwrite the object a later attempt stored and recorded.
+    key = object_key(
+        config.storage.prefix,
+        tenant.id,
+        f"{recording.id}.{secrets.token_hex(4)}",
+        recording.created_at,
+    )
+    source.fileobj.seek(0)
+    head = source.fileobj.read(HEAD_BYTES)
+    source.fileobj.seek(0)
+
+    def counted(chunks: Iterator[bytes]) -> Iterator[bytes]:
+        for chunk in chunks:
+            if on_chunk is not None:
+                on_chunk(len(chunk))
+            yield chunk
+
+    info = services.store.put_stream(
+        key,
+        counted(encryptor.stream(source.fileobj)),
+        metadata={"fsrecrypt-recording-id": recording.id, "fsrecrypt-tenant-id": tenant.id},
+    )
+    elapsed = time.monotonic() - started
+    changed = (
+        f"{source.size} bytes at open, {encryptor.plaintext_length} read"
+        if encryptor.plaintext_length != source.size
+        else content_changed(source)
+    )
+    if changed is not None:
+        # What was read is not the file as it is now: never mark it stored.
+        services.store.delete(key)
+        raise SourceChanged(f"{source.path} changed while it was read ({changed})")
+    metadata = {
+        "message_id": encryptor.header.message_id.hex(),
+        "frame_length": config.pipeline.frame_size,
+        "suite": f"0x{esdk.SUITE_ID:04X}",
+        "header_size": encryptor.header.size,
+        "store": services.store.name,
+        "key_provider": services.keys.name,
+        **({"wav": wav_info(head, source.size)} if head[:4] == b"RIFF" else {}),
+    }
+    if info.version_id:
+        metadata["object_version"] = info.version_id
+    try:
+        stored = services.db.mark_stored(
+            recording.id,
+            encryption_algorithm=ALGORITHM_NAME,
+            encrypted_dek=edk_to_bytes(data_key.encrypted),
+            kms_key_id=data_key.key_id,
+            s3_path=key,
+            file_size_bytes=encryptor.plaintext_length,
+            encrypted_size_bytes=encryptor.ciphertext_length,
+            metadata=metadata,
+            claimed_by=worker,
+            audit={
+                "action": "encrypt",
+                "user_id": user_id,
+                "success": True,
+                "decryption_duration_ms": elapsed * 1000,
+                "details": {"object_key": key, "bytes": encryptor.plaintext_length},
+            },
+        )
+    except InvalidState:
+        # Someone else owns the row now; our object is an orphan: remove it.
+        with contextlib.suppress(FsrecryptError):
+            services.store.delete(key)
+        raise
+    deleted = bool(delete) and delete_plaintext(source)
+    return StoreOutcome(
+        stored,
+        key,
+        encryptor.plaintext_length,
+        encryptor.ciphertext_length,
+        elapsed,
+        deleted,
+        source_changed=bool(delete) and not deleted and content_changed(source) is not None,
+    )
+
+
+def _repoint_grown(services: Services, claimed: Recording, source: SourceFile) -> Recording:
+    """The claimed row, moved to the opened file's fingerprint if it is the same file grown.
+
+    A row registered when its RECORD_STOP arrived names the file as it was
+    then; if the WAV was still being written, the same inode is now larger.
+    Any other difference (another inode at the path) is a different file.
+    """
+    old = claimed.source_fingerprint.split(":")
+    same_file = old[:2] == [str(source.device), str(source.inode)]
+    moved = (
+        services.db.repoint_source(claimed.id, claimed.source_fingerprint, source.fingerprint)
+        if same_file
+        else None
+    )
+    if moved is None:
+        raise InvalidState(f"recording {claimed.id}: the file on disk is not the one registered")
+    return moved
+
+
+def ingest_file(
+    services: Services,
+    path: str,
+    tenant_name: str,
+    *,
+    call_uuid: str | None = None,
+    user_id: str = "cli",
+    allowed_dirs: Sequence[str] | None = None,
+    delete: bool | None = None,
+) -> StoreOutcome:
+    """The whole pipeline for one file, as ``fsrecrypt ingest`` runs it (one attempt)."""
+    tenant = services.db.tenant_by_name(tenant_name)
+    source = open_source(path, allowed_dirs)
+    try:
+        recording, _created = register_source(services, source, tenant, call_uuid=call_uuid)
+        worker = worker_id()
+        try:
+            return store_recording(
+                services, recording, source, tenant, worker=worker, user_id=user_id, delete=delete
+            )
+        except FsrecryptError as exc:
+            if not isinstance(exc, InvalidState):
+                final = (
+                    not exc.transient
+                    or recording.attempts + 1 >= services.config.pipeline.max_attempts
+                )
+                services.db.record_attempt_failure(recording.id, exc.one_line(), final=final)
+            raise
+    finally:
+        source.fileobj.close()

@@ -1,0 +1,238 @@
+"""The way back, and where a Range request becomes frames: open, verify, decrypt one recording.
+
+Reading trusts the database's copy of the wrapped data key (key rotation
+re-wraps it there), checks that the object's encryption context names the
+same tenant and recording as the row (an object swapped between tenants is
+refused), and verifies every frame before its plaintext is released. A
+Range is planned by ``fsrecrypt.format.plan_range`` and read with one ranged
+request for just the frames that hold it (``iter_plaintext_range``).
+"""
+
+from __future__ import annotations
+
+import io
+import time
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass, field
+from typing import IO, TYPE_CHECKING, Any
+
+from fsrecrypt import format as esdk
+from fsrecrypt.errors import (
+    FsrecryptError,
+    InvalidState,
+    MalformedMessage,
+    ObjectMismatch,
+    RangeNotSatisfiable,
+    RecordingGone,
+)
+from fsrecrypt.pipeline.envelope import edk_from_bytes, encryption_context
+from fsrecrypt.pipeline.headers import object_identity, read_object_header
+from fsrecrypt.pipeline.services import Services
+
+if TYPE_CHECKING:
+    from fsrecrypt.db import Recording
+
+
+class IterReader(io.RawIOBase):
+    """A read-only file object over an iterator of byte chunks (a store's GET body).
+
+    When the chunks come from a body that can fill a buffer itself (S3's,
+    see ``readinto`` of ``_S3Body`` in ``fsrecrypt/store/s3.py``), reads go
+    straight to it once no chunk is pending: the caller's buffer is filled
+    from the socket's data in one copy, instead of a chunk being allocated
+    and then copied again here.
+    """
+
+    def __init__(self, chunks: Iterable[bytes]):
+        self._chunks = iter(chunks)
+        self._direct: Callable[[Any], int] | None = getattr(chunks, "readinto", None)
+        self._pending = memoryview(b"")
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer: Any) -> int:
+        if self._direct is not None and not self._pending:
+            return self._direct(buffer)
+        while not self._pending:
+            try:
+                self._pending = memoryview(next(self._chunks))
+            except StopIteration:
+                return 0
+        n = min(len(buffer), len(self._pending))
+        buffer[:n] = self._pending[:n]
+        self._pending = self._pending[n:]
+        return n
+
+
+@dataclass
+class OpenedRecording:
+    """A stored recording ready to be read: header verified, content key derived."""
+
+    recording: Recording
+    header: esdk.Header
+    content_key: bytes = field(repr=False)
+    data_key: bytes = field(repr=False)
+    object_size: int
+    plaintext_size: int
+
+
+def check_readable(recording: Recording) -> str:
+    """The object key of a recording that can be read, or the typed reason it cannot."""
+    if recording.status == "erased":
+        raise RecordingGone(f"recording {recording.id} was erased")
+    if recording.status != "stored" or not recording.s3_path:
+        raise InvalidState(f"recording {recording.id} is {recording.status}, not stored")
+    return recording.s3_path
+
+
+def unwrap_data_key(services: Services, recording: Recording, header: esdk.Header) -> bytes:
+    """The data key from the database's copy, once the header is shown to be this recording's.
+
+    The header's context must be exactly the row's (tenant and recording):
+    an object swapped between recordings or tenants is refused before any
+    key is used. Both that and a wrapped key that does not authenticate
+    under the recording's own context are integrity failures
+    (``ObjectMismatch``), not key outages: retrying cannot help, and they
+    must be audited as tampering. A provider that cannot be reached still
+    raises its transient ``KeyProviderUnavailable``.
+    """
+    from fsrecrypt.keys import DataKeyAuthenticationFailed
+
+    context = encryption_context(recording.tenant_id, recording.id)
+    if dict(header.encryption_context) != context:
+        raise ObjectMismatch(
+            f"object {recording.s3_path} belongs to another recording or tenant",
+            hint="The object was swapped or misfiled; treat it as tampered and do not play it.",
+        )
+    edk = edk_from_bytes(recording.encrypted_dek_bytes())
+    try:
+        return services.keys.decrypt_data_key([edk], context)
+    except DataKeyAuthenticationFailed:
+        raise ObjectMismatch(
+            f"the wrapped data key of recording {recording.id} does not authenticate "
+            "under its tenant/recording context"
+        ) from None
+
+
+def checked_plaintext_size(recording: Recording, header: esdk.Header, object_size: int) -> int:
+    """The audio size the object holds, which must be the size the row recorded."""
+    size = esdk.plaintext_size(header, object_size)
+    if recording.file_size_bytes is not None and size != recording.file_size_bytes:
+        raise MalformedMessage(
+            f"object {recording.s3_path} holds {size} bytes of audio, the row says "
+            f"{recording.file_size_bytes}"
+        )
+    return size
+
+
+def open_recording(services: Services, recording: Recording) -> OpenedRecording:
+    """Unwrap the data key (database copy) and verify the object's header against the row.
+
+    The header comes from the cache only while the object's identity is
+    unchanged; a header read from the store is cached only after it
+    verified. Any failure drops the cache entry.
+    """
+    key = check_readable(recording)
+    info = services.store.head(key)
+    identity = object_identity(info)
+    header = services.headers.get(key, identity)
+    cached = header is not None
+    try:
+        if header is None:
+            header = read_object_header(services.store, key, info.size)
+        data_key = unwrap_data_key(services, recording, header)
+        content_key = esdk.verify_header(header, data_key)
+        size = checked_plaintext_size(recording, header, info.size)
+    except FsrecryptError:
+        services.headers.drop(key)
+        raise
+    if not cached:
+        services.headers.put(key, identity, header)
+    return OpenedRecording(recording, header, content_key, data_key, info.size, size)
+
+
+def _dropping_on_failure(services: Services, key: str, chunks: Iterator[bytes]) -> Iterator[bytes]:
+    """``chunks``, forgetting ``key``'s cached header if reading the object fails."""
+    try:
+        yield from chunks
+    except RangeNotSatisfiable:
+        raise
+    except FsrecryptError:
+        services.headers.drop(key)
+        raise
+
+
+def iter_plaintext(services: Services, opened: OpenedRecording) -> Iterator[bytes]:
+    """The whole recording, each frame released only after it authenticates."""
+    key = opened.recording.s3_path or ""
+    chunks = services.store.get_range(key, 0, None)
+    reader = io.BufferedReader(IterReader(chunks), buffer_size=1 << 20)
+    return _dropping_on_failure(
+        services, key, esdk.decrypt_stream(reader, lambda _header: opened.data_key)
+    )
+
+
+def iter_plaintext_range(
+    services: Services, opened: OpenedRecording, start: int, end: int | None
+) -> tuple[esdk.RangePlan, Iterator[bytes]]:
+    """Plaintext [start, end) from one ranged read of just the frames that hold it."""
+    key = opened.recording.s3_path or ""
+    plan = esdk.plan_range(opened.header, opened.object_size, start, end)
+    try:
+        chunks = services.store.get_range(key, plan.ciphertext_start, plan.ciphertext_end)
+    except FsrecryptError:
+        services.headers.drop(key)
+        raise
+    return plan, _dropping_on_failure(
+        services,
+        key,
+        esdk.decrypt_range(opened.header, opened.content_key, plan, chunks, opened.object_size),
+    )
+
+
+def fetch_recording(
+    services: Services,
+    recording_id: str,
+    out: IO[bytes],
+    *,
+    user_id: str,
+    action: str = "download",
+    ip_address: str | None = None,
+    user_agent: str | None = None,
+) -> OpenedRecording:
+    """Decrypt a recording into ``out``; every attempt, failed or not, is audit-logged."""
+    started = time.monotonic()
+    recording = None
+    try:
+        recording = services.db.recording(recording_id)
+        opened = open_recording(services, recording)
+        written = 0
+        for chunk in iter_plaintext(services, opened):
+            out.write(chunk)
+            written += len(chunk)
+    except FsrecryptError as exc:
+        services.db.audit(
+            action=action,
+            user_id=user_id,
+            success=False,
+            recording_id=recording.id if recording else None,
+            tenant_id=recording.tenant_id if recording else None,
+            ip_address=ip_address,
+            user_agent=user_agent,
+            decryption_duration_ms=(time.monotonic() - started) * 1000,
+            error_message=f"{type(exc).__name__}: {exc.message}",
+        )
+        raise
+    services.db.audit(
+        action=action,
+        user_id=user_id,
+        success=True,
+        recording_id=recording.id,
+        tenant_id=recording.tenant_id,
+        ip_address=ip_address,
+        user_agent=user_agent,
+        decryption_duration_ms=(time.monotonic() - started) * 1000,
+        details={"bytes": written},
+    )
+    return opened

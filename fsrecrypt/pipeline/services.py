@@ -1,0 +1,69 @@
+"""The adapters one job needs (database, keys, store), built on first use; worker ids."""
+
+from __future__ import annotations
+
+import os
+import secrets
+import socket
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+from fsrecrypt.config import Config
+from fsrecrypt.pipeline.headers import HeaderCache
+
+if TYPE_CHECKING:
+    from fsrecrypt.db import Database
+    from fsrecrypt.keys import KeyProvider
+    from fsrecrypt.store import ObjectStore
+
+
+@dataclass
+class Services:
+    """Config plus lazily built adapters, so a command pays only for what it uses."""
+
+    config: Config
+    _db: Database | None = field(default=None, repr=False)
+    _keys: KeyProvider | None = field(default=None, repr=False)
+    _store: ObjectStore | None = field(default=None, repr=False)
+    headers: HeaderCache = field(default_factory=HeaderCache, repr=False)
+
+    @property
+    def db(self) -> Database:
+        if self._db is None:
+            from fsrecrypt.db import Database
+
+            self._db = Database(
+                self.config.database.dsn,
+                max_connections=max(4, self.config.pipeline.concurrency + 2),
+                connect_timeout=self.config.database.connect_timeout,
+            )
+        return self._db
+
+    @property
+    def keys(self) -> KeyProvider:
+        if self._keys is None:
+            from fsrecrypt.keys import build_key_provider
+
+            self._keys = build_key_provider(self.config.keys)
+        return self._keys
+
+    @property
+    def store(self) -> ObjectStore:
+        if self._store is None:
+            from fsrecrypt.store import build_store
+
+            self._store = build_store(self.config.storage)
+        return self._store
+
+    def close(self) -> None:
+        if self._db is not None:
+            self._db.close()
+
+
+def worker_id(prefix: str | None = None) -> str:
+    """Who holds a claim: host and pid, so a restarted daemon can drop its own stale leases."""
+    return f"{prefix or socket.gethostname()}:{os.getpid()}:{secrets.token_hex(4)}"
+
+
+def host_worker_prefix() -> str:
+    return f"{socket.gethostname()}:"
