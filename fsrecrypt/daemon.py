@@ -101,8 +101,10 @@ class LoopBroken(FsrecryptError):
     wedged client or connection than retrying forever while half alive.
     """
 
-    hint = ("The daemon exits so systemd restarts it; the tracebacks of each failed pass "
-            "are in its log.")
+    hint = (
+        "The daemon exits so systemd restarts it; the tracebacks of each failed pass "
+        "are in its log."
+    )
 
 
 # --- logging -------------------------------------------------------------------------
@@ -305,8 +307,10 @@ class Metrics:
         self.swept = Counter("fsrecrypt_swept_files", "Orphan files adopted by the sweep",
                              registry=r)
         self.loop_errors = Counter(
-            "fsrecrypt_loop_errors", "Passes of a periodic loop that failed unexpectedly",
-            ["greenlet"], registry=r,
+            "fsrecrypt_loop_errors",
+            "Passes of a periodic loop that failed unexpectedly",
+            ["greenlet"],
+            registry=r,
         )
 
 
@@ -430,14 +434,17 @@ class Daemon:
         reason = reason[:300]
         self.failures.append({"greenlet": name, "error": reason, "time": time.time()})
         self.exit_code = EXIT_GREENLET_DIED
-        self.log.error("daemon.greenlet_died", greenlet=name, error=reason,
-                       hint="The daemon stops and exits non-zero so systemd restarts it.")
+        self.log.error(
+            "daemon.greenlet_died",
+            greenlet=name,
+            error=reason,
+            hint="The daemon stops and exits non-zero so systemd restarts it.",
+        )
         self._write_heartbeat()
         self._notify(f"STATUS=failed: greenlet {name} died ({reason})")
         self.request_stop(f"greenlet {name} died")
 
-    def _loop(self, name: str, one_pass: Callable[[], None],
-              interval: Callable[[], float]) -> None:
+    def _loop(self, name: str, one_pass: Callable[[], None], interval: Callable[[], float]) -> None:
         """Run ``one_pass`` every ``interval()`` seconds until a stop is requested.
 
         One failing pass never ends the loop: fsrecrypt's own errors (a
@@ -453,13 +460,17 @@ class Daemon:
                 crashes = 0
             except FsrecryptError as exc:
                 crashes = 0
-                self.log.warning("daemon.loop_pass_failed", greenlet=name,
-                                 error=exc.one_line())
+                self.log.warning("daemon.loop_pass_failed", greenlet=name, error=exc.one_line())
             except Exception as exc:
                 crashes += 1
                 self.metrics.loop_errors.labels(name).inc()
-                self.log.exception("daemon.loop_pass_crashed", greenlet=name, error=repr(exc),
-                                   consecutive=crashes, limit=LOOP_CRASH_LIMIT)
+                self.log.exception(
+                    "daemon.loop_pass_crashed",
+                    greenlet=name,
+                    error=repr(exc),
+                    consecutive=crashes,
+                    limit=LOOP_CRASH_LIMIT,
+                )
                 if crashes >= LOOP_CRASH_LIMIT:
                     raise LoopBroken(
                         f"the {name} loop failed {crashes} times in a row "
@@ -526,8 +537,12 @@ class Daemon:
         gevent.killall(unfinished, block=True, timeout=5)
         self._write_heartbeat(state="stopped")  # "failed" wins when a greenlet died
         self.services.close()
-        self.log.info("daemon.stopped", left_pending=left, interrupted=len(unfinished),
-                      exit_code=self.exit_code)
+        self.log.info(
+            "daemon.stopped",
+            left_pending=left,
+            interrupted=len(unfinished),
+            exit_code=self.exit_code,
+        )
         self.stopped.set()
         return self.exit_code
 
@@ -592,13 +607,16 @@ class Daemon:
     def _watchdog_pass(self) -> None:
         """Feed systemd's watchdog only while every greenlet lives and work moves."""
         if self.failures:
-            self.log.error("daemon.watchdog_withheld",
-                           failed=[f["greenlet"] for f in self.failures])
+            self.log.error(
+                "daemon.watchdog_withheld", failed=[f["greenlet"] for f in self.failures]
+            )
         elif self.progress_ok():
             self._notify("WATCHDOG=1")
         else:
-            self.log.error("daemon.watchdog_withheld",
-                           stalled_for=round(time.monotonic() - self.last_progress, 1))
+            self.log.error(
+                "daemon.watchdog_withheld",
+                stalled_for=round(time.monotonic() - self.last_progress, 1),
+            )
 
     # --- observability ------------------------------------------------------------------
 
@@ -611,8 +629,9 @@ class Daemon:
 
         host, _, port = listen.rpartition(":")
         try:
-            _server, thread = start_http_server(int(port), addr=host.strip("[]"),
-                                                registry=self.metrics.registry)
+            _server, thread = start_http_server(
+                int(port), addr=host.strip("[]"), registry=self.metrics.registry
+            )
         except OSError as exc:
             self.log.error("daemon.metrics_unavailable", listen=listen, error=str(exc))
             return None
@@ -742,9 +761,14 @@ class Daemon:
         except Exception as exc:
             self.metrics.refused.labels("internal-error").inc()
             self.counts["refused"] = self.counts.get("refused", 0) + 1
-            self.log.error("event.refused", reason="internal-error",
-                           event_name=getattr(event, "name", None),
-                           error_type=type(exc).__name__, error=repr(exc)[:500], exc_info=exc)
+            self.log.error(
+                "event.refused",
+                reason="internal-error",
+                event_name=getattr(event, "name", None),
+                error_type=type(exc).__name__,
+                error=repr(exc)[:500],
+                exc_info=exc,
+            )
 
     def _handle_event(self, event: Event) -> None:
         """Classify one event and turn it into a row and a job."""
@@ -800,8 +824,11 @@ class Daemon:
         except (OSError, RuntimeError, ValueError) as exc:
             # e.g. a self-looping symlink (RuntimeError from Path.resolve) or
             # a rename racing realpath (EINVAL): unresolvable means refused.
-            self._refuse("path", error=f"refusing {rs.path!r}: cannot resolve it "
-                                       f"({type(exc).__name__})", **base)
+            self._refuse(
+                "path",
+                error=f"refusing {rs.path!r}: cannot resolve it ({type(exc).__name__})",
+                **base,
+            )
             return
         job = Job(path=rs.path, tenant_name=tenant_name, call_uuid=rs.call_uuid,
                   core_uuid=rs.core_uuid, metadata=metadata)

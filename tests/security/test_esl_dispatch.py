@@ -27,9 +27,7 @@ TRIGGERS: dict[str, Callable[[], BaseException]] = {
     "symlink-loop": lambda: RuntimeError("Symlink loop from '/rec/loop.wav'"),
     "nul-in-path": lambda: ValueError("embedded null byte"),
     "rename-race": lambda: OSError(errno.EINVAL, "Invalid argument"),
-    "pg-rejects-value": lambda: psycopg2.DataError(
-        "unsupported Unicode escape sequence"
-    ),
+    "pg-rejects-value": lambda: psycopg2.DataError("unsupported Unicode escape sequence"),
     "psycopg2-encode": lambda: UnicodeEncodeError(
         "utf-8", "\udcff", 0, 1, "surrogates not allowed"
     ),
@@ -152,9 +150,16 @@ def test_values_bound_for_postgresql_are_sanitised(header: str, field: str, host
 
 def test_clean_values_and_the_path_are_left_alone() -> None:
     path = "/rec/caf\udce9\x00.wav"
-    rs = classify_record_stop(parse_event_body(_stop_event(**{
-        "Record-File-Path": path, "variable_recording_consent": "oui, d\u00e9j\u00e0",
-    })))
+    rs = classify_record_stop(
+        parse_event_body(
+            _stop_event(
+                **{
+                    "Record-File-Path": path,
+                    "variable_recording_consent": "oui, d\u00e9j\u00e0",
+                }
+            )
+        )
+    )
     assert rs.consent == "oui, d\u00e9j\u00e0"
     assert rs.path == path  # the daemon vets (and refuses) it; never silently rewritten
     assert rs.sanitised == ()

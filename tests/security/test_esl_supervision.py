@@ -31,9 +31,19 @@ pytestmark = pytest.mark.timeout(180)
 
 def _health(env: DaemonEnv) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [sys.executable, "-c", "from fsrecrypt.cli import main; main()",
-         "-c", str(env.tmp / "fsrecrypt.toml"), "health", "--json"],
-        capture_output=True, text=True, cwd=ROOT, timeout=60,
+        [
+            sys.executable,
+            "-c",
+            "from fsrecrypt.cli import main; main()",
+            "-c",
+            str(env.tmp / "fsrecrypt.toml"),
+            "health",
+            "--json",
+        ],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        timeout=60,
     )
 
 
@@ -66,8 +76,7 @@ def test_a_dead_sweeper_makes_the_daemon_unhealthy_unfed_and_exit(daemon_env: Da
     env = daemon_env
     notify = NotifySocket(env.tmp / "notify.sock")
     try:
-        env.extra_env.update(NOTIFY_SOCKET=str(notify.sock.getsockname()),
-                             WATCHDOG_USEC="400000")
+        env.extra_env.update(NOTIFY_SOCKET=str(notify.sock.getsockname()), WATCHDOG_USEC="400000")
         d = env.start()
         env.wait(lambda: any("WATCHDOG=1" in m for m in notify.got), 10, "a watchdog ping")
         assert json.loads(_health(env).stdout)["checks"]["heartbeat"]["status"] == "healthy"
@@ -79,8 +88,9 @@ def test_a_dead_sweeper_makes_the_daemon_unhealthy_unfed_and_exit(daemon_env: Da
         try:
             code = d.proc.wait(60)
         except subprocess.TimeoutExpired:
-            raise AssertionError("the daemon kept running with a dead sweeper\n"
-                                 + env.log_tail()) from None
+            raise AssertionError(
+                "the daemon kept running with a dead sweeper\n" + env.log_tail()
+            ) from None
         assert code == EXIT_GREENLET_DIED, env.log_tail()
     finally:
         notify.close()
@@ -88,8 +98,7 @@ def test_a_dead_sweeper_makes_the_daemon_unhealthy_unfed_and_exit(daemon_env: Da
     lines = env.log_lines()
     crashed = [ln for ln in lines if ln.get("event") == "daemon.loop_pass_crashed"]
     assert len(crashed) == LOOP_CRASH_LIMIT  # each failing pass contained and logged first
-    assert all(ln["greenlet"] == "sweeper" and "UndefinedColumn" in ln["error"]
-               for ln in crashed)
+    assert all(ln["greenlet"] == "sweeper" and "UndefinedColumn" in ln["error"] for ln in crashed)
     died = [ln for ln in lines if ln.get("event") == "daemon.greenlet_died"]
     assert [ln["greenlet"] for ln in died] == ["sweeper"], env.log_tail()
     assert "LoopBroken" in died[0]["error"]
