@@ -43,7 +43,7 @@ import signal
 import stat
 import sys
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -73,6 +73,12 @@ STATUS_EVENT_INTERVAL = 30.0
 LEASE_SECONDS = 600.0
 ORPHAN_UPLOAD_AGE = 3600.0
 SWEEP_BATCH = 1000
+# A periodic loop whose pass fails with an unexpected (non-fsrecrypt) error this
+# many times in a row is broken, not unlucky: it stops and the daemon exits.
+LOOP_CRASH_LIMIT = 5
+# Exit status when a supervised greenlet died (EX_SOFTWARE): non-zero, so
+# systemd's Restart=on-failure starts a fresh process.
+EXIT_GREENLET_DIED = 70
 
 
 class UnexpectedJobError(FsrecryptError):
@@ -84,6 +90,20 @@ class UnexpectedJobError(FsrecryptError):
 
     hint = "The job will be retried; the full traceback is in the daemon's log."
     transient = True
+
+
+class LoopBroken(FsrecryptError):
+    """A periodic loop failed with unexpected errors LOOP_CRASH_LIMIT passes in a row.
+
+    Raised out of the loop so its greenlet dies and the supervisor ends the
+    process with EXIT_GREENLET_DIED: a restart is more likely to heal a
+    wedged client or connection than retrying forever while half alive.
+    """
+
+    hint = (
+        "The daemon exits so systemd restarts it; the tracebacks of each failed pass "
+        "are in its log."
+    )
 
 
 # --- logging -------------------------------------------------------------------------
@@ -197,6 +217,33 @@ def iter_candidate_files(roots: Sequence[str]) -> Iterator[tuple[str, os.stat_re
                     yield path, st
 
 
+def watchdog_interval() -> float | None:
+    """Seconds between WATCHDOG=1 pings (half of systemd's WATCHDOG_USEC), or None if unset."""
+    from fsrecrypt.numbers import NumberError, parse_int
+
+    try:
+        usec = parse_int(os.environ.get("WATCHDOG_USEC"), minimum=1)
+    except NumberError:
+        return None
+    return usec / 1e6 / 2
+
+
+def path_text_problem(path: str) -> str | None:
+    """Why ``path`` cannot be handled as text, or None.
+
+    A NUL byte cannot be in a file name at all (the kernel would see a
+    different, shorter path), and a name that is not UTF-8 cannot be written
+    to PostgreSQL as the row's source path; both are refused up front.
+    """
+    from fsrecrypt.esl import db_safe_text
+
+    if "\x00" in path:
+        return "the path contains a NUL byte"
+    if db_safe_text(path) != path:
+        return "the path is not valid UTF-8, so it cannot be recorded in the database"
+    return None
+
+
 def backoff(attempt: int, base: float, cap: float) -> float:
     """Capped exponential backoff with full jitter on the upper half (never below base/2)."""
     ceiling = min(cap, base * (2 ** min(attempt, 30)))
@@ -254,6 +301,12 @@ class Metrics:
         self.retries = Counter("fsrecrypt_retries", "Transient failures retried", registry=r)
         self.swept = Counter("fsrecrypt_swept_files", "Orphan files adopted by the sweep",
                              registry=r)
+        self.loop_errors = Counter(
+            "fsrecrypt_loop_errors",
+            "Passes of a periodic loop that failed unexpectedly",
+            ["greenlet"],
+            registry=r,
+        )
 
 
 # --- the daemon ----------------------------------------------------------------------
@@ -288,6 +341,11 @@ class Daemon:
         self._greenlets: list[Any] = []
         self._workers: list[Any] = []
         self._notifier: Any = None
+        self._supervised: dict[str, Any] = {}
+        self.failures: list[dict[str, Any]] = []  # supervised greenlets that died
+        self.exit_code = 0
+        self._last_status_event = 0.0
+        self._last_abort = float("-inf")
 
     # --- lifecycle ----------------------------------------------------------------
 
@@ -316,16 +374,24 @@ class Daemon:
         )
         self.events = EventSource(settings, self.on_event, self.on_esl_state)
         gevent.signal_handler(signal.SIGHUP, self.reload)
-        self._start_metrics_server()
+        metrics_thread = self._start_metrics_server()
         self._workers = [
-            gevent.spawn(self._worker_loop, n) for n in range(cfg.pipeline.concurrency)
+            self._supervise(f"worker-{n}", gevent.spawn(self._worker_loop, n))
+            for n in range(cfg.pipeline.concurrency)
         ]
         self._greenlets = [
-            gevent.spawn(self._sweep_loop),
-            gevent.spawn(self._housekeeping_loop),
-            gevent.spawn(self._watchdog_loop),
+            self._supervise("sweeper", gevent.spawn(self._sweep_loop)),
+            self._supervise("housekeeping", gevent.spawn(self._housekeeping_loop)),
         ]
+        if watchdog_interval() is not None:
+            self._greenlets.append(self._supervise("watchdog", gevent.spawn(self._watchdog_loop)))
+        if metrics_thread is not None:
+            # prometheus_client serves from a thread (a greenlet once patched):
+            # a watcher that outlives it tells the supervisor when it is gone.
+            self._greenlets.append(self._supervise("metrics", gevent.spawn(metrics_thread.join)))
         self.events.start()
+        for name, greenlet in self.events.greenlets().items():
+            self._supervise(name, greenlet)
         self._notify("READY=1", "STATUS=running")
         self.log.info(
             "daemon.started",
@@ -338,6 +404,74 @@ class Daemon:
         )
         self.stopping.wait()
         return self._drain()
+
+    # --- supervision (the arbiter's part) --------------------------------------------
+
+    def _supervise(self, name: str, greenlet: Any) -> Any:
+        """Watch a long-lived greenlet: it may end only after a stop was requested.
+
+        Like gunicorn's arbiter watching its workers, but the remedy is the
+        process's, not the greenlet's: a half-alive daemon (events no longer
+        handled, the sweep gone) must not keep reporting itself healthy, so
+        the death is logged, written to the heartbeat (``fsrecrypt health``
+        names it), the watchdog is no longer fed, and the daemon drains and
+        exits with EXIT_GREENLET_DIED so systemd restarts it.
+        """
+        self._supervised[name] = greenlet
+        greenlet.link(lambda g: self._greenlet_ended(name, g))
+        return greenlet
+
+    def _greenlet_ended(self, name: str, greenlet: Any) -> None:
+        if self.stopping.is_set():
+            return  # ended by the drain: expected
+        exc = greenlet.exception
+        reason = f"{type(exc).__name__}: {exc}" if exc is not None else "returned unexpectedly"
+        reason = reason[:300]
+        self.failures.append({"greenlet": name, "error": reason, "time": time.time()})
+        self.exit_code = EXIT_GREENLET_DIED
+        self.log.error(
+            "daemon.greenlet_died",
+            greenlet=name,
+            error=reason,
+            hint="The daemon stops and exits non-zero so systemd restarts it.",
+        )
+        self._write_heartbeat()
+        self._notify(f"STATUS=failed: greenlet {name} died ({reason})")
+        self.request_stop(f"greenlet {name} died")
+
+    def _loop(self, name: str, one_pass: Callable[[], None], interval: Callable[[], float]) -> None:
+        """Run ``one_pass`` every ``interval()`` seconds until a stop is requested.
+
+        One failing pass never ends the loop: fsrecrypt's own errors (a
+        database or store outage) are expected and simply retried next time;
+        anything else is logged with its traceback and counted. Only
+        LOOP_CRASH_LIMIT unexpected failures in a row raise LoopBroken, which
+        the supervisor turns into a restart.
+        """
+        crashes = 0
+        while not self.stopping.is_set():
+            try:
+                one_pass()
+                crashes = 0
+            except FsrecryptError as exc:
+                crashes = 0
+                self.log.warning("daemon.loop_pass_failed", greenlet=name, error=exc.one_line())
+            except Exception as exc:
+                crashes += 1
+                self.metrics.loop_errors.labels(name).inc()
+                self.log.exception(
+                    "daemon.loop_pass_crashed",
+                    greenlet=name,
+                    error=repr(exc),
+                    consecutive=crashes,
+                    limit=LOOP_CRASH_LIMIT,
+                )
+                if crashes >= LOOP_CRASH_LIMIT:
+                    raise LoopBroken(
+                        f"the {name} loop failed {crashes} times in a row "
+                        f"(last: {type(exc).__name__})"
+                    ) from exc
+            self.stopping.wait(interval())
 
     def _startup_checks(self) -> bool:
         """Fail fast on what cannot heal by waiting (schema, config), then release stale claims.
@@ -396,11 +530,16 @@ class Daemon:
             w.join(max(0.0, deadline - time.monotonic()))
         unfinished = [w for w in self._workers if not w.dead]
         gevent.killall(unfinished, block=True, timeout=5)
-        self._write_heartbeat(state="stopped")
+        self._write_heartbeat(state="stopped")  # "failed" wins when a greenlet died
         self.services.close()
-        self.log.info("daemon.stopped", left_pending=left, interrupted=len(unfinished))
+        self.log.info(
+            "daemon.stopped",
+            left_pending=left,
+            interrupted=len(unfinished),
+            exit_code=self.exit_code,
+        )
         self.stopped.set()
-        return 0
+        return self.exit_code
 
     def reload(self) -> None:
         """SIGHUP: re-read the config, re-open logs, apply what can change at runtime.
@@ -457,38 +596,42 @@ class Daemon:
         return idle or time.monotonic() - self.last_progress < stall_limit
 
     def _watchdog_loop(self) -> None:
-        import gevent
+        interval = watchdog_interval() or 1.0
+        self._loop("watchdog", self._watchdog_pass, lambda: interval)
 
-        from fsrecrypt.numbers import NumberError, parse_int
-
-        try:
-            usec = parse_int(os.environ.get("WATCHDOG_USEC"), minimum=1)
-        except NumberError:
-            return
-        interval = usec / 1e6 / 2
-        while True:
-            if self.progress_ok():
-                self._notify("WATCHDOG=1")
-            else:
-                self.log.error("daemon.watchdog_withheld",
-                               stalled_for=round(time.monotonic() - self.last_progress, 1))
-            gevent.sleep(interval)
+    def _watchdog_pass(self) -> None:
+        """Feed systemd's watchdog only while every greenlet lives and work moves."""
+        if self.failures:
+            self.log.error(
+                "daemon.watchdog_withheld", failed=[f["greenlet"] for f in self.failures]
+            )
+        elif self.progress_ok():
+            self._notify("WATCHDOG=1")
+        else:
+            self.log.error(
+                "daemon.watchdog_withheld",
+                stalled_for=round(time.monotonic() - self.last_progress, 1),
+            )
 
     # --- observability ------------------------------------------------------------------
 
-    def _start_metrics_server(self) -> None:
+    def _start_metrics_server(self) -> Any:
+        """Start the /metrics endpoint; returns its serving thread (None when not serving)."""
         listen = self.config.metrics.listen
         if not listen:
-            return
+            return None
         from prometheus_client import start_http_server
 
         host, _, port = listen.rpartition(":")
         try:
-            start_http_server(int(port), addr=host.strip("[]"), registry=self.metrics.registry)
+            _server, thread = start_http_server(
+                int(port), addr=host.strip("[]"), registry=self.metrics.registry
+            )
         except OSError as exc:
             self.log.error("daemon.metrics_unavailable", listen=listen, error=str(exc))
-            return
+            return None
         self.log.info("daemon.metrics_listening", listen=listen)
+        return thread
 
     def _write_heartbeat(self, state: str = "running", esl_connected: bool | None = None) -> None:
         path = self.config.metrics.heartbeat_file
@@ -497,7 +640,8 @@ class Daemon:
         doc = {
             "pid": os.getpid(),
             "time": time.time(),
-            "state": state,
+            "state": "failed" if self.failures else state,
+            "failures": self.failures,
             "esl_connected": (
                 bool(self.events and self.events.connected)
                 if esl_connected is None
@@ -519,29 +663,27 @@ class Daemon:
 
     def _housekeeping_loop(self) -> None:
         """Heartbeat, gauges and the CUSTOM status event, every few seconds."""
-        import gevent
+        self._loop("housekeeping", self._housekeeping_pass, lambda: HEARTBEAT_INTERVAL)
 
-        last_status_event = 0.0
-        while True:
-            self._write_heartbeat()
-            depth = self.queue.qsize() + self.running
-            self.metrics.queue_depth.set(depth)
-            if self.events is not None:
-                self.metrics.reconnects.set(self.events.reconnects)
-            try:
-                age = self.services.db.oldest_pending_age()
-                self.metrics.oldest_pending.set(age)
-            except FsrecryptError:
-                age = -1.0
-            if time.monotonic() - last_status_event >= STATUS_EVENT_INTERVAL:
-                if self._send_status_event(depth, age):
-                    last_status_event = time.monotonic()
-            self._notify(
-                f"STATUS=running; queue {depth}; esl "
-                f"{'up' if self.events and self.events.connected else 'down'}; "
-                f"stored {self.counts.get('stored', 0)}"
-            )
-            gevent.sleep(HEARTBEAT_INTERVAL)
+    def _housekeeping_pass(self) -> None:
+        self._write_heartbeat()
+        depth = self.queue.qsize() + self.running
+        self.metrics.queue_depth.set(depth)
+        if self.events is not None:
+            self.metrics.reconnects.set(self.events.reconnects)
+        try:
+            age = self.services.db.oldest_pending_age()
+            self.metrics.oldest_pending.set(age)
+        except FsrecryptError:
+            age = -1.0
+        if time.monotonic() - self._last_status_event >= STATUS_EVENT_INTERVAL:
+            if self._send_status_event(depth, age):
+                self._last_status_event = time.monotonic()
+        self._notify(
+            f"STATUS=running; queue {depth}; esl "
+            f"{'up' if self.events and self.events.connected else 'down'}; "
+            f"stored {self.counts.get('stored', 0)}"
+        )
 
     def _send_status_event(self, depth: int, age: float) -> bool:
         if self.events is None or not self.events.connected:
@@ -602,7 +744,29 @@ class Daemon:
     # --- events -----------------------------------------------------------------------
 
     def on_event(self, event: Event) -> None:
-        """Classify one event and turn it into a row and a job (runs in the ESL dispatcher)."""
+        """Handle one event (runs in the ESL dispatcher); a failure is this event's alone.
+
+        Whatever handling one event raises (a library error on a hostile
+        value, a bug) refuses that event: counted as ``internal-error`` in
+        ``fsrecrypt_refused_events``, one log line with the traceback, and the
+        dispatcher goes on with the next event. The file is left untouched.
+        """
+        try:
+            self._handle_event(event)
+        except Exception as exc:
+            self.metrics.refused.labels("internal-error").inc()
+            self.counts["refused"] = self.counts.get("refused", 0) + 1
+            self.log.error(
+                "event.refused",
+                reason="internal-error",
+                event_name=getattr(event, "name", None),
+                error_type=type(exc).__name__,
+                error=repr(exc)[:500],
+                exc_info=exc,
+            )
+
+    def _handle_event(self, event: Event) -> None:
+        """Classify one event and turn it into a row and a job."""
         from fsrecrypt.errors import EventError
         from fsrecrypt.esl import classify_record_stop
 
@@ -616,6 +780,14 @@ class Daemon:
             return
         tenant_name = rs.tenant or fs.default_tenant
         base = {"call_uuid": rs.call_uuid, "core_uuid": rs.core_uuid, "cause": rs.cause}
+        problem = path_text_problem(rs.path)
+        if problem is not None:
+            self._refuse("path", error=f"refusing {rs.path!r}: {problem}", **base)
+            return
+        if rs.sanitised:
+            # Kept, not refused: the recording must still be encrypted. The
+            # row says which values were altered (NUL or non-UTF-8 bytes).
+            self.log.warning("event.values_sanitised", fields=list(rs.sanitised), **base)
         metadata: dict[str, Any] = {
             "consent": rs.consent,
             "completion_cause": rs.cause,
@@ -624,6 +796,8 @@ class Daemon:
             "event_sequence": rs.event_seq,
             "event_timestamp": rs.event_timestamp,
         }
+        if rs.sanitised:
+            metadata["sanitised_fields"] = list(rs.sanitised)
         if rs.disposition == "remote":
             self._count("out-of-scope")
             self.log.info("event.out_of_scope", reason="not a local file (URL path)", **base)
@@ -641,6 +815,15 @@ class Daemon:
             self._vet_path(rs.path)
         except PathRefused as exc:
             self._refuse("path", error=str(exc), **base)
+            return
+        except (OSError, RuntimeError, ValueError) as exc:
+            # e.g. a self-looping symlink (RuntimeError from Path.resolve) or
+            # a rename racing realpath (EINVAL): unresolvable means refused.
+            self._refuse(
+                "path",
+                error=f"refusing {rs.path!r}: cannot resolve it ({type(exc).__name__})",
+                **base,
+            )
             return
         job = Job(path=rs.path, tenant_name=tenant_name, call_uuid=rs.call_uuid,
                   core_uuid=rs.core_uuid, metadata=metadata)
@@ -991,23 +1174,16 @@ class Daemon:
     # --- the sweep --------------------------------------------------------------------------
 
     def _sweep_loop(self) -> None:
-        import gevent
+        self._loop("sweeper", self._sweep_pass, lambda: self.config.pipeline.sweep_interval)
 
+    def _sweep_pass(self) -> None:
         # Orphaned uploads (a crash mid-multipart) are cleaned at start and then
         # hourly; only those older than ORPHAN_UPLOAD_AGE, so a live upload of
         # another daemon sharing the bucket is never cut.
-        last_abort = float("-inf")
-        while True:
-            try:
-                due = time.monotonic() - last_abort >= ORPHAN_UPLOAD_AGE
-                self.sweep(abort_uploads=due)
-                if due:
-                    last_abort = time.monotonic()
-            except FsrecryptError as exc:
-                self.log.warning("sweep.failed", error=exc.one_line())
-            except Exception as exc:
-                self.log.exception("sweep.crashed", error=repr(exc))
-            gevent.sleep(self.config.pipeline.sweep_interval)
+        due = time.monotonic() - self._last_abort >= ORPHAN_UPLOAD_AGE
+        self.sweep(abort_uploads=due)
+        if due:
+            self._last_abort = time.monotonic()
 
     def sweep(self, *, abort_uploads: bool = False) -> dict[str, int]:
         """Resume due pending rows, finish stored-but-undeleted files, adopt orphan files."""
@@ -1048,6 +1224,11 @@ class Daemon:
             if path in self.busy or now - st.st_mtime < cfg.pipeline.quiet_period:
                 continue
             if (path, "*") in self.refused_paths:
+                continue
+            problem = path_text_problem(path)
+            if problem is not None:  # refused once, then never looked at again
+                self.refused_paths.add((path, "*"))
+                self._refuse("path", error=f"refusing {path!r}: {problem}", origin="sweep")
                 continue
             candidates.append((path, st))
             if len(candidates) % 200 == 0:
@@ -1214,6 +1395,15 @@ def run_health(config: Config) -> list[Check]:
                 f"no daemon heartbeat at {path}",
                 hint="Start the daemon ('systemctl start fsrecrypt') and check its log.",
             ) from None
+        failures = [f for f in doc.get("failures") or [] if isinstance(f, dict)]
+        if doc.get("state") == "failed" or failures:
+            names = ", ".join(str(f.get("greenlet"))[:40] for f in failures[:5]) or "unknown"
+            first = str(failures[0].get("error", ""))[:200] if failures else ""
+            raise InvalidState(
+                f"daemon pid {doc.get('pid')} lost its {names} greenlet ({first}) and exits "
+                "to be restarted",
+                hint="Check the daemon's log (journalctl -u fsrecrypt) for the traceback.",
+            )
         age = time.time() - float(doc.get("time", 0))
         if doc.get("state") != "running" or age > 6 * HEARTBEAT_INTERVAL:
             raise InputFileError(

@@ -31,7 +31,9 @@ disconnect like any other and triggers the reconnect loop.
 
 from __future__ import annotations
 
+import contextlib
 import random
+import re
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -79,6 +81,7 @@ __all__ = [
     "RecordStop",
     "backoff_delay",
     "classify_record_stop",
+    "db_safe_text",
     "parse_event_body",
 ]
 
@@ -204,6 +207,7 @@ class RecordStop:
     file_size_hint: int | None
     event_seq: str | None
     event_timestamp: str | None
+    sanitised: tuple[str, ...] = ()
 
     @property
     def key(self) -> str:
@@ -218,6 +222,25 @@ def _strip_prefix(path: str) -> str:
         if end != -1:
             return path[end + 1 :]
     return path
+
+
+# NUL and lone surrogates (what surrogateescape makes of bytes that are not
+# UTF-8) are the two things a Python str can hold that PostgreSQL refuses in
+# text and jsonb: a psycopg2 ValueError / UnicodeEncodeError, or a DataError.
+_DB_UNSAFE = re.compile(r"[\x00\ud800-\udfff]")
+
+
+def db_safe_text(value: str | None) -> str | None:
+    """``value`` with NUL and undecodable bytes replaced by U+FFFD, so PostgreSQL takes it.
+
+    Header values are caller-influenced (caller id, SIP-set channel variables)
+    and decoded leniently; stored verbatim, one stray byte would make the
+    INSERT fail and the recording with it. The replacement character keeps
+    the rest of the value readable and shows that something was replaced.
+    """
+    if value is None:
+        return None
+    return _DB_UNSAFE.sub("\ufffd", value)
 
 
 def _int_or_none(value: str | None) -> int | None:
@@ -263,19 +286,34 @@ def classify_record_stop(
         disposition = "remote"
     else:
         disposition = "process"
+    # Every text field below ends up in PostgreSQL; the path is left as
+    # decoded (it must name the file byte for byte) and vetted by the daemon.
+    raw_fields: dict[str, str | None] = {
+        "core_uuid": core_uuid,
+        "call_uuid": event.get("Channel-Call-UUID") or event.get("variable_call_uuid"),
+        "channel_uuid": event.get("Unique-ID"),
+        "cause": cause,
+        "tenant": event.get(tenant_header) or None,
+        "consent": event.get(consent_header) or None,
+        "event_seq": event.get("Event-Sequence"),
+        "event_timestamp": event.get("Event-Date-Timestamp"),
+    }
+    clean = {name: db_safe_text(value) for name, value in raw_fields.items()}
+    sanitised = tuple(name for name in raw_fields if clean[name] != raw_fields[name])
     return RecordStop(
-        core_uuid=core_uuid,
-        call_uuid=event.get("Channel-Call-UUID") or event.get("variable_call_uuid"),
-        channel_uuid=event.get("Unique-ID"),
+        core_uuid=clean["core_uuid"] or "",
+        call_uuid=clean["call_uuid"],
+        channel_uuid=clean["channel_uuid"],
         path=path,
-        cause=cause,
+        cause=clean["cause"],
         disposition=disposition,
-        tenant=event.get(tenant_header) or None,
-        consent=event.get(consent_header) or None,
+        tenant=clean["tenant"],
+        consent=clean["consent"],
         record_ms=_int_or_none(event.get("variable_record_ms")),
         file_size_hint=_int_or_none(event.get("variable_record_file_size")),
-        event_seq=event.get("Event-Sequence"),
-        event_timestamp=event.get("Event-Date-Timestamp"),
+        event_seq=clean["event_seq"],
+        event_timestamp=clean["event_timestamp"],
+        sanitised=sanitised,
     )
 
 
@@ -587,6 +625,7 @@ class EventSource:
         self._supervisor: gevent.Greenlet | None = None
         self._dispatcher: gevent.Greenlet | None = None
         self._ever_connected = False
+        self.handler_failures = 0
 
     @property
     def connected(self) -> bool:
@@ -603,6 +642,18 @@ class EventSource:
         self._stopping.clear()
         self._dispatcher = gevent.spawn(self._dispatch_loop)
         self._supervisor = gevent.spawn(self._supervise)
+
+    def greenlets(self) -> dict[str, gevent.Greenlet]:
+        """The long-lived greenlets started by :meth:`start`, by name, for a supervisor.
+
+        ``esl-supervisor`` connects, probes liveness and reconnects (each
+        connection's socket reader is its child: a dead reader is a dropped
+        connection, reconnected); ``esl-dispatcher`` runs ``on_event``.
+        Neither returns before :meth:`stop`, so either ending earlier means
+        events are no longer being handled.
+        """
+        named = {"esl-supervisor": self._supervisor, "esl-dispatcher": self._dispatcher}
+        return {name: g for name, g in named.items() if g is not None}
 
     def stop(self, timeout: float = 5.0) -> None:
         """Close the connection and stop both greenlets; queued events are still delivered."""
@@ -684,14 +735,32 @@ class EventSource:
         self._queue.put(event)
 
     def _dispatch_loop(self) -> None:
+        """Hand queued events to ``on_event`` one by one until stopped.
+
+        A handler failure costs that one event, never the loop: whatever the
+        handler raises (a bug, a library error on a hostile value) is counted
+        in ``handler_failures`` and logged, and the next event is delivered.
+        Only ``stop()`` ends this loop; the owner supervises the greenlet for
+        anything else (see :meth:`greenlets`).
+        """
         while True:
             item = self._queue.get()
             if item is _STOP:
                 return
             try:
                 self.on_event(item)
-            except Exception:
-                log.exception("esl.on_event_failed", event=getattr(item, "name", None))
+            except Exception as exc:
+                self.handler_failures += 1
+                # The log call itself must not end the loop either (a renderer
+                # choking on an odd value): nothing more can be done then.
+                with contextlib.suppress(Exception):
+                    log.error(
+                        "esl.on_event_failed",
+                        event_name=getattr(item, "name", None),
+                        error_type=type(exc).__name__,
+                        error=repr(exc)[:500],
+                        exc_info=exc,
+                    )
 
     def _supervise(self) -> None:
         attempt = 0
