@@ -178,15 +178,24 @@ def assert_json_error(response, status: int, code: str) -> dict[str, Any]:
 
 
 def test_missing_and_invalid_keys_are_refused_and_audited(world: World, client) -> None:
-    r = client.get("/v1/recordings")
+    # Anonymous refusals are counted per client address, reason and minute: a
+    # client address of its own keeps an earlier parametrisation's bucket (same
+    # minute, same reason) from absorbing this test's first row.
+    n = uuid.uuid4().int
+    own = {"REMOTE_ADDR": f"10.{n % 250 + 1}.{(n >> 8) % 250 + 1}.{(n >> 16) % 250 + 1}"}
+    r = client.get("/v1/recordings", environ_base=own)
     assert_json_error(r, 401, "auth_required")
     assert r.headers["WWW-Authenticate"].startswith("ApiKey")
     bad = world.keys["a"][:-4] + "AAAA"
     assert_json_error(
-        client.get("/v1/recordings", headers={"X-API-Key": bad}), 401, "invalid_api_key"
+        client.get("/v1/recordings", headers={"X-API-Key": bad}, environ_base=own),
+        401,
+        "invalid_api_key",
     )
     assert_json_error(
-        client.get("/v1/recordings", headers={"X-API-Key": "nonsense"}), 401, "invalid_api_key"
+        client.get("/v1/recordings", headers={"X-API-Key": "nonsense"}, environ_base=own),
+        401,
+        "invalid_api_key",
     )
     row = world.services.db.audit_rows(action="auth")[-1]
     assert row["success"] is False and row["error_message"] == "invalid_api_key"
