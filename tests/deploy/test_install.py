@@ -16,6 +16,7 @@ import shutil
 import stat
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -257,11 +258,19 @@ def _verify(root: Path) -> subprocess.CompletedProcess[str]:
 
 
 @pytest.mark.slow
-def test_installed_unit_passes_systemd_analyze_verify_and_its_execstart_runs(
-    tmp_path: Path,
-) -> None:
+def test_installed_unit_passes_systemd_analyze_verify_and_its_execstart_runs() -> None:
     subprocess.run(["bash", str(ROOT / ".ci" / "ensure-systemd-analyze")], check=True)
-    root = make_root(tmp_path)
+    # Not under pytest's tmp_path (0700 root): the service user must reach the files.
+    tmp = Path(tempfile.mkdtemp(prefix="fsrecrypt-install-"))
+    try:
+        _install_verify_and_run(tmp)
+    finally:
+        shutil.rmtree(tmp)
+
+
+def _install_verify_and_run(tmp: Path) -> None:
+    tmp.chmod(0o755)
+    root = make_root(tmp)
     _systemd_root(root)
 
     # Without the virtualenv the unit's ExecStart= names nothing: verify says so.
@@ -281,6 +290,50 @@ def test_installed_unit_passes_systemd_analyze_verify_and_its_execstart_runs(
         [str(root) + command, "--help"], capture_output=True, text=True, timeout=60
     )
     assert run.returncode == 0 and "Usage: fsrecrypt" in run.stdout, run.stderr
+
+    # The service user, with the groups the unit gives it (Group=freeswitch plus
+    # its member groups), reads the installed config: `config check` passes.
+    uid = int(passwd(root)["fsrecrypt"][2])
+    grp = groups(root)
+    fs_gid, own_gid = int(grp["freeswitch"][2]), int(grp["fsrecrypt"][2])
+    check = subprocess.run(
+        [
+            "setpriv",
+            f"--reuid={uid}",
+            f"--regid={fs_gid}",
+            f"--groups={own_gid},{fs_gid}",
+            str(root) + command,
+            "-c",
+            f"{root}/etc/fsrecrypt/fsrecrypt.toml",
+            "config",
+            "check",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd="/",
+    )
+    assert check.returncode == 0, check.stdout + check.stderr
+    # Without the membership in its own group the config would be unreadable.
+    denied = subprocess.run(
+        [
+            "setpriv",
+            f"--reuid={uid}",
+            f"--regid={fs_gid}",
+            f"--groups={fs_gid}",
+            str(root) + command,
+            "-c",
+            f"{root}/etc/fsrecrypt/fsrecrypt.toml",
+            "config",
+            "check",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd="/",
+    )
+    assert denied.returncode != 0
+    assert "Permission denied" in denied.stderr and "fsrecrypt.toml" in denied.stderr
 
     # Running it again upgrades in place and leaves a unit that still verifies.
     install(root, "--python", sys.executable)
