@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: venv demo test test-fast bench lint services clean
+.PHONY: venv demo test test-fast bench lint services browser install-service clean
 
 venv: $(STAMP)
 
@@ -19,12 +19,16 @@ $(STAMP): setup.cfg pyproject.toml
 # by the test fixtures themselves as separate processes.
 services:
 	@bash .ci/ensure-postgres
+
+# Chromium, its chromedriver and selenium: only the browser test needs them,
+# so only `make test` installs them (never `make demo` or `make bench`).
+browser: venv
 	@PYTHON=$(abspath $(BIN))/python bash tests/support/browser_setup.sh
 
 demo: venv services
 	$(BIN)/python demo/run.py
 
-test: venv services
+test: venv services browser
 	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
 
 test-fast: venv
@@ -36,6 +40,13 @@ bench: venv services
 lint: venv
 	$(BIN)/ruff check fsrecrypt tests bench demo
 	$(BIN)/ruff format --check fsrecrypt tests bench demo
+
+# Install fsrecrypt as a systemd service on this machine (as root): user and
+# group, /etc/fsrecrypt, credentials placeholders, /var/lib/fsrecrypt, the
+# virtualenv in /opt/fsrecrypt and the unit. Options go in INSTALL_ARGS, e.g.
+# `make install-service INSTALL_ARGS="--prefix /srv/fsrecrypt"`.
+install-service:
+	bash deploy/install-service $(INSTALL_ARGS)
 
 clean:
 	rm -rf $(VENV) .demo .pytest_cache .hypothesis *.egg-info

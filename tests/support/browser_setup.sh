@@ -23,5 +23,12 @@ if ! "$PYTHON" -c "import selenium" 2>/dev/null; then
     "$PYTHON" -m pip install --quiet "selenium>=4.20"
 fi
 
-/usr/bin/chromium --version >/dev/null
+# Check the browser binary itself, not Debian's /usr/bin/chromium launcher: the
+# launcher sources /etc/chromium.d/dev-shm, which runs
+# `[ $(findmnt -bnr -o avail -T /dev/shm) -lt 4080218931 ]` unquoted; where
+# /dev/shm is mounted more than once (containers) findmnt prints one number per
+# mount and `[` fails with "unexpected operator". The check only decides
+# whether to add --disable-dev-shm-usage, which the browser test passes itself,
+# so the launcher still starts the browser correctly there.
+/usr/lib/chromium/chromium --version >/dev/null
 /usr/bin/chromedriver --version >/dev/null
