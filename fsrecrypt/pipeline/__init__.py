@@ -7,6 +7,7 @@
 - ``headers``: object headers read with one small request, cached once verified
 - ``envelope``: the encryption context and the wrapped data key as the row keeps it
 - ``services``: the adapters a job needs, built on first use; worker ids
+- ``tenants``: a tenant is added only with a key that can wrap now
 
 The plaintext file itself (the descriptor walk from the recordings directory,
 WAV completeness, delete after the identity check) is :mod:`fsrecrypt.plaintext`,
@@ -44,6 +45,7 @@ from fsrecrypt.pipeline.playback import (
     unwrap_data_key,
 )
 from fsrecrypt.pipeline.services import Services, host_worker_prefix, worker_id
+from fsrecrypt.pipeline.tenants import add_tenant
 from fsrecrypt.plaintext import (
     SourceFile,
     content_changed,
@@ -68,6 +70,7 @@ __all__ = [
     "Services",
     "SourceFile",
     "StoreOutcome",
+    "add_tenant",
     "check_readable",
     "checked_plaintext_size",
     "content_changed",
