@@ -3,10 +3,11 @@
 Start-up cost matters (operators run ``fsrecrypt health`` from cron and
 monitoring): this module imports only click and the error types. Every
 command lives in a module of this package (one per command group, named in
-``LAZY_COMMANDS``) that is imported only when the command is named or
-listed by ``--help``; those modules import their domain code inside the
-command bodies, so ``--help`` or a local-keyring ``encrypt`` never pays for
-boto3, psycopg2, gevent or Flask (``bench/bench_startup.py`` measures it).
+``LAZY_COMMANDS``) that is imported only when the command is named;
+``--help`` lists them from ``COMMAND_SUMMARIES`` without importing any.
+Those modules import their domain code inside the command bodies, so a
+local-keyring ``encrypt`` never pays for boto3, psycopg2, gevent or Flask
+(``bench/bench_startup.py`` measures it).
 
 Errors: a :class:`~fsrecrypt.errors.FsrecryptError` becomes one line on stderr
 (what happened, what to do) and a non-zero exit; ``--debug`` adds the
@@ -75,8 +76,8 @@ def config_option(func: F) -> F:
 
 
 # Every command, by the module that holds it. A module is imported only when
-# one of its commands is named (or listed by --help), and those modules import
-# nothing heavy at top level, so start-up stays cheap.
+# one of its commands is named, and those modules import nothing heavy at top
+# level, so start-up stays cheap.
 LAZY_COMMANDS: dict[str, str] = {
     "run": "fsrecrypt.daemon:run_command",
     "health": "fsrecrypt.daemon:health_command",
