@@ -11,8 +11,9 @@ from typing import IO
 
 import click
 
-from fsrecrypt.cli import atomic_output, config_option
+from fsrecrypt.cli import config_option
 from fsrecrypt.cli.helpers import operator, services_for, user_option
+from fsrecrypt.cli.output import atomic_output
 
 
 @click.group("audit")
