@@ -82,8 +82,8 @@ def default_user() -> str:
 # named (or listed by --help), and those modules import nothing heavy at top
 # level, so start-up stays cheap.
 LAZY_COMMANDS: dict[str, str] = {
-    "run": "fsrecrypt.daemon:run_command",
-    "health": "fsrecrypt.daemon:health_command",
+    "run": "fsrecrypt.cli.daemon:run_command",
+    "health": "fsrecrypt.cli.daemon:health_command",
     "serve": "fsrecrypt.cli.web:serve_command",
     "apikeys": "fsrecrypt.cli.web:apikeys_group",
     "audit": "fsrecrypt.cli.audit:audit_group",
