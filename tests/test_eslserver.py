@@ -11,7 +11,7 @@ import time
 
 import pytest
 
-from fsrecrypt.esl import parse_event_body
+from fsrecrypt.daemon.eslparse import parse_event_body
 from tests.support.eslserver import (
     FIXTURES_DIR,
     EslReplayServer,

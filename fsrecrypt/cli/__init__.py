@@ -79,8 +79,8 @@ def config_option(func: F) -> F:
 # one of its commands is named, and those modules import nothing heavy at top
 # level, so start-up stays cheap.
 LAZY_COMMANDS: dict[str, str] = {
-    "run": "fsrecrypt.daemon:run_command",
-    "health": "fsrecrypt.daemon:health_command",
+    "run": "fsrecrypt.cli.daemon:run_command",
+    "health": "fsrecrypt.cli.daemon:health_command",
     "serve": "fsrecrypt.cli.web:serve_command",
     "apikeys": "fsrecrypt.cli.web:apikeys_group",
     "audit": "fsrecrypt.cli.audit:audit_group",
