@@ -309,6 +309,12 @@ def _build_section(cls: type, raw: Mapping[str, Any], section: str, source: str)
     return obj
 
 
+_READ_HINT = (
+    "Run the command as the service user (sudo -u fsrecrypt fsrecrypt ...), or give "
+    "that user read access: the config is root:fsrecrypt 0640 in a directory root:fsrecrypt 0750."
+)
+
+
 def load_config(path: str | os.PathLike[str] | None = None) -> Config:
     """Load the config file (or only defaults + environment when there is none).
 
@@ -321,7 +327,14 @@ def load_config(path: str | os.PathLike[str] | None = None) -> Config:
     source = "<defaults>"
     candidates = [Path(explicit)] if explicit else list(DEFAULT_CONFIG_PATHS)
     for candidate in candidates:
-        if not candidate.exists():
+        try:
+            present = candidate.exists()
+        except OSError as exc:  # e.g. /etc/fsrecrypt is 0750 and we are not in its group
+            raise ConfigError(
+                f"cannot look for {candidate}: {exc.strerror}",
+                hint=_READ_HINT,
+            ) from None
+        if not present:
             if explicit:
                 raise ConfigError(
                     f"configuration file {candidate} does not exist",
@@ -333,7 +346,7 @@ def load_config(path: str | os.PathLike[str] | None = None) -> Config:
         except tomllib.TOMLDecodeError as exc:
             raise ConfigError(f"{candidate}: invalid TOML: {exc}") from None
         except OSError as exc:
-            raise ConfigError(f"cannot read {candidate}: {exc.strerror}") from None
+            raise ConfigError(f"cannot read {candidate}: {exc.strerror}", hint=_READ_HINT) from None
         source = str(candidate)
         break
     sections = {f.name: f.type for f in dataclasses.fields(Config) if f.name != "source"}

@@ -86,3 +86,45 @@ def test_password_file_via_credentials_directory(
     with pytest.raises(ConfigError) as info:
         load_config(EXAMPLE).freeswitch.resolved_password()
     assert "LoadCredential" in info.value.one_line()
+
+
+@pytest.mark.parametrize("blocked", ["directory", "file"])
+def test_unreadable_config_is_a_clear_error_not_a_traceback(tmp_path: Path, blocked: str) -> None:
+    """An operator running the CLI as the wrong user gets what to do, not PermissionError."""
+    import os
+    import subprocess
+    import sys
+
+    etc = tmp_path / "etc"
+    etc.mkdir()
+    config = etc / "fsrecrypt.toml"
+    config.write_text("[logging]\nlevel = 'info'\n")
+    os.chmod(tmp_path, 0o755)
+    if blocked == "directory":
+        os.chmod(etc, 0o700)  # root's, not searchable by the unprivileged user below
+    else:
+        os.chmod(etc, 0o755)
+        os.chmod(config, 0o600)
+    result = subprocess.run(
+        [
+            "setpriv",
+            "--reuid=65534",
+            "--regid=65534",
+            "--clear-groups",
+            sys.executable,
+            "-c",
+            "from fsrecrypt.cli import main; main()",
+            "-c",
+            str(config),
+            "config",
+            "check",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=Path(__file__).resolve().parents[1],
+    )
+    assert result.returncode != 0
+    assert "Traceback" not in result.stderr, result.stderr
+    assert str(config) in result.stderr and "Permission denied" in result.stderr
+    assert "sudo -u fsrecrypt" in result.stderr
