@@ -159,7 +159,7 @@ def audit_anchor_command(ctx: click.Context, public_key: bool, user_id: str | No
 
     state = ctx.ensure_object(State)
     if public_key:
-        signer = AnchorSigner.from_config(state.config().audit, create=True)
+        signer = AnchorSigner.from_config(state.config.audit, create=True)
         echo_json({"alg": signer.alg, "key_id": signer.key_id, "public_key": signer.public_key})
         return
     services = services_for(ctx)
@@ -222,6 +222,6 @@ def _export_signer(ctx: click.Context, key_file: str | None, public_key: str | N
         except ValueError:
             raise ConfigError("--public-key is not base64") from None
         return AnchorSigner("ed25519", public=raw)
-    cfg = ctx.ensure_object(State).config().audit
+    cfg = ctx.ensure_object(State).config.audit
     secret = load_key_file(key_file or cfg.anchor_key_file, ANCHOR_KEY, create=False)
     return AnchorSigner(cfg.anchor_signature, secret=secret)

@@ -415,7 +415,14 @@ def _check_entry(
 ) -> list[AnchorProblem]:
     chain, last_id = entry["chain"], entry["last_id"]
     tenant_id = None if chain == "global" else chain
-    first_row = seen.last_id + 1
+    # The rows this anchor covers: the chain's rows after the previous anchor's head.
+    cur.execute(
+        "SELECT count(*), min(id) FROM recording_access_logs"
+        " WHERE tenant_id IS NOT DISTINCT FROM %s::uuid AND id > %s AND id <= %s",
+        (tenant_id, seen.last_id, max(last_id, seen.last_id)),
+    )
+    count, first = cur.fetchone()
+    first_row = int(first) if first is not None else seen.last_id + 1
 
     def problem(detail: str) -> AnchorProblem:
         return AnchorProblem(
@@ -424,12 +431,7 @@ def _check_entry(
 
     if last_id < seen.last_id:
         return [problem(f"it names row {last_id}, older than the previous anchor's {seen.last_id}")]
-    cur.execute(
-        "SELECT count(*) FROM recording_access_logs"
-        " WHERE tenant_id IS NOT DISTINCT FROM %s::uuid AND id > %s AND id <= %s",
-        (tenant_id, seen.last_id, last_id),
-    )
-    seen.db_count += int(cur.fetchone()[0])
+    seen.db_count += int(count)
     seen.last_id = last_id
     cur.execute(
         "SELECT row_hash, coalesce(tenant_id::text, 'global') FROM recording_access_logs"

@@ -171,6 +171,7 @@ class S3AnchorBucket:
             Key=key,
             Body=data,
             ContentType="application/json",
+            ChecksumAlgorithm="SHA256",
             ChecksumSHA256=base64.b64encode(hashlib.sha256(data).digest()).decode("ascii"),
             IfNoneMatch="*",
             ObjectLockMode=self.mode,
