@@ -205,6 +205,7 @@ class AuditConfig:
     anchor_key_file: str = "/var/lib/fsrecrypt/audit-anchor.key"
     anchor_signature: str = "hmac-sha256"
     anchor_interval: float = 3600.0
+    fingerprint_key_file: str = ""
 
     def validate(self) -> None:
         if self.anchor_dir and not os.path.isabs(self.anchor_dir):
@@ -225,6 +226,8 @@ class AuditConfig:
             )
         if not self.anchor_key_file or not os.path.isabs(self.anchor_key_file):
             raise ValueError("anchor_key_file must be an absolute path")
+        if self.fingerprint_key_file and not os.path.isabs(self.fingerprint_key_file):
+            raise ValueError("fingerprint_key_file must be an absolute path (or empty)")
         if not 60 <= self.anchor_interval <= 7 * 86400:
             raise ValueError("anchor_interval must be between 60 seconds and 7 days")
 

@@ -92,6 +92,7 @@ LAZY_COMMANDS: dict[str, str] = {
     "hold": "fsrecrypt.cli.erase:hold_group",
     "expire": "fsrecrypt.cli.erase:expire_command",
     "verify": "fsrecrypt.cli.verify:verify_command",
+    "custody": "fsrecrypt.cli.custody:custody_command",
 }
 
 

@@ -118,6 +118,8 @@ class Recordings(Tenants):
         )
 
     def recording(self, recording_id: str) -> Recording:
+        if "\x00" in recording_id:  # psycopg2 refuses NUL in a parameter (ValueError)
+            raise NotFound(f"no recording with id {recording_id!r}")
         with self.transaction("looking up a recording") as cur:
             try:
                 cur.execute(
@@ -188,6 +190,7 @@ class Recordings(Tenants):
         metadata: Mapping[str, Any],
         claimed_by: str,
         audit: Mapping[str, Any] | None = None,
+        plaintext_hmac: tuple[str, str] | None = None,
     ) -> Recording:
         """Move a row to ``stored`` (and write its audit row) in one transaction.
 
@@ -201,7 +204,8 @@ class Recordings(Tenants):
                 " file_size_bytes = %s, encrypted_size_bytes = %s,"
                 " encryption_metadata = encryption_metadata || %s::jsonb,"
                 " last_error = NULL, next_attempt_at = NULL,"
-                " stored_at = now(), updated_at = now(), claimed_by = NULL, claimed_until = NULL"
+                " stored_at = now(), updated_at = now(), claimed_by = NULL, claimed_until = NULL,"
+                " plaintext_hmac = %s, plaintext_hmac_key_id = %s"
                 " WHERE id = %s AND status IN ('pending', 'failed') AND claimed_by = %s"
                 f" RETURNING {RECORDING_COLUMNS}",
                 (
@@ -212,6 +216,7 @@ class Recordings(Tenants):
                     file_size_bytes,
                     encrypted_size_bytes,
                     json.dumps(dict(metadata)),
+                    *(plaintext_hmac or (None, None)),
                     recording_id,
                     claimed_by,
                 ),
@@ -228,6 +233,34 @@ class Recordings(Tenants):
                     cur, recording_id=recording_id, tenant_id=recording.tenant_id, **audit
                 )
             return recording
+
+    def note_plaintext_deleted(self, recording_id: str, host: str) -> None:
+        """When and on which host the plaintext went (chain of custody); first deletion wins."""
+        with self.transaction("noting the plaintext deletion") as cur:
+            cur.execute(
+                "UPDATE call_recordings SET plaintext_deleted_at = now(),"
+                " plaintext_deleted_host = %s WHERE id = %s AND plaintext_deleted_at IS NULL",
+                (host[:255], recording_id),
+            )
+
+    def custody_columns(self, recording_id: str) -> dict[str, Any]:
+        """The custody columns of one recording (fingerprint, plaintext deletion)."""
+        with self.transaction("reading a recording's custody") as cur:
+            cur.execute(
+                "SELECT plaintext_hmac, plaintext_hmac_key_id, plaintext_deleted_at,"
+                " plaintext_deleted_host FROM call_recordings WHERE id = %s",
+                (recording_id,),
+            )
+            row = cur.fetchone()
+        if row is None:
+            raise NotFound(f"no recording with id {recording_id!r}")
+        names = (
+            "plaintext_hmac",
+            "plaintext_hmac_key_id",
+            "plaintext_deleted_at",
+            "plaintext_deleted_host",
+        )
+        return dict(zip(names, row, strict=True))
 
     def repoint_source(
         self, recording_id: str, old_fingerprint: str, new_fingerprint: str
