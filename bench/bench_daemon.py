@@ -94,7 +94,8 @@ def moto_process() -> Iterator[Moto]:
     port = free_port()
     proc = subprocess.Popen(
         [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
     )
     url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 30
@@ -129,8 +130,7 @@ def stored_count(db: Any, directory: Path) -> int:
     """
     with db.transaction("counting stored rows") as cur:
         cur.execute(
-            "SELECT count(*) FROM call_recordings WHERE status = 'stored'"
-            " AND source_path LIKE %s",
+            "SELECT count(*) FROM call_recordings WHERE status = 'stored' AND source_path LIKE %s",
             (str(directory) + "/%",),
         )
         return int(cur.fetchone()[0])
@@ -160,8 +160,9 @@ def burst(env: Any, n: int, data: bytes, case: str, moto: Moto | None = None) ->
         p = directory / f"{case}-{i:05d}.wav"
         p.write_bytes(data)
         paths.append(p)
-    daemon = env.start(pipeline={"concurrency": CONCURRENCY, "quiet_period": 3600.0,
-                                 "sweep_interval": 3600.0})
+    daemon = env.start(
+        pipeline={"concurrency": CONCURRENCY, "quiet_period": 3600.0, "sweep_interval": 3600.0}
+    )
     rss_max = 0
     done = threading.Event()
 
@@ -275,16 +276,19 @@ def run(
                 with contextlib.contextmanager(make_env)(tmp, s3=s3) as env:
                     for case in cases:
                         count = max(1, int(CASES[case][0] * scale))
-                        r = burst(env, count, templates[case], case,
-                                  moto if backend == "s3" else None)
+                        r = burst(
+                            env, count, templates[case], case, moto if backend == "s3" else None
+                        )
                         results[f"{backend}/{case}"] = r
-                        print(f"   {backend:5} {case:11} {r['recordings_per_s']:8.1f} rec/s  "
-                              f"p50 {r['latency_p50_s']:7.3f}s  p99 {r['latency_p99_s']:7.3f}s  "
-                              f"RSS max {r['daemon_rss_max_mib']:.0f} MiB  "
-                              f"CPU/rec daemon {r['daemon_cpu_ms_per_rec']:.1f} ms "
-                              f"moto {r['moto_cpu_ms_per_rec']:.1f} ms  "
-                              f"audit chain {'ok' if r['audit_chain_intact'] else 'BROKEN'}",
-                              flush=True)
+                        print(
+                            f"   {backend:5} {case:11} {r['recordings_per_s']:8.1f} rec/s  "
+                            f"p50 {r['latency_p50_s']:7.3f}s  p99 {r['latency_p99_s']:7.3f}s  "
+                            f"RSS max {r['daemon_rss_max_mib']:.0f} MiB  "
+                            f"CPU/rec daemon {r['daemon_cpu_ms_per_rec']:.1f} ms "
+                            f"moto {r['moto_cpu_ms_per_rec']:.1f} ms  "
+                            f"audit chain {'ok' if r['audit_chain_intact'] else 'BROKEN'}",
+                            flush=True,
+                        )
                         shutil.rmtree(env.tmp / "objects", ignore_errors=True)
                         (env.tmp / "objects").mkdir(exist_ok=True)
             if "s3" not in backends:
@@ -293,9 +297,12 @@ def run(
                 count = max(1, int(CASES[case][0] * scale))
                 r = boto3_baseline(moto, count, templates[case], tmp_root, case)
                 results[f"boto3-baseline/{case}"] = r
-                print(f"   boto3 {case:11} {r['recordings_per_s']:8.1f} rec/s  "
-                      f"p50 {r['latency_p50_s']:7.3f}s  p99 {r['latency_p99_s']:7.3f}s  "
-                      f"CPU/rec moto {r['moto_cpu_ms_per_rec']:.1f} ms", flush=True)
+                print(
+                    f"   boto3 {case:11} {r['recordings_per_s']:8.1f} rec/s  "
+                    f"p50 {r['latency_p50_s']:7.3f}s  p99 {r['latency_p99_s']:7.3f}s  "
+                    f"CPU/rec moto {r['moto_cpu_ms_per_rec']:.1f} ms",
+                    flush=True,
+                )
                 daemon_p99 = results[f"s3/{case}"]["latency_p99_s"]
                 ratio = daemon_p99 / r["latency_p99_s"] if r["latency_p99_s"] else float("nan")
                 results[f"s3/{case}"]["p99_vs_boto3"] = round(ratio, 2)
@@ -307,12 +314,24 @@ def run(
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--scale", type=float, default=None,
-                        help="multiply the recording counts (default 1, or $FSRECRYPT_BENCH_SCALE)")
-    parser.add_argument("--backend", choices=BACKENDS, action="append",
-                        help="run only this backend (repeatable; default both)")
-    parser.add_argument("--case", choices=tuple(CASES), action="append",
-                        help="run only this case (repeatable; default all)")
+    parser.add_argument(
+        "--scale",
+        type=float,
+        default=None,
+        help="multiply the recording counts (default 1, or $FSRECRYPT_BENCH_SCALE)",
+    )
+    parser.add_argument(
+        "--backend",
+        choices=BACKENDS,
+        action="append",
+        help="run only this backend (repeatable; default both)",
+    )
+    parser.add_argument(
+        "--case",
+        choices=tuple(CASES),
+        action="append",
+        help="run only this case (repeatable; default all)",
+    )
     args = parser.parse_args()
     results = run(args.scale, tuple(args.backend or BACKENDS), tuple(args.case or CASES))
     print(json.dumps(results, indent=2))

@@ -18,6 +18,7 @@ import contextlib
 import dataclasses
 import math
 import os
+import re
 import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -424,3 +425,32 @@ def with_overrides(config: Config, **sections: Mapping[str, Any]) -> Config:
         merged = {**dataclasses.asdict(current), **updates}
         changed[name] = _build_section(type(current), merged, name, "<override>")
     return dataclasses.replace(config, **changed)
+
+
+REDACTED = "***"
+_DSN_PASSWORD = re.compile(r"(password\s*=\s*)('(?:[^'\\]|\\.)*'|[^\s&]*)", re.IGNORECASE)
+
+
+def redact_dsn(dsn: str) -> str:
+    """``dsn`` with its password (URL userinfo, ``?password=``, ``password=``) shown as ``***``."""
+    scheme, sep, rest = dsn.partition("://")
+    if sep:
+        netloc, slash, tail = rest.partition("/")
+        userinfo, at, hostport = netloc.rpartition("@")
+        if at and ":" in userinfo:
+            netloc = f"{userinfo.partition(':')[0]}:{REDACTED}@{hostport}"
+        dsn = f"{scheme}{sep}{netloc}{slash}{tail}"
+    return _DSN_PASSWORD.sub(lambda m: m.group(1) + REDACTED, dsn)
+
+
+def effective_settings(config: Config) -> dict[str, Any]:
+    """The settings in force, as plain data, with every secret replaced by ``***``.
+
+    What ``fsrecrypt config check`` prints, so it may be pasted into a
+    ticket: the FreeSWITCH password and any password inside the database
+    DSN are never shown (``*_file`` settings are paths, not secrets).
+    """
+    settings = dataclasses.asdict(config)
+    settings["freeswitch"]["password"] = REDACTED
+    settings["database"]["dsn"] = redact_dsn(config.database.dsn)
+    return settings

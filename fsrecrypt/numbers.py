@@ -10,7 +10,7 @@ with yet another ValueError. Each of those turned a hostile number into a
 bounds; anything else is a :class:`NumberError` the caller maps to its own
 typed error (400/416 on the API, a refused frame on ESL, ConfigError).
 
-Standard library only: config.py and esl.py import it.
+Standard library only: config.py and the daemon (esl, systemd) import it.
 """
 
 from __future__ import annotations

@@ -280,3 +280,48 @@ def test_debug_shows_traceback(tmp_path: Path) -> None:
         timeout=60,
     )
     assert proc.returncode == 2 and "Traceback" in proc.stderr
+
+
+def test_help_lists_every_command_without_importing_command_modules() -> None:
+    """``--help`` lists commands from ``COMMAND_SUMMARIES``: no command module, no config parser."""
+    probe = (
+        "import sys\n"
+        "sys.argv = ['fsrecrypt', '--help']\n"
+        "from fsrecrypt.cli import main\n"
+        "try:\n"
+        "    main()\n"
+        "except SystemExit:\n"
+        "    pass\n"
+        "loaded = sorted(m for m in sys.modules if m.startswith('fsrecrypt.') "
+        "and m not in ('fsrecrypt.cli', 'fsrecrypt.errors'))\n"
+        "print('LOADED=' + ','.join(loaded), file=sys.stderr)\n"
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", probe], capture_output=True, text=True, cwd=ROOT, timeout=60
+    )
+    assert "LOADED=\n" in proc.stderr, proc.stderr
+    from fsrecrypt.cli import LAZY_COMMANDS
+
+    listed = proc.stdout.partition("Commands:")[2].split()
+    for name in LAZY_COMMANDS:
+        assert name in listed, f"{name} missing from --help:\n{proc.stdout}"
+
+
+@pytest.mark.parametrize("width", [40, 80, 200])
+def test_command_summaries_give_the_listing_click_prints_from_the_commands(width: int) -> None:
+    """Each summary is its command's own first sentence, shortened and laid out by click."""
+    import click
+
+    from fsrecrypt.cli import COMMAND_SUMMARIES, LAZY_COMMANDS, main
+
+    assert set(COMMAND_SUMMARIES) == set(LAZY_COMMANDS)
+    ctx = click.Context(main, info_name="fsrecrypt", terminal_width=width, max_content_width=width)
+    for name, summary in COMMAND_SUMMARIES.items():
+        command = main.get_command(ctx, name)
+        assert command is not None, name
+        assert summary == command.get_short_help_str(limit=10_000), name
+    ours, clicks = ctx.make_formatter(), ctx.make_formatter()
+    main.format_commands(ctx, ours)
+    click.Group.format_commands(main, ctx, clicks)
+    assert ours.getvalue() == clicks.getvalue()
+    assert "encrypt" in ours.getvalue()

@@ -11,7 +11,7 @@ import time
 
 import pytest
 
-from fsrecrypt.esl import parse_event_body
+from fsrecrypt.daemon.eslparse import parse_event_body
 from tests.support.eslserver import (
     FIXTURES_DIR,
     EslReplayServer,
@@ -109,7 +109,7 @@ def test_bgapi_replies_then_emits_background_job(esl_server: EslReplayServer) ->
     out = _talk(esl_server.port, b"auth ClueCon\n\nevent plain BACKGROUND_JOB\n\nbgapi status\n\n")
     reply_at = out.index(b"Reply-Text: +OK Job-UUID: ")
     job = out[reply_at + 26 : reply_at + 62].decode()
-    frame = out[out.index(b"Content-Length", reply_at):]
+    frame = out[out.index(b"Content-Length", reply_at) :]
     event = parse_event_body(split_frame(frame)[1])
     assert event.name == "BACKGROUND_JOB"
     assert event.get("Job-UUID") == job and event.get("Job-Command") == "status"

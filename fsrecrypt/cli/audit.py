@@ -11,8 +11,9 @@ from typing import IO, Any
 
 import click
 
-from fsrecrypt.cli import State, atomic_output, config_option
+from fsrecrypt.cli import State, config_option
 from fsrecrypt.cli.helpers import echo_json, operator, services_for, user_option
+from fsrecrypt.cli.output import atomic_output
 
 
 @click.group("audit")

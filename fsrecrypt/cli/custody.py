@@ -23,7 +23,7 @@ from fsrecrypt.cli.helpers import echo_json, operator, services_for, user_option
 def custody_command(
     ctx: click.Context, recording_id: str, check_file: str | None, user_id: str | None
 ) -> None:
-    """Print a recording's evidence: creation, storage, fingerprint, every event, anchors.
+    """Print a recording's evidence: creation, storage, fingerprint, events, anchors.
 
     With --check FILE, compare FILE with the HMAC-SHA256 fingerprint computed
     while the recording was encrypted (exit 1 if it differs). The key is

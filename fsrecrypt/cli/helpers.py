@@ -1,4 +1,4 @@
-"""What the lifecycle commands share: the --user option, services, JSON output, progress, confirm.
+"""What the commands share: the --user option, services, JSON output, progress, confirm.
 
 Everything that talks to the operator lives here, not in the domain:
 ``fsrecrypt.lifecycle`` hands back results and accepts callbacks, and these
@@ -8,14 +8,16 @@ only) and an interactive confirmation.
 
 from __future__ import annotations
 
+import getpass
 import json
+import os
 import sys
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
 import click
 
-from fsrecrypt.cli import State, default_user
+from fsrecrypt.cli import State
 
 if TYPE_CHECKING:  # pragma: no cover
     from fsrecrypt.pipeline import Services
@@ -32,7 +34,15 @@ user_option: Callable[[F], F] = click.option(
 
 def services_for(ctx: click.Context) -> Services:
     """The pipeline's services for this invocation's configuration (close them when done)."""
-    return ctx.ensure_object(State).services()  # type: ignore[no-any-return]
+    return ctx.ensure_object(State).services()
+
+
+def default_user() -> str:
+    """``cli:<OS user>`` (``cli:uid<N>`` when the uid has no name): who ran the command."""
+    try:
+        return f"cli:{getpass.getuser()}"
+    except (KeyError, OSError):
+        return f"cli:uid{os.getuid()}"
 
 
 def operator(user_id: str | None) -> str:

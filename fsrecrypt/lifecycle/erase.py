@@ -27,7 +27,8 @@ from fsrecrypt.lifecycle.common import (
     utc_now,
 )
 from fsrecrypt.lifecycle.holds import LegalHoldActive
-from fsrecrypt.pipeline import Services, remove_source_if_unchanged
+from fsrecrypt.pipeline import Services
+from fsrecrypt.plaintext import remove_source_if_unchanged
 
 
 class RetentionActive(InvalidState):

@@ -7,11 +7,15 @@
 - ``headers``: object headers read with one small request, cached once verified
 - ``envelope``: the encryption context and the wrapped data key as the row keeps it
 - ``services``: the adapters a job needs, built on first use; worker ids
+- ``tenants``: a tenant is added only with a key that can wrap now
 
 The plaintext file itself (the descriptor walk from the recordings directory,
 WAV completeness, delete after the identity check) is :mod:`fsrecrypt.plaintext`,
-which knows nothing of keys, stores or the database; its names are re-exported
-here because the daemon, erasure and the tests reach them through the pipeline.
+which knows nothing of keys, stores or the database: import its names from
+there. The four re-exported here (``open_source``, ``vet_path``,
+``fingerprint_of``, ``is_inside``) are what ``fsrecrypt.daemon`` still reaches
+through the pipeline; they go when the daemon imports them from
+``fsrecrypt.plaintext``.
 """
 
 from fsrecrypt.pipeline.envelope import (
@@ -44,20 +48,8 @@ from fsrecrypt.pipeline.playback import (
     unwrap_data_key,
 )
 from fsrecrypt.pipeline.services import Services, host_worker_prefix, worker_id
-from fsrecrypt.plaintext import (
-    SourceFile,
-    content_changed,
-    delete_plaintext,
-    fingerprint_of,
-    fsync_dir,
-    is_inside,
-    open_source,
-    remove_source_if_unchanged,
-    source_changed,
-    vet_path,
-    wav_info,
-    wav_state,
-)
+from fsrecrypt.pipeline.tenants import add_tenant
+from fsrecrypt.plaintext import fingerprint_of, is_inside, open_source, vet_path
 
 __all__ = [
     "ALGORITHM_NAME",
@@ -66,18 +58,15 @@ __all__ = [
     "IterReader",
     "OpenedRecording",
     "Services",
-    "SourceFile",
     "StoreOutcome",
+    "add_tenant",
     "check_readable",
     "checked_plaintext_size",
-    "content_changed",
-    "delete_plaintext",
     "edk_from_bytes",
     "edk_to_bytes",
     "encryption_context",
     "fetch_recording",
     "fingerprint_of",
-    "fsync_dir",
     "host_worker_prefix",
     "ingest_file",
     "is_inside",
@@ -88,12 +77,8 @@ __all__ = [
     "open_source",
     "read_object_header",
     "register_source",
-    "remove_source_if_unchanged",
-    "source_changed",
     "store_recording",
     "unwrap_data_key",
     "vet_path",
-    "wav_info",
-    "wav_state",
     "worker_id",
 ]

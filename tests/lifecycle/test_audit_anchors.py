@@ -280,6 +280,8 @@ def test_anchor_if_due_writes_once_per_interval_and_one_writer_at_a_time(anchor_
         with conn.cursor() as cur:
             cur.execute("SELECT pg_advisory_lock(hashtextextended('audit:anchor', 7))")
         assert anchor_if_due(services, now=later) is None
+        with conn.cursor() as cur:  # released now, not whenever the backend exits
+            cur.execute("SELECT pg_advisory_unlock(hashtextextended('audit:anchor', 7))")
     finally:
         conn.close()
     second = anchor_if_due(services, now=later)

@@ -8,7 +8,8 @@ from pathlib import Path
 import pytest
 
 from fsrecrypt.lifecycle.erase import erase_recordings
-from fsrecrypt.pipeline import Services, ingest_file, open_source, register_source
+from fsrecrypt.pipeline import Services, ingest_file, register_source
+from fsrecrypt.plaintext import open_source
 from tests.support.factories import local_config, make_wav, unique
 
 pytestmark = pytest.mark.integration

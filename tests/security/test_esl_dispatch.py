@@ -17,9 +17,10 @@ import psycopg2
 import pytest
 import structlog
 
-from fsrecrypt.esl import Event, EventSource, classify_record_stop, parse_event_body
+from fsrecrypt.daemon.esl import EventSource
+from fsrecrypt.daemon.eslparse import Event, classify_record_stop, parse_event_body
+from tests.daemon.test_esl import fast_settings, wait_until
 from tests.support.eslserver import EslReplayServer, build_event_frame, split_frame
-from tests.test_esl import fast_settings, wait_until
 
 pytestmark = pytest.mark.timeout(30)
 

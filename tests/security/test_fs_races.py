@@ -310,16 +310,16 @@ def test_daemon_requeues_a_file_appended_after_it_was_stored(tmp_path: Path, pg_
     svc.db.mark_stored = mark_then_append
     try:
         job = Job(path=str(wav), tenant_name=tenant.name)
-        daemon.busy.add(job.path)
-        assert daemon._attempt(job) is True  # re-queued: the path stays busy
+        daemon.jobs.busy.add(job.path)
+        assert daemon.runner.attempt(job) is True  # re-queued: the path stays busy
         final = wav.read_bytes()
         assert final[44:] == first[44:] + late
         deadline = time.monotonic() + 5
-        while daemon.queue.empty() and time.monotonic() < deadline:
+        while daemon.jobs.queue.empty() and time.monotonic() < deadline:
             gevent.sleep(0.05)
-        again = daemon.queue.get_nowait()
+        again = daemon.jobs.queue.get_nowait()
         assert again.path == str(wav) and again.tenant_name == tenant.name
-        assert daemon._attempt(again) is False
+        assert daemon.runner.attempt(again) is False
         assert not wav.exists()
         rows = sorted(svc.db.recordings(source_path=str(wav)), key=lambda r: r.file_size_bytes)
         assert [r.status for r in rows] == ["stored", "stored"]

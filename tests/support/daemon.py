@@ -42,9 +42,15 @@ def wav_bytes(seconds: float, *, channels: int = 1, rate: int = 8000, seed: byte
     byte_rate = rate * 2 * channels
     fmt = struct.pack("<HHIIHH", 1, channels, rate, byte_rate, 2 * channels, 16)
     return (
-        b"RIFF" + struct.pack("<I", 36 + len(data)) + b"WAVE"
-        + b"fmt " + struct.pack("<I", 16) + fmt
-        + b"data" + struct.pack("<I", len(data)) + data
+        b"RIFF"
+        + struct.pack("<I", 36 + len(data))
+        + b"WAVE"
+        + b"fmt "
+        + struct.pack("<I", 16)
+        + fmt
+        + b"data"
+        + struct.pack("<I", len(data))
+        + data
     )
 
 
@@ -74,9 +80,18 @@ class DaemonProcess:
         self.log_path = log_path
         self._log = open(log_path, "ab")
         self.proc = subprocess.Popen(
-            [sys.executable, "-c", "from fsrecrypt.cli import main; main()",
-             "-c", str(config_path), "run"],
-            cwd=ROOT, stdout=self._log, stderr=subprocess.STDOUT, env=env,
+            [
+                sys.executable,
+                "-c",
+                "from fsrecrypt.cli import main; main()",
+                "-c",
+                str(config_path),
+                "run",
+            ],
+            cwd=ROOT,
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
+            env=env,
         )
 
     @property
@@ -186,8 +201,11 @@ class DaemonEnv:
 
     def start(self, wait_ready: bool = True, **overrides: dict[str, Any]) -> DaemonProcess:
         path = self.write_config(**overrides)
-        env = {k: v for k, v in os.environ.items()
-               if k not in ("NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID")}
+        env = {
+            k: v
+            for k, v in os.environ.items()
+            if k not in ("NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID")
+        }
         env.update(self.extra_env, PYTHONUNBUFFERED="1")
         d = DaemonProcess(path, self.tmp / "daemon.log", env)
         self.daemons.append(d)
@@ -217,8 +235,14 @@ class DaemonEnv:
 
     # --- recordings ------------------------------------------------------------------
 
-    def write_wav(self, name: str | None = None, seconds: float = 1.0, channels: int = 1,
-                  mtime_ago: float = 0.0, directory: Path | None = None) -> tuple[Path, bytes]:
+    def write_wav(
+        self,
+        name: str | None = None,
+        seconds: float = 1.0,
+        channels: int = 1,
+        mtime_ago: float = 0.0,
+        directory: Path | None = None,
+    ) -> tuple[Path, bytes]:
         path = (directory or self.recordings) / (name or f"{uuid.uuid4()}.wav")
         data = wav_bytes(seconds, channels=channels)
         path.write_bytes(data)
@@ -227,8 +251,9 @@ class DaemonEnv:
             os.utime(path, (t, t))
         return path, data
 
-    def emit_stop(self, path: str | Path, fixture: str = "record_stop.esl",
-                  **overrides: str | None) -> int:
+    def emit_stop(
+        self, path: str | Path, fixture: str = "record_stop.esl", **overrides: str | None
+    ) -> int:
         """Send a RECORD_STOP fixture with its path (and any header) rewritten."""
         headers: dict[str, str | None] = {
             "Record-File-Path": str(path),
@@ -241,15 +266,15 @@ class DaemonEnv:
         db = self.services().db
         return db.recordings(source_path=str(path) if path is not None else None)
 
-    def wait(self, predicate: Callable[[], bool], timeout: float = 30.0,
-             what: str = "condition") -> None:
+    def wait(
+        self, predicate: Callable[[], bool], timeout: float = 30.0, what: str = "condition"
+    ) -> None:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if predicate():
                 return
             time.sleep(0.1)
-        raise AssertionError(f"timed out waiting for {what}\n--- daemon log ---\n"
-                             f"{self.log_tail()}")
+        raise AssertionError(f"timed out waiting for {what}\n--- daemon log ---\n{self.log_tail()}")
 
     def wait_status(self, path: str | Path, status: str, timeout: float = 30.0) -> Any:
         def done() -> bool:
@@ -304,17 +329,42 @@ def make_env(tmp: Path, *, s3: Any = None) -> Iterator[DaemonEnv]:
         moto_server, bucket = s3
         kms = moto_server.client("kms")
         key_id = str(kms.create_key(Description="daemon test")["KeyMetadata"]["Arn"])
-        keys = {"provider": "aws-kms", "region": moto_server.region,
-                "endpoint_url": moto_server.endpoint_url}
-        storage = {"backend": "s3", "bucket": bucket.name, "region": moto_server.region,
-                   "endpoint_url": moto_server.endpoint_url}
-        extra_env = {k: os.environ[k] for k in (
-            "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN",
-            "AWS_DEFAULT_REGION", "AWS_CONFIG_FILE", "AWS_SHARED_CREDENTIALS_FILE",
-            "AWS_EC2_METADATA_DISABLED") if k in os.environ}
-    env = DaemonEnv(tmp=tmp, dsn=dsn, esl=esl, tenant=tenant, key_id=key_id,
-                    recordings=recordings, storage=storage, keys=keys, extra_env=extra_env,
-                    metrics_port=free_port())
+        keys = {
+            "provider": "aws-kms",
+            "region": moto_server.region,
+            "endpoint_url": moto_server.endpoint_url,
+        }
+        storage = {
+            "backend": "s3",
+            "bucket": bucket.name,
+            "region": moto_server.region,
+            "endpoint_url": moto_server.endpoint_url,
+        }
+        extra_env = {
+            k: os.environ[k]
+            for k in (
+                "AWS_ACCESS_KEY_ID",
+                "AWS_SECRET_ACCESS_KEY",
+                "AWS_SESSION_TOKEN",
+                "AWS_DEFAULT_REGION",
+                "AWS_CONFIG_FILE",
+                "AWS_SHARED_CREDENTIALS_FILE",
+                "AWS_EC2_METADATA_DISABLED",
+            )
+            if k in os.environ
+        }
+    env = DaemonEnv(
+        tmp=tmp,
+        dsn=dsn,
+        esl=esl,
+        tenant=tenant,
+        key_id=key_id,
+        recordings=recordings,
+        storage=storage,
+        keys=keys,
+        extra_env=extra_env,
+        metrics_port=free_port(),
+    )
     env.services().db.add_tenant(tenant, key_id)
     try:
         yield env

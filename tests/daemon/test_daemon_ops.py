@@ -19,7 +19,7 @@ import pytest
 from tests.support.daemon import DaemonEnv
 from tests.support.moto import free_port
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 UNIT = ROOT / "systemd" / "fsrecrypt.service"
 
 pytestmark = pytest.mark.timeout(180)
@@ -29,26 +29,47 @@ def test_systemd_unit_is_rated_ok_or_better_by_systemd_analyze() -> None:
     subprocess.run(["bash", str(ROOT / ".ci" / "ensure-systemd-analyze")], check=True)
     out = subprocess.run(
         ["systemd-analyze", "security", "--offline=true", "--no-pager", str(UNIT)],
-        capture_output=True, text=True, check=False,
+        capture_output=True,
+        text=True,
+        check=False,
     )
     m = re.search(r"Overall exposure level for fsrecrypt\.service: ([0-9.]+) (\w+)", out.stdout)
     assert m, out.stdout[-2000:] + out.stderr
     assert m.group(2) in ("PERFECT", "SAFE", "OK"), m.group(0)
     assert float(m.group(1)) < 5.0
     unit = UNIT.read_text()
-    for directive in ("Type=notify", "WatchdogSec=", "Restart=on-failure", "LoadCredential=",
-                      "NoNewPrivileges=yes", "ProtectSystem=strict", "PrivateTmp=yes",
-                      "ProtectHome=yes", "ReadWritePaths=", "RestrictAddressFamilies=",
-                      "SystemCallFilter=", "Group=freeswitch"):
+    for directive in (
+        "Type=notify",
+        "WatchdogSec=",
+        "Restart=on-failure",
+        "LoadCredential=",
+        "NoNewPrivileges=yes",
+        "ProtectSystem=strict",
+        "PrivateTmp=yes",
+        "ProtectHome=yes",
+        "ReadWritePaths=",
+        "RestrictAddressFamilies=",
+        "SystemCallFilter=",
+        "Group=freeswitch",
+    ):
         assert directive in unit, directive
     assert re.search(r"^CapabilityBoundingSet=$", unit, re.M)
 
 
 def _run_cli(env: DaemonEnv, *args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [sys.executable, "-c", "from fsrecrypt.cli import main; main()",
-         "-c", str(env.tmp / "fsrecrypt.toml"), *args],
-        capture_output=True, text=True, cwd=ROOT, timeout=60,
+        [
+            sys.executable,
+            "-c",
+            "from fsrecrypt.cli import main; main()",
+            "-c",
+            str(env.tmp / "fsrecrypt.toml"),
+            *args,
+        ],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        timeout=60,
     )
 
 
@@ -60,8 +81,7 @@ def test_health_healthy_degraded_down(daemon_env: DaemonEnv) -> None:
     doc = json.loads(res.stdout)
     assert res.returncode == 0, res.stdout + res.stderr
     assert doc["status"] == "healthy"
-    assert set(doc["checks"]) == {"freeswitch", "database", "keys", "store", "backlog",
-                                  "heartbeat"}
+    assert set(doc["checks"]) == {"freeswitch", "database", "keys", "store", "backlog", "heartbeat"}
     env.esl.call("stop")  # FreeSWITCH away: degraded, the daemon keeps trying
     res = _run_cli(env, "health", "--json")
     assert res.returncode == 1, res.stdout
@@ -110,8 +130,9 @@ def test_sighup_reloads_logging_and_retry_settings(daemon_env: DaemonEnv) -> Non
     d = env.start()
     env.write_config(logging={"level": "debug"}, pipeline={"max_attempts": 3})
     d.proc.send_signal(signal.SIGHUP)
-    env.wait(lambda: any(ln.get("event") == "daemon.reloaded" for ln in env.log_lines()),
-             10, "reload")
+    env.wait(
+        lambda: any(ln.get("event") == "daemon.reloaded" for ln in env.log_lines()), 10, "reload"
+    )
     path, data = env.write_wav()
     env.emit_stop(path)
     assert env.decrypt(env.wait_status(path, "stored")) == data
@@ -123,8 +144,10 @@ def test_gives_up_after_max_attempts_and_keeps_the_plaintext(
 ) -> None:
     env = daemon_env
     closed = f"http://127.0.0.1:{free_port()}"  # nothing listens: every upload fails
-    env.start(storage={"backend": "s3", "bucket": "unreachable", "endpoint_url": closed},
-              pipeline={"max_attempts": 2, "retry_base": 0.1, "retry_cap": 0.2})
+    env.start(
+        storage={"backend": "s3", "bucket": "unreachable", "endpoint_url": closed},
+        pipeline={"max_attempts": 2, "retry_base": 0.1, "retry_cap": 0.2},
+    )
     path, data = env.write_wav(mtime_ago=5)
     env.emit_stop(path)
     row = env.wait_status(path, "failed", timeout=90)
@@ -133,8 +156,11 @@ def test_gives_up_after_max_attempts_and_keeps_the_plaintext(
     time.sleep(2.5)  # sweeps do not resurrect it
     assert path.read_bytes() == data
     assert [r.status for r in env.rows(path)] == ["failed"]
-    failed = [ln for ln in env.log_lines()
-              if ln.get("event") == "recording" and ln.get("outcome") == "failed"]
+    failed = [
+        ln
+        for ln in env.log_lines()
+        if ln.get("event") == "recording" and ln.get("outcome") == "failed"
+    ]
     assert len(failed) == 1 and failed[0]["attempts"] == 2
 
 
@@ -144,8 +170,11 @@ def test_waits_for_an_unreachable_database_and_stops_cleanly(
     env = daemon_env
     dead = f"postgresql://postgres@127.0.0.1:{free_port()}/nothing"
     d = env.start(wait_ready=False, database={"dsn": dead, "connect_timeout": 1.0})
-    env.wait(lambda: any(ln.get("event") == "daemon.database_unavailable"
-                         for ln in env.log_lines()), 20, "the daemon to report the database")
+    env.wait(
+        lambda: any(ln.get("event") == "daemon.database_unavailable" for ln in env.log_lines()),
+        20,
+        "the daemon to report the database",
+    )
     assert d.alive()
     d.proc.send_signal(signal.SIGTERM)
     assert d.proc.wait(20) == 0

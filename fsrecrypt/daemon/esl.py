@@ -1,4 +1,7 @@
-"""FreeSWITCH Event Socket client: a hardened greenswitch, event parsing, RECORD_STOP rules.
+"""FreeSWITCH Event Socket client: a hardened greenswitch, supervised (reconnect, liveness).
+
+Event bodies are parsed and RECORD_STOPs classified in :mod:`fsrecrypt.daemon.eslparse`
+(pure functions, no socket); this module owns the socket.
 
 greenswitch 0.0.19 is kept as the dependency (``_HardenedESL`` subclasses its
 ``InboundESL``), but every code path that touches the socket is replaced,
@@ -33,12 +36,10 @@ from __future__ import annotations
 
 import contextlib
 import random
-import re
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Any, Literal
-from urllib.parse import unquote_to_bytes
+from typing import Any
 
 import gevent
 import gevent.event
@@ -47,6 +48,7 @@ import gevent.queue
 import gevent.socket
 from greenswitch.esl import InboundESL
 
+from fsrecrypt.daemon.eslparse import MAX_BODY, Event, parse_event_body
 from fsrecrypt.errors import EslError, EventError
 from fsrecrypt.numbers import NumberError, parse_int
 
@@ -76,19 +78,16 @@ except ImportError:  # pragma: no cover - exercised only without structlog
 
 __all__ = [
     "EslSettings",
-    "Event",
     "EventSource",
-    "RecordStop",
+    "Reply",
     "backoff_delay",
-    "classify_record_stop",
-    "db_safe_text",
-    "parse_event_body",
+    "probe_status",
 ]
 
-# Bounds that keep a broken or hostile peer from exhausting memory.
+# Bounds that keep a broken or hostile peer from exhausting memory (and MAX_BODY
+# from eslparse, shared with the event body parser).
 MAX_LINE = 64 * 1024
 MAX_ENVELOPE_LINES = 256
-MAX_BODY = 16 * 1024 * 1024
 
 
 # --- settings -------------------------------------------------------------------
@@ -114,207 +113,6 @@ class EslSettings:
     backoff_base: float = 0.5
     backoff_cap: float = 30.0
     events: tuple[str, ...] = ("RECORD_STOP",)
-
-
-# --- events ---------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class Event:
-    """One parsed event: headers in wire order with decoded values, and the optional body."""
-
-    name: str
-    headers: dict[str, str]
-    body: str | None = None
-
-    def get(self, name: str, default: str | None = None) -> str | None:
-        """A header's decoded value, or ``default``."""
-        return self.headers.get(name, default)
-
-    @property
-    def subclass(self) -> str | None:
-        """``Event-Subclass`` of a CUSTOM event."""
-        return self.headers.get("Event-Subclass")
-
-
-def _decode_value(raw: bytes) -> str:
-    """Percent-decode one value; bytes that are not UTF-8 survive as surrogates.
-
-    surrogateescape matches how Python decodes file names, so a latin-1
-    recording path round-trips to the same bytes through ``os.fsencode``.
-    """
-    return unquote_to_bytes(raw).decode("utf-8", "surrogateescape")
-
-
-def parse_event_body(raw: bytes) -> Event:
-    """Parse a ``text/event-plain`` body: split lines first, then decode each value.
-
-    Decoding per value is what makes an encoded newline inside a value stay
-    inside that value instead of starting a forged header. The first
-    occurrence of a repeated header wins (FreeSWITCH repeats a few, e.g.
-    Hangup-Cause, with the same value).
-    """
-    if not isinstance(raw, bytes | bytearray):
-        raise EventError("event body must be bytes")
-    raw = bytes(raw).replace(b"\r\n", b"\n")
-    head, sep, rest = raw.partition(b"\n\n")
-    headers: dict[str, str] = {}
-    for line in head.split(b"\n"):
-        if not line:
-            continue
-        name_b, colon, value_b = line.partition(b":")
-        name = name_b.decode("ascii", "replace").strip()
-        if not colon or not name or " " in name or "\ufffd" in name:
-            raise EventError(f"malformed event header line ({len(line)} bytes)")
-        if value_b.startswith(b" "):
-            value_b = value_b[1:]
-        if name not in headers:
-            headers[name] = _decode_value(value_b)
-    body: str | None = None
-    if "Content-Length" in headers:
-        try:
-            length = parse_int(headers["Content-Length"].strip(), maximum=MAX_BODY)
-        except NumberError:
-            raise EventError("event body Content-Length is not a number in range") from None
-        if length < 0 or length > len(rest) or not sep:
-            raise EventError("event body shorter than its Content-Length")
-        body = rest[:length].decode("utf-8", "surrogateescape")
-    name = headers.get("Event-Name")
-    if not name:
-        raise EventError("event without Event-Name")
-    return Event(name=name, headers=headers, body=body)
-
-
-# --- RECORD_STOP classification ------------------------------------------------------
-
-Disposition = Literal["process", "discarded", "uri-failure", "remote"]
-_DISCARD_CAUSES = frozenset({"empty-file", "input-too-short"})
-
-
-@dataclass(frozen=True)
-class RecordStop:
-    """What a RECORD_STOP means for the pipeline (pure data, no I/O)."""
-
-    core_uuid: str
-    call_uuid: str | None
-    channel_uuid: str | None
-    path: str
-    cause: str | None
-    disposition: Disposition
-    tenant: str | None
-    consent: str | None
-    record_ms: int | None
-    file_size_hint: int | None
-    event_seq: str | None
-    event_timestamp: str | None
-    sanitised: tuple[str, ...] = ()
-
-    @property
-    def key(self) -> str:
-        """Dedup key: a recording can follow transfers, so the call id alone is not enough."""
-        return f"{self.core_uuid}:{self.path}"
-
-
-def _strip_prefix(path: str) -> str:
-    """Drop a leading ``{k=v,...}`` variable block (``record_session {...}/x.wav``)."""
-    if path.startswith("{"):
-        end = path.find("}")
-        if end != -1:
-            return path[end + 1 :]
-    return path
-
-
-# NUL and lone surrogates (what surrogateescape makes of bytes that are not
-# UTF-8) are the two things a Python str can hold that PostgreSQL refuses in
-# text and jsonb: a psycopg2 ValueError / UnicodeEncodeError, or a DataError.
-_DB_UNSAFE = re.compile(r"[\x00\ud800-\udfff]")
-
-
-def db_safe_text(value: str | None) -> str | None:
-    """``value`` with NUL and undecodable bytes replaced by U+FFFD, so PostgreSQL takes it.
-
-    Header values are caller-influenced (caller id, SIP-set channel variables)
-    and decoded leniently; stored verbatim, one stray byte would make the
-    INSERT fail and the recording with it. The replacement character keeps
-    the rest of the value readable and shows that something was replaced.
-    """
-    if value is None:
-        return None
-    return _DB_UNSAFE.sub("\ufffd", value)
-
-
-def _int_or_none(value: str | None) -> int | None:
-    """An optional numeric event header: ASCII digits, bounded; anything else is absent."""
-    try:
-        return parse_int(value.strip()) if value else None
-    except NumberError:
-        return None
-
-
-def classify_record_stop(
-    event: Event,
-    tenant_header: str = "variable_fsrecrypt_tenant",
-    consent_header: str = "variable_recording_consent",
-) -> RecordStop:
-    """Turn a RECORD_STOP into a :class:`RecordStop` with its disposition.
-
-    ``discarded``: FreeSWITCH deleted the file (empty-file, input-too-short,
-    or RECORD_DISCARDED), even though ``variable_record_file_size`` may still
-    name a size. ``uri-failure``: the event fires before the file is closed,
-    so it must never be read. ``remote``: a URL (``http://``, ``s3://``), not
-    a local file. Everything else is ``process``.
-    """
-    if event.name != "RECORD_STOP":
-        raise EventError(f"not a RECORD_STOP event: {event.name}")
-    raw_path = event.get("Record-File-Path")
-    if not raw_path:
-        raise EventError("RECORD_STOP without Record-File-Path")
-    core_uuid = event.get("Core-UUID")
-    if not core_uuid:
-        raise EventError("RECORD_STOP without Core-UUID")
-    path = _strip_prefix(raw_path)
-    if not path:
-        raise EventError("RECORD_STOP with an empty Record-File-Path")
-    cause = event.get("Record-Completion-Cause") or event.get("variable_record_completion_cause")
-    discarded_var = (event.get("variable_RECORD_DISCARDED") or "").lower() == "true"
-    disposition: Disposition
-    if cause == "uri-failure":
-        disposition = "uri-failure"
-    elif cause in _DISCARD_CAUSES or discarded_var:
-        disposition = "discarded"
-    elif "://" in path:
-        disposition = "remote"
-    else:
-        disposition = "process"
-    # Every text field below ends up in PostgreSQL; the path is left as
-    # decoded (it must name the file byte for byte) and vetted by the daemon.
-    raw_fields: dict[str, str | None] = {
-        "core_uuid": core_uuid,
-        "call_uuid": event.get("Channel-Call-UUID") or event.get("variable_call_uuid"),
-        "channel_uuid": event.get("Unique-ID"),
-        "cause": cause,
-        "tenant": event.get(tenant_header) or None,
-        "consent": event.get(consent_header) or None,
-        "event_seq": event.get("Event-Sequence"),
-        "event_timestamp": event.get("Event-Date-Timestamp"),
-    }
-    clean = {name: db_safe_text(value) for name, value in raw_fields.items()}
-    sanitised = tuple(name for name in raw_fields if clean[name] != raw_fields[name])
-    return RecordStop(
-        core_uuid=clean["core_uuid"] or "",
-        call_uuid=clean["call_uuid"],
-        channel_uuid=clean["channel_uuid"],
-        path=path,
-        cause=clean["cause"],
-        disposition=disposition,
-        tenant=clean["tenant"],
-        consent=clean["consent"],
-        record_ms=_int_or_none(event.get("variable_record_ms")),
-        file_size_hint=_int_or_none(event.get("variable_record_file_size")),
-        event_seq=clean["event_seq"],
-        event_timestamp=clean["event_timestamp"],
-        sanitised=sanitised,
-    )
 
 
 # --- one connection ---------------------------------------------------------------
@@ -579,6 +377,22 @@ class _HardenedESL(InboundESL):  # type: ignore[misc]
             self._on_down(reason)
 
 
+def probe_status(settings: EslSettings) -> str:
+    """Connect, authenticate, ``api status`` once and close: the answer's first line.
+
+    ``fsrecrypt health`` asks this of FreeSWITCH; every step has the
+    settings' deadlines, and a failure is an EslError.
+    """
+    conn = _HardenedESL(settings, lambda _e: None)
+    conn.connect()
+    try:
+        reply = conn.send("api status")
+    finally:
+        conn.close("health check done")
+    first = (reply.body or "").strip().splitlines()
+    return first[0] if first else "answered"
+
+
 # --- the supervised event source ------------------------------------------------------
 
 
@@ -722,8 +536,9 @@ class EventSource:
         if state == self.state and not fields:
             return
         self.state = state
-        log.info("esl.state", state=state, host=self.settings.host, port=self.settings.port,
-                 **fields)
+        log.info(
+            "esl.state", state=state, host=self.settings.host, port=self.settings.port, **fields
+        )
         if self.on_state is not None:
             try:
                 self.on_state(state)

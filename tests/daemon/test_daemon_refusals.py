@@ -37,8 +37,9 @@ def test_header_injection_in_caller_id_cannot_forge_tenant_or_path(
     victim, victim_data = env.write_wav(name="victim.wav")
     path, data = env.write_wav()
     forged = f"Mallory\nvariable_fsrecrypt_tenant: {evil}\nRecord-File-Path: {victim}\n"
-    env.emit_stop(path, **{"Caller-Caller-ID-Name": forged,
-                           "variable_effective_caller_id_name": forged})
+    env.emit_stop(
+        path, **{"Caller-Caller-ID-Name": forged, "variable_effective_caller_id_name": forged}
+    )
     row = env.wait_status(path, "stored")
     assert row.tenant_id == env.services().db.tenant_by_name(env.tenant).id
     assert env.decrypt(row) == data
@@ -48,8 +49,18 @@ def test_header_injection_in_caller_id_cannot_forge_tenant_or_path(
     assert "Mallory" not in (env.tmp / "daemon.log").read_text()
 
 
-@pytest.mark.parametrize("kind", ["traversal", "absolute-outside", "etc-passwd", "missing-outside",
-                                  "symlink", "symlinked-dir", "fifo"])
+@pytest.mark.parametrize(
+    "kind",
+    [
+        "traversal",
+        "absolute-outside",
+        "etc-passwd",
+        "missing-outside",
+        "symlink",
+        "symlinked-dir",
+        "fifo",
+    ],
+)
 def test_unsafe_paths_are_refused_and_left_untouched(
     daemon_env: DaemonEnv, tmp_path: Path, kind: str
 ) -> None:
@@ -103,8 +114,9 @@ def test_raw_non_utf8_bytes_in_an_event_do_not_stop_the_daemon(
     env = daemon_env
     d = env.start(**NO_SWEEP)
     path, data = env.write_wav()
-    frame = build_event_frame("record_stop.esl", {"Record-File-Path": str(path),
-                                                  "Caller-Caller-ID-Name": "XY"})
+    frame = build_event_frame(
+        "record_stop.esl", {"Record-File-Path": str(path), "Caller-Caller-ID-Name": "XY"}
+    )
     frame = frame.replace(b"Caller-Caller-ID-Name: XY", b"Caller-Caller-ID-Name: \xff\xfe")
     assert env.esl.call("emit_raw", data_b64=base64.b64encode(frame).decode()) == 1
     assert env.decrypt(env.wait_status(path, "stored")) == data

@@ -44,13 +44,16 @@ class DeletionWatcher(threading.Thread):
         confirmed: set[str] = set()
         try:
             while not self.done.is_set():
-                missing = [str(p) for p in list(self.paths)
-                           if str(p) not in confirmed and not p.exists()]
+                missing = [
+                    str(p) for p in list(self.paths) if str(p) not in confirmed and not p.exists()
+                ]
                 if missing:
                     with conn.cursor() as cur:  # queried strictly after the observation
                         cur.execute(
                             "SELECT source_path FROM call_recordings"
-                            " WHERE status = 'stored' AND source_path = ANY(%s)", (missing,))
+                            " WHERE status = 'stored' AND source_path = ANY(%s)",
+                            (missing,),
+                        )
                         stored = {r[0] for r in cur.fetchall()}
                     for p in missing:
                         if p in stored:
@@ -67,7 +70,8 @@ def start_and_wait(env: DaemonEnv, **overrides: dict) -> object:
     before = env.esl.call("status")["connections_total"]
     d = env.start(wait_ready=False, **overrides)
     assert env.esl.call("wait_subscribed", n=1, timeout=30.0, min_connections=before + 1), (
-        env.log_tail())
+        env.log_tail()
+    )
     return d
 
 

@@ -22,16 +22,9 @@ import gevent
 import greenswitch.esl
 import pytest
 
+from fsrecrypt.daemon.esl import EslSettings, EventSource, _HardenedESL, backoff_delay
+from fsrecrypt.daemon.eslparse import Event, classify_record_stop, parse_event_body
 from fsrecrypt.errors import EslError, EventError
-from fsrecrypt.esl import (
-    EslSettings,
-    Event,
-    EventSource,
-    _HardenedESL,
-    backoff_delay,
-    classify_record_stop,
-    parse_event_body,
-)
 from tests.support.eslserver import (
     EslReplayServer,
     EslServerProcess,
@@ -42,7 +35,7 @@ from tests.support.eslserver import (
 
 pytestmark = pytest.mark.timeout(20)
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 FORGED = "x\nvariable_fsrecrypt_tenant: evil\nRecord-File-Path: /etc/passwd"
 
 
@@ -427,7 +420,10 @@ _STOCK_MID_FRAME = textwrap.dedent(
 def test_stock_spins_the_hub_on_eof_mid_frame() -> None:
     proc = subprocess.Popen(
         [sys.executable, "-c", _STOCK_MID_FRAME],
-        cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        text=True,
     )
     try:
         out, _ = proc.communicate(timeout=3)
@@ -587,8 +583,14 @@ def test_replay_server_process_and_control_channel() -> None:
         try:
             assert wait_until(lambda: src.connected)
             assert proc.call("wait_subscribed", n=1, timeout=2) is True
-            assert proc.call("emit_fixture", name="record_stop.esl",
-                             overrides={"variable_fsrecrypt_tenant": "acme"}) == 1
+            assert (
+                proc.call(
+                    "emit_fixture",
+                    name="record_stop.esl",
+                    overrides={"variable_fsrecrypt_tenant": "acme"},
+                )
+                == 1
+            )
             assert wait_until(lambda: events)
             assert classify_record_stop(events[0]).tenant == "acme"
             assert [c["line"] for c in proc.call("received", prefix="event")] == [

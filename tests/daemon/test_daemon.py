@@ -34,8 +34,10 @@ def test_record_stop_flavours_are_stored_and_decrypt(
     env.start()
     path, data = env.write_wav(seconds=2.5, channels=channels)
     core = str(uuid.uuid4())
-    assert env.emit_stop(path, fixture, **{"Core-UUID": core,
-                                           "variable_recording_consent": "granted"}) == 1
+    assert (
+        env.emit_stop(path, fixture, **{"Core-UUID": core, "variable_recording_consent": "granted"})
+        == 1
+    )
     row = env.wait_status(path, "stored")
     env.wait(lambda: not path.exists(), 10, "plaintext removal")
     assert env.decrypt(row) == data
@@ -63,8 +65,11 @@ def test_min_sec_discard_is_recorded_once_and_never_retried(
     env.emit_stop(path, "min_sec_record_stop.esl", **{"Core-UUID": core})  # replayed
     row = env.wait_status(path, "discarded")
     assert row.source_fingerprint == f"absent:{core}:{path}"
-    env.wait(lambda: sum(1 for ln in env.log_lines() if ln.get("outcome") == "discarded") >= 2,
-             10, "both events handled")
+    env.wait(
+        lambda: sum(1 for ln in env.log_lines() if ln.get("outcome") == "discarded") >= 2,
+        10,
+        "both events handled",
+    )
     assert len(env.rows(path)) == 1
     assert row.attempts == 0
 
@@ -73,8 +78,13 @@ def test_uri_failure_marks_failed_and_leaves_the_file(daemon_env: DaemonEnv) -> 
     env = daemon_env
     env.start()
     path, data = env.write_wav(seconds=1, mtime_ago=30)
-    env.emit_stop(path, **{"Record-Completion-Cause": "uri-failure",
-                           "variable_record_completion_cause": "uri-failure"})
+    env.emit_stop(
+        path,
+        **{
+            "Record-Completion-Cause": "uri-failure",
+            "variable_record_completion_cause": "uri-failure",
+        },
+    )
     row = env.wait_status(path, "failed")
     assert "uri-failure" in (row.last_error or "")
     assert row.source_fingerprint.startswith("uri-failure:")
@@ -99,8 +109,11 @@ def test_remote_path_is_out_of_scope(daemon_env: DaemonEnv) -> None:
     env = daemon_env
     env.start()
     env.emit_stop("http://example.invalid/rec.wav")
-    env.wait(lambda: any(ln.get("event") == "event.out_of_scope" for ln in env.log_lines()),
-             10, "out-of-scope log line")
+    env.wait(
+        lambda: any(ln.get("event") == "event.out_of_scope" for ln in env.log_lines()),
+        10,
+        "out-of-scope log line",
+    )
     assert env.rows() == []
 
 
@@ -114,8 +127,11 @@ def test_unknown_tenant_is_a_clear_error_and_the_file_stays(
     # 1 s quiet period is over long before the sweeps below look at it.
     path, data = env.write_wav()
     env.emit_stop(path, variable_fsrecrypt_tenant="no-such-tenant")
-    env.wait(lambda: any(ln.get("outcome") == "unknown-tenant" for ln in env.log_lines()),
-             10, "unknown tenant log line")
+    env.wait(
+        lambda: any(ln.get("outcome") == "unknown-tenant" for ln in env.log_lines()),
+        10,
+        "unknown tenant log line",
+    )
     line = next(ln for ln in env.log_lines() if ln.get("outcome") == "unknown-tenant")
     assert "no-such-tenant" in line["error"] and "tenants add" in line["error"]
     import time
@@ -226,17 +242,20 @@ def test_wav_complete_and_backoff_bounds(tmp_path: Path) -> None:
     assert not wav_complete(str(p))
     for attempt in range(12):
         d = backoff(attempt, 1.0, 60.0)
-        ceiling = min(60.0, 2.0 ** attempt)
+        ceiling = min(60.0, 2.0**attempt)
         assert max(0.5, ceiling / 2) <= d <= ceiling + 1e-9
 
 
-def test_daemon_module_import_stays_light() -> None:
+def test_daemon_commands_module_import_stays_light() -> None:
+    """`--help` imports cli/daemon.py: the daemon package (gevent...) loads only in a command."""
     import subprocess
     import sys
 
-    code = ("import sys, fsrecrypt.daemon\n"
-            "heavy = [m for m in ('gevent', 'boto3', 'botocore', 'psycopg2', 'structlog',"
-            " 'prometheus_client', 'sdnotify') if m in sys.modules]\n"
-            "print(','.join(heavy))")
+    code = (
+        "import sys, fsrecrypt.cli.daemon\n"
+        "heavy = [m for m in ('gevent', 'boto3', 'botocore', 'psycopg2', 'structlog',"
+        " 'prometheus_client', 'sdnotify') if m in sys.modules]\n"
+        "print(','.join(heavy))"
+    )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == ""

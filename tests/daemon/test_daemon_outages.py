@@ -159,8 +159,9 @@ def test_postgresql_restart_daemon_stays_up_and_nothing_is_lost(
     finally:
         # Another session may have started it already (its fixture never skips).
         subprocess.run([*ctl, "start"], check=False)
-        subprocess.run(["bash", ".ci/ensure-postgres"], check=True,
-                       cwd=Path(__file__).resolve().parents[1])
+        subprocess.run(
+            ["bash", ".ci/ensure-postgres"], check=True, cwd=Path(__file__).resolve().parents[2]
+        )
     for path, data in files:
         row = env.wait_status(path, "stored", timeout=60)
         assert env.decrypt(row) == data
@@ -195,8 +196,11 @@ def test_esl_dropped_mid_frame_and_restarted_daemon_reconnects(
     assert path_down.read_bytes() == data_down
     # Liveness: a hung FreeSWITCH (socket open, no answers) is detected and left.
     env.esl.call("hang")
-    env.wait(lambda: any(ln.get("event") == "esl.liveness_miss" for ln in env.log_lines()),
-             20, "a liveness miss")
+    env.wait(
+        lambda: any(ln.get("event") == "esl.liveness_miss" for ln in env.log_lines()),
+        20,
+        "a liveness miss",
+    )
     env.esl.call("unhang")
     assert env.esl.call("wait_subscribed", n=1, timeout=30.0, min_connections=3)
     assert d.alive()
@@ -222,8 +226,7 @@ def test_burst_of_1000_events_all_stored_with_bounded_rss(
     t0 = time.monotonic()
     for path, _ in originals:
         env.emit_stop(path)
-    env.wait(lambda: env.services().db.status_counts().get("stored", 0) >= 1000, 240,
-             "1000 stored")
+    env.wait(lambda: env.services().db.status_counts().get("stored", 0) >= 1000, 240, "1000 stored")
     elapsed = time.monotonic() - t0
     stop.set()
     sampler.join()

@@ -1,0 +1,269 @@
+"""Is the daemon well? The heartbeat it writes, and the checks ``fsrecrypt health`` makes.
+
+:class:`Heartbeat` runs in the ``housekeeping`` loop: every few seconds it
+writes the heartbeat file (pid, state, dead greenlets, ESL link, queue,
+progress, counts), sets the gauges, sends the ``fsrecrypt::status`` CUSTOM
+event and systemd's STATUS line. :func:`run_health` reads that file and
+checks FreeSWITCH, PostgreSQL, the keys, the store and the backlog itself;
+the command prints the result and exits 0 (healthy), 1 (degraded) or 2 (down).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import gevent
+
+from fsrecrypt.config import Config
+from fsrecrypt.daemon.esl import EslSettings, EventSource, probe_status
+from fsrecrypt.daemon.jobs import JobQueue
+from fsrecrypt.daemon.runtime import Runtime
+from fsrecrypt.errors import DatabaseError, FsrecryptError, InputFileError, InvalidState
+from fsrecrypt.pipeline import Services
+
+STATUS_SUBCLASS = "fsrecrypt::status"
+HEARTBEAT_INTERVAL = 5.0
+STATUS_EVENT_INTERVAL = 30.0
+ANCHOR_CHECK_INTERVAL = 60.0
+"""How often the housekeeping loop asks whether an audit anchor is due (the
+anchor itself is written every [audit] anchor_interval, by one process)."""
+
+
+class Heartbeat:
+    """The daemon's outward signs of life: heartbeat file, gauges, status event, STATUS=."""
+
+    def __init__(self, rt: Runtime, jobs: JobQueue, failures: list[dict[str, Any]]) -> None:
+        self.rt = rt
+        self.jobs = jobs
+        self.failures = failures  # the supervisor's record of dead greenlets
+        self.events: EventSource | None = None
+        self._last_status_event = 0.0
+        self._next_anchor_check = 0.0
+
+    @property
+    def esl_connected(self) -> bool:
+        return bool(self.events and self.events.connected)
+
+    def write(self, state: str = "running", esl_connected: bool | None = None) -> None:
+        """Write the heartbeat file atomically; ``failed`` wins whenever a greenlet died."""
+        path = self.rt.config.metrics.heartbeat_file
+        if not path:
+            return
+        doc = {
+            "pid": os.getpid(),
+            "time": time.time(),
+            "state": "failed" if self.failures else state,
+            "failures": self.failures,
+            "esl_connected": self.esl_connected if esl_connected is None else esl_connected,
+            "queue": self.jobs.depth(),
+            "progress_ok": self.jobs.progress_ok(),
+            "started_at": self.rt.started_at,
+            "counts": self.rt.counts,
+        }
+        tmp = f"{path}.tmp"
+        try:
+            os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+            with open(tmp, "w", encoding="utf-8") as f:
+                json.dump(doc, f)
+            os.replace(tmp, path)
+        except OSError as exc:
+            self.rt.log.warning("daemon.heartbeat_failed", path=path, error=exc.strerror)
+
+    def housekeeping_pass(self) -> None:
+        """Heartbeat, gauges and the CUSTOM status event (the ``housekeeping`` loop's pass)."""
+        rt = self.rt
+        self.write()
+        depth = self.jobs.depth()
+        rt.metrics.queue_depth.set(depth)
+        if self.events is not None:
+            rt.metrics.reconnects.set(self.events.reconnects)
+        try:
+            age = rt.services.db.oldest_pending_age()
+            rt.metrics.oldest_pending.set(age)
+        except FsrecryptError:
+            age = -1.0
+        if time.monotonic() - self._last_status_event >= STATUS_EVENT_INTERVAL:
+            if self.send_status_event(depth, age):
+                self._last_status_event = time.monotonic()
+        self.anchor_if_due()
+        rt.notifier.notify(
+            f"STATUS=running; queue {depth}; esl "
+            f"{'up' if self.esl_connected else 'down'}; "
+            f"stored {rt.counts.get('stored', 0)}"
+        )
+
+    def anchor_if_due(self) -> None:
+        """Write an audit anchor when one is due (at most one check a minute).
+
+        Every daemon and worker may run this: a PostgreSQL advisory lock lets
+        one writer in, and the interval is read from the anchors themselves.
+        A failure is logged and retried at the next check; it never stops
+        the heartbeat.
+        """
+        rt = self.rt
+        if not rt.config.audit.anchoring or time.monotonic() < self._next_anchor_check:
+            return
+        self._next_anchor_check = time.monotonic() + ANCHOR_CHECK_INTERVAL
+        from fsrecrypt.lifecycle.anchors import anchor_if_due
+
+        try:
+            receipt = anchor_if_due(rt.services)
+        except FsrecryptError as exc:
+            rt.log.warning("daemon.anchor_failed", error=exc.one_line())
+            return
+        if receipt is not None:
+            rt.log.info("daemon.anchor_written", seq=receipt.seq, sha256=receipt.sha256)
+
+    def send_status_event(self, depth: int, age: float) -> bool:
+        if self.events is None or not self.events.connected:
+            return False
+        counts = self.rt.counts
+        headers = {
+            "FSRecrypt-State": "stopping" if self.rt.stopping.is_set() else "running",
+            "FSRecrypt-PID": str(os.getpid()),
+            "FSRecrypt-Queue-Depth": str(depth),
+            "FSRecrypt-Oldest-Pending-Seconds": f"{age:.0f}",
+            "FSRecrypt-Stored": str(counts.get("stored", 0)),
+            "FSRecrypt-Failed": str(counts.get("failed", 0)),
+        }
+        try:
+            self.events.send_event(STATUS_SUBCLASS, headers)
+        except (FsrecryptError, ValueError) as exc:
+            self.rt.log.warning("daemon.status_event_failed", error=str(exc))
+            return False
+        return True
+
+    def on_esl_state(self, state: str) -> None:
+        """The EventSource's state callback: gauge, heartbeat now, status event on connect."""
+        self.rt.metrics.esl_connected.set(1 if state == "connected" else 0)
+        if state in ("connected", "disconnected"):
+            # `fsrecrypt health` reads the heartbeat: let it see the change now,
+            # not at the next periodic write.
+            self.write(esl_connected=state == "connected")
+        if state == "connected" and self.events is not None:
+            self.rt.metrics.reconnects.set(self.events.reconnects)
+            gevent.spawn(self.send_status_event, self.jobs.depth(), 0.0)
+
+
+# --- fsrecrypt health ----------------------------------------------------------------
+
+HEALTHY, DEGRADED, DOWN = 0, 1, 2
+LEVEL_NAME = {HEALTHY: "healthy", DEGRADED: "degraded", DOWN: "down"}
+
+
+@dataclass
+class Check:
+    name: str
+    level: int
+    detail: str
+
+
+def _check(name: str, fail_level: int, func: Callable[[], object]) -> Check:
+    try:
+        detail = func()
+        return Check(name, HEALTHY, str(detail or "ok"))
+    except FsrecryptError as exc:
+        return Check(name, fail_level, exc.one_line())
+    except Exception as exc:  # noqa: BLE001 - a health check reports, it does not crash
+        return Check(name, fail_level, f"{type(exc).__name__}: {exc}")
+
+
+def check_freeswitch(config: Config) -> str:
+    """Connect, authenticate and ask ``api status``; the first line of the answer."""
+    fs = config.freeswitch
+    settings = EslSettings(
+        host=fs.host,
+        port=fs.port,
+        password=fs.resolved_password(),
+        connect_timeout=fs.connect_timeout,
+        command_timeout=fs.command_timeout,
+    )
+    return probe_status(settings)
+
+
+def check_heartbeat(config: Config) -> str:
+    """The daemon's own word: alive, no dead greenlet, recent, and work moving."""
+    path = config.metrics.heartbeat_file
+    try:
+        doc = json.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        raise InputFileError(
+            f"no daemon heartbeat at {path}",
+            hint="Start the daemon ('systemctl start fsrecrypt') and check its log.",
+        ) from None
+    failures = [f for f in doc.get("failures") or [] if isinstance(f, dict)]
+    if doc.get("state") == "failed" or failures:
+        names = ", ".join(str(f.get("greenlet"))[:40] for f in failures[:5]) or "unknown"
+        first = str(failures[0].get("error", ""))[:200] if failures else ""
+        raise InvalidState(
+            f"daemon pid {doc.get('pid')} lost its {names} greenlet ({first}) and exits "
+            "to be restarted",
+            hint="Check the daemon's log (journalctl -u fsrecrypt) for the traceback.",
+        )
+    age = time.time() - float(doc.get("time", 0))
+    if doc.get("state") != "running" or age > 6 * HEARTBEAT_INTERVAL:
+        raise InputFileError(
+            f"daemon heartbeat is {age:.0f}s old (state {doc.get('state')})",
+            hint="The daemon is stopped or hung; check 'systemctl status fsrecrypt'.",
+        )
+    if not doc.get("progress_ok", True):
+        raise InvalidState(
+            "the daemon has a backlog but no job finished recently",
+            hint="Check the daemon's log for a stuck upload.",
+        )
+    return f"pid {doc.get('pid')}, {age:.0f}s ago, esl " + (
+        "connected" if doc.get("esl_connected") else "disconnected"
+    )
+
+
+def run_health(config: Config) -> list[Check]:
+    """Every check ``fsrecrypt health`` makes, in order; none raises."""
+    services = Services(config)
+
+    def database() -> str:
+        return f"schema version {services.db.ping()}"
+
+    def keys() -> str:
+        tenants = services.db.tenants()
+        for t in tenants:
+            services.keys.check_key(t.kms_key_id)
+        return f"{len(tenants)} tenant key(s) usable"
+
+    def store() -> str:
+        services.store.check()
+        return f"{services.store.name} writable"
+
+    def backlog() -> str:
+        age = services.db.oldest_pending_age()
+        limit = max(900.0, 3 * config.pipeline.sweep_interval)
+        counts = services.db.status_counts()
+        if age > limit:
+            raise DatabaseError(
+                f"oldest pending recording is {age:.0f}s old (limit {limit:.0f}s)",
+                hint="Check the daemon's log for failing uploads or a stopped daemon.",
+            )
+        return f"oldest pending {age:.0f}s; failed {counts.get('failed', 0)}"
+
+    checks = [_check("freeswitch", DEGRADED, lambda: check_freeswitch(config))]
+    checks.append(_check("database", DOWN, database))
+    db_ok = checks[-1].level == HEALTHY
+    skipped = "skipped: database unavailable"
+    checks.append(_check("keys", DOWN, keys) if db_ok else Check("keys", DOWN, skipped))
+    checks.append(_check("store", DOWN, store))
+    checks.append(
+        _check("backlog", DEGRADED, backlog) if db_ok else Check("backlog", DEGRADED, skipped)
+    )
+    checks.append(_check("heartbeat", DOWN, lambda: check_heartbeat(config)))
+    services.close()
+    return checks
+
+
+def overall_level(checks: list[Check]) -> int:
+    """The worst level of ``checks`` (HEALTHY when there are none): the exit code."""
+    return max((c.level for c in checks), default=HEALTHY)
