@@ -55,13 +55,13 @@ def _read(lines: Iterable[str], result: ExportCheck) -> tuple[list[dict], list[d
             continue
         try:
             item = json.loads(line)
-        except json.JSONDecodeError:
+        except (ValueError, RecursionError):  # not JSON, a 5000-digit number, deep nesting
             result.problems.append(f"line {number}: not JSON (is this a JSON-lines export?)")
             continue
         if isinstance(item, dict) and "anchor" in item:
             try:
                 anchors.append(parse_anchor(canonical(item["anchor"])))
-            except ValueError as exc:
+            except (ValueError, RecursionError) as exc:
                 result.problems.append(f"line {number}: anchor unreadable: {exc}")
         elif isinstance(item, dict) and type(item.get("id")) is int:
             rows.append(item)
@@ -83,7 +83,11 @@ def check_export(lines: Iterable[str], signer: AnchorSigner) -> ExportCheck:
     by_id: dict[int, dict[str, Any]] = {}
     prev: dict[str, Any] | None = None
     for row in rows:
-        if audit_row_hash(str(row.get("prev_hash")), row) != row.get("row_hash"):
+        try:
+            recomputed = audit_row_hash(str(row.get("prev_hash")), row)
+        except (ValueError, TypeError, OverflowError):
+            recomputed = None  # a field no audit row can hold (bad address, number)
+        if recomputed is None or recomputed != row.get("row_hash"):
             result.problems.append(f"row {row['id']}: its contents no longer match its hash")
         if prev is not None and row.get("prev_hash") != prev.get("row_hash"):
             result.problems.append(

@@ -203,7 +203,7 @@ def parse_anchor(data: bytes) -> dict[str, Any]:
         raise ValueError("it is larger than any anchor fsrecrypt writes")
     try:
         doc = json.loads(data.decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+    except (ValueError, RecursionError) as exc:  # bad UTF-8 or JSON, huge numbers, deep nesting
         raise ValueError(f"it is not JSON ({type(exc).__name__})") from None
     if not isinstance(doc, dict) or doc.get("format") != ANCHOR_FORMAT:
         raise ValueError(f"it is not a {ANCHOR_FORMAT} document")
@@ -487,7 +487,11 @@ def verify_against_anchors(services: Services) -> AnchorVerification:
     for stored in sink.read_all():
         result.anchors += 1
         for note in stored.notes:
-            result.problems.append(AnchorProblem(stored.seq, stored.location, "overwritten", note))
+            kind = "overwritten" if stored.data else "unreadable"
+            result.problems.append(AnchorProblem(stored.seq, stored.location, kind, note))
+        if not stored.data:
+            prev_hash, prev_seq = "", stored.seq
+            continue
         try:
             doc = parse_anchor(stored.data)
         except ValueError as exc:

@@ -133,7 +133,17 @@ class LocalAnchorDir:
         return self._read(seqs[-1]) if seqs else None
 
     def read_all(self) -> list[StoredAnchor]:
-        return [self._read(seq) for seq in self._seqs()]
+        """Every anchor; one that cannot be read (a symlink, a directory) is returned empty
+        with a note, so verification names it instead of stopping at it."""
+        found = []
+        for seq in self._seqs():
+            try:
+                found.append(self._read(seq))
+            except StorageError as exc:
+                found.append(
+                    StoredAnchor(seq, b"", str(self.path / anchor_name(seq)), (exc.message,))
+                )
+        return found
 
 
 class S3AnchorBucket:
