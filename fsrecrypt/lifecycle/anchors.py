@@ -272,7 +272,10 @@ def _write_locked(services: Services, cur: Any, *, user_id: str) -> AnchorReceip
     config = services.config
     sinks = anchor_sinks(config)
     signer = AnchorSigner.from_config(config.audit, create=True)
-    latest = sinks[0].latest()
+    # The newest anchor in any sink: if a write reached one sink and not the
+    # other, the next anchor still gets a fresh number (verify names the gap).
+    found = [a for a in (sink.latest() for sink in sinks) if a is not None]
+    latest = max(found, key=lambda a: a.seq) if found else None
     if latest is None:
         seq, prev = 1, GENESIS_HASH
     else:

@@ -159,7 +159,11 @@ def store_recording(
     )
     if changed is not None:
         # What was read is not the file as it is now: never mark it stored.
-        services.store.delete(key)
+        # Removing the object is best effort: under S3 Object Lock the storage
+        # keeps it until its retention ends (it is encrypted and unreferenced),
+        # and the caller must still learn that the source changed.
+        with contextlib.suppress(FsrecryptError):
+            services.store.delete(key)
         raise SourceChanged(f"{source.path} changed while it was read ({changed})")
     metadata = {
         "message_id": encryptor.header.message_id.hex(),

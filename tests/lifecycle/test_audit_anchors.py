@@ -369,3 +369,29 @@ def test_anchors_in_an_object_lock_bucket_cannot_be_deleted(tmp_path: Path, moto
         assert f"first contradicted: anchor 1 (s3://{bucket}/audit-anchors/" in run.stderr
     finally:
         next(env, None)
+
+
+def test_an_anchor_that_reached_only_one_sink_does_not_block_the_next(
+    tmp_path: Path, moto_server
+) -> None:
+    s3 = moto_server.client("s3")
+    bucket = f"fsrecrypt-anchors-{uuid.uuid4().hex[:12]}"
+    s3.create_bucket(Bucket=bucket, ObjectLockEnabledForBucket=True)
+    env = _make_env(
+        tmp_path,
+        f'anchor_bucket = "{bucket}"\nanchor_lock_mode = "governance"\n',
+        f'endpoint_url = "{moto_server.endpoint_url}"\n',
+    )
+    _dsn, _cfg, services = next(env)
+    try:
+        _populate(services)
+        write_anchor(services, user_id="test")
+        bucket_sink, dir_sink = anchor_sinks(services.config)
+        # Anchor 2 reached the directory, then the bucket write failed.
+        dir_sink.write(2, bucket_sink.latest().data.replace(b'"seq":1', b'"seq":2'))
+        receipt = write_anchor(services, user_id="test")
+        assert receipt.seq == 3 and len(receipt.locations) == 2
+        problems = {(p.seq, p.kind) for p in verify_against_anchors(services).problems}
+        assert problems == {(3, "missing")}  # the bucket names the gap
+    finally:
+        next(env, None)
