@@ -81,6 +81,9 @@ class KeysConfig:
             raise ValueError(f"provider must be 'local' or 'aws-kms', not {self.provider!r}")
 
 
+OBJECT_LOCK_MODES = ("", "governance", "compliance")
+
+
 @dataclass(frozen=True)
 class StorageConfig:
     backend: str = "local"
@@ -92,10 +95,19 @@ class StorageConfig:
     sse: str = ""
     sse_kms_key_id: str = ""
     part_size: int = 8 * 1024 * 1024
+    object_lock: str = ""
+    governance_bypass: bool = False
 
     def validate(self) -> None:
         if self.backend not in ("local", "s3"):
             raise ValueError(f"backend must be 'local' or 's3', not {self.backend!r}")
+        if self.object_lock not in OBJECT_LOCK_MODES:
+            raise ValueError(
+                f"object_lock must be '', 'governance' or 'compliance', "
+                f"not {self.object_lock[:40]!r}"
+            )
+        if self.object_lock and self.backend != "s3":
+            raise ValueError("object_lock needs backend = 's3' (an S3 Object Lock bucket)")
         if self.backend == "s3" and not self.bucket:
             raise ValueError("bucket is required when backend = 's3'")
         if self.sse not in ("", "AES256", "aws:kms"):
@@ -174,6 +186,58 @@ class RetentionConfig:
             raise ValueError("days must be >= 0 (0 = keep forever)")
 
 
+ANCHOR_SIGNATURES = ("hmac-sha256", "ed25519")
+
+
+@dataclass(frozen=True)
+class AuditConfig:
+    """Where the audit chain's heads are anchored (write-once), and how anchors are signed.
+
+    Why: the hash chain lives in the database it protects; a writer of that
+    database can rewrite it consistently. Anchors put each chain's head
+    where that writer cannot change it afterwards (see conf/fsrecrypt.toml).
+    """
+
+    anchor_dir: str = ""
+    anchor_bucket: str = ""
+    anchor_prefix: str = "audit-anchors/"
+    anchor_retention_days: int = 2190
+    anchor_lock_mode: str = "compliance"
+    anchor_key_file: str = "/var/lib/fsrecrypt/audit-anchor.key"
+    anchor_signature: str = "hmac-sha256"
+    anchor_interval: float = 3600.0
+    fingerprint_key_file: str = ""
+
+    def validate(self) -> None:
+        if self.anchor_dir and not os.path.isabs(self.anchor_dir):
+            raise ValueError(f"anchor_dir: {self.anchor_dir[:100]!r} is not an absolute path")
+        if self.anchor_prefix.startswith("/") or "\x00" in self.anchor_prefix:
+            raise ValueError("anchor_prefix must not start with '/' or contain NUL")
+        if not 1 <= self.anchor_retention_days <= 36500:
+            raise ValueError("anchor_retention_days must be between 1 and 36500")
+        if self.anchor_lock_mode not in ("governance", "compliance"):
+            raise ValueError(
+                f"anchor_lock_mode must be 'governance' or 'compliance', "
+                f"not {self.anchor_lock_mode[:40]!r}"
+            )
+        if self.anchor_signature not in ANCHOR_SIGNATURES:
+            raise ValueError(
+                f"anchor_signature must be 'hmac-sha256' or 'ed25519', "
+                f"not {self.anchor_signature[:40]!r}"
+            )
+        if not self.anchor_key_file or not os.path.isabs(self.anchor_key_file):
+            raise ValueError("anchor_key_file must be an absolute path")
+        if self.fingerprint_key_file and not os.path.isabs(self.fingerprint_key_file):
+            raise ValueError("fingerprint_key_file must be an absolute path (or empty)")
+        if not 60 <= self.anchor_interval <= 7 * 86400:
+            raise ValueError("anchor_interval must be between 60 seconds and 7 days")
+
+    @property
+    def anchoring(self) -> bool:
+        """True if anchors have somewhere to go."""
+        return bool(self.anchor_dir or self.anchor_bucket)
+
+
 @dataclass(frozen=True)
 class LoggingConfig:
     level: str = "info"
@@ -196,6 +260,7 @@ class Config:
     playback: PlaybackConfig = field(default_factory=PlaybackConfig)
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
     retention: RetentionConfig = field(default_factory=RetentionConfig)
+    audit: AuditConfig = field(default_factory=AuditConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     source: str = "<defaults>"
 

@@ -97,6 +97,7 @@ LAZY_COMMANDS: dict[str, str] = {
     "decrypt": "fsrecrypt.cli.files:decrypt_command",
     "ingest": "fsrecrypt.cli.files:ingest_command",
     "get": "fsrecrypt.cli.files:get_command",
+    "custody": "fsrecrypt.cli.custody:custody_command",
 }
 
 # What ``fsrecrypt --help`` lists for each command: its help's first sentence,
@@ -124,6 +125,7 @@ COMMAND_SUMMARIES: dict[str, str] = {
     ),
     "ingest": "Encrypt, upload and record FILE for TENANT, then delete the plaintext.",
     "get": "Fetch and decrypt RECORDING_ID to OUTPUT (audit-logged as a download).",
+    "custody": "Print a recording's evidence: creation, storage, fingerprint, events, anchors.",
 }
 
 

@@ -30,6 +30,9 @@ from fsrecrypt.pipeline import Services
 STATUS_SUBCLASS = "fsrecrypt::status"
 HEARTBEAT_INTERVAL = 5.0
 STATUS_EVENT_INTERVAL = 30.0
+ANCHOR_CHECK_INTERVAL = 60.0
+"""How often the housekeeping loop asks whether an audit anchor is due (the
+anchor itself is written every [audit] anchor_interval, by one process)."""
 
 
 class Heartbeat:
@@ -41,6 +44,7 @@ class Heartbeat:
         self.failures = failures  # the supervisor's record of dead greenlets
         self.events: EventSource | None = None
         self._last_status_event = 0.0
+        self._next_anchor_check = 0.0
 
     @property
     def esl_connected(self) -> bool:
@@ -87,11 +91,34 @@ class Heartbeat:
         if time.monotonic() - self._last_status_event >= STATUS_EVENT_INTERVAL:
             if self.send_status_event(depth, age):
                 self._last_status_event = time.monotonic()
+        self.anchor_if_due()
         rt.notifier.notify(
             f"STATUS=running; queue {depth}; esl "
             f"{'up' if self.esl_connected else 'down'}; "
             f"stored {rt.counts.get('stored', 0)}"
         )
+
+    def anchor_if_due(self) -> None:
+        """Write an audit anchor when one is due (at most one check a minute).
+
+        Every daemon and worker may run this: a PostgreSQL advisory lock lets
+        one writer in, and the interval is read from the anchors themselves.
+        A failure is logged and retried at the next check; it never stops
+        the heartbeat.
+        """
+        rt = self.rt
+        if not rt.config.audit.anchoring or time.monotonic() < self._next_anchor_check:
+            return
+        self._next_anchor_check = time.monotonic() + ANCHOR_CHECK_INTERVAL
+        from fsrecrypt.lifecycle.anchors import anchor_if_due
+
+        try:
+            receipt = anchor_if_due(rt.services)
+        except FsrecryptError as exc:
+            rt.log.warning("daemon.anchor_failed", error=exc.one_line())
+            return
+        if receipt is not None:
+            rt.log.info("daemon.anchor_written", seq=receipt.seq, sha256=receipt.sha256)
 
     def send_status_event(self, depth: int, age: float) -> bool:
         if self.events is None or not self.events.connected:

@@ -118,6 +118,8 @@ class Recordings(Tenants):
         )
 
     def recording(self, recording_id: str) -> Recording:
+        if "\x00" in recording_id:  # psycopg2 refuses NUL in a parameter (ValueError)
+            raise NotFound(f"no recording with id {recording_id!r}")
         with self.transaction("looking up a recording") as cur:
             try:
                 cur.execute(
@@ -188,6 +190,7 @@ class Recordings(Tenants):
         metadata: Mapping[str, Any],
         claimed_by: str,
         audit: Mapping[str, Any] | None = None,
+        plaintext_hmac: tuple[str, str] | None = None,
     ) -> Recording:
         """Move a row to ``stored`` (and write its audit row) in one transaction.
 
@@ -201,7 +204,8 @@ class Recordings(Tenants):
                 " file_size_bytes = %s, encrypted_size_bytes = %s,"
                 " encryption_metadata = encryption_metadata || %s::jsonb,"
                 " last_error = NULL, next_attempt_at = NULL,"
-                " stored_at = now(), updated_at = now(), claimed_by = NULL, claimed_until = NULL"
+                " stored_at = now(), updated_at = now(), claimed_by = NULL, claimed_until = NULL,"
+                " plaintext_hmac = %s, plaintext_hmac_key_id = %s"
                 " WHERE id = %s AND status IN ('pending', 'failed') AND claimed_by = %s"
                 f" RETURNING {RECORDING_COLUMNS}",
                 (
@@ -212,6 +216,7 @@ class Recordings(Tenants):
                     file_size_bytes,
                     encrypted_size_bytes,
                     json.dumps(dict(metadata)),
+                    *(plaintext_hmac or (None, None)),
                     recording_id,
                     claimed_by,
                 ),

@@ -389,14 +389,53 @@ def export_audit_log(
     once the output is complete.
     """
     tenant = services.db.tenant_by_name(tenant_name)
-    rows = iter_audit_rows(services, tenant.id, window.start, window.end)
+    span: dict[str, int] = {}
+
+    def tracked() -> Iterator[dict[str, Any]]:
+        for row in iter_audit_rows(services, tenant.id, window.start, window.end):
+            span.setdefault("first", int(row["id"]))
+            span["last"] = int(row["id"])
+            yield row
+
+    anchors = 0
     with open_output() as out:
-        count = write_export(rows, out, fmt)
+        count = write_export(tracked(), out, fmt)
+        if fmt == "jsonl" and services.config.audit.anchoring and span:
+            anchors = write_covering_anchors(
+                services, str(tenant.id), span["first"], span["last"], out
+            )
     services.db.audit(
         action="audit_export",
         user_id=user_id,
         success=True,
         tenant_id=tenant.id,
-        details={"rows": count, "from": window.from_text, "to": window.to_text, "format": fmt},
+        details={
+            "rows": count,
+            "anchors": anchors,
+            "from": window.from_text,
+            "to": window.to_text,
+            "format": fmt,
+        },
     )
     return count
+
+
+def write_covering_anchors(
+    services: Services, tenant_id: str, first_id: int, last_id: int, out: IO[str]
+) -> int:
+    """Append, after the rows, every anchor whose head of this tenant's chain is an exported row.
+
+    One JSON line ``{"anchor": {...}, "location": ...}`` each, so ``audit
+    check-export`` can check the rows against signed heads without the
+    database. Anchors are signed documents: the export carries them as they
+    were written.
+    """
+    from fsrecrypt.lifecycle.anchors import read_anchors
+
+    written = 0
+    for stored, doc in read_anchors(services.config):
+        heads = [c for c in doc["chains"] if c["chain"] == tenant_id]
+        if heads and first_id <= heads[0]["last_id"] <= last_id:
+            out.write(json.dumps({"anchor": doc, "location": stored.location}) + "\n")
+            written += 1
+    return written

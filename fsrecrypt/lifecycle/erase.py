@@ -16,7 +16,7 @@ from datetime import datetime, timedelta
 from typing import Any
 
 from fsrecrypt.db import Recording
-from fsrecrypt.errors import ConfigError, FsrecryptError, InvalidState, NotFound
+from fsrecrypt.errors import ConfigError, FsrecryptError, InvalidState, NotFound, ObjectNotFound
 from fsrecrypt.lifecycle.common import (
     ROTATION_META_KEYS,
     active_holds,
@@ -38,6 +38,15 @@ class RetentionActive(InvalidState):
         "Wait until the retention period ([retention] days) has passed, or pass "
         "--override-retention (which is recorded in the audit log) if erasure is required "
         "now, e.g. for a GDPR erasure request"
+    )
+
+
+class StorageRetentionLocked(InvalidState):
+    """S3 Object Lock keeps the object, and fsrecrypt may not (or cannot) bypass it."""
+
+    hint = (
+        "Wait until the storage retention named above has passed ('fsrecrypt expire' "
+        "erases it then)"
     )
 
 
@@ -110,6 +119,53 @@ def check_erasable(
             raise RetentionActive(
                 f"{len(inside)} recording(s) are inside the retention period of {period}, "
                 f"e.g. {first.id}{until}"
+            )
+    _check_storage_lock(services, live, now)
+
+
+def _check_storage_lock(services: Services, live: Sequence[Recording], now: datetime) -> None:
+    """Refuse, before anything is destroyed, an erasure the storage's Object Lock would refuse.
+
+    Compliance retention can be shortened or bypassed by nobody, not even
+    the bucket's root account: such a recording cannot be erased before its
+    retain-until date, override or not. Governance retention is bypassed
+    only if ``[storage] governance_bypass`` allows it. An S3 legal hold
+    (left behind when releasing it failed) blocks erasure too.
+    """
+    store = services.store
+    if not store.object_lock:
+        return
+    for rec in live:
+        if not rec.s3_path or rec.status == "erased":
+            continue
+        try:
+            state = store.lock_state(rec.s3_path)
+        except ObjectNotFound:
+            continue
+        if state.legal_hold:
+            raise LegalHoldActive(
+                f"the S3 Object Lock legal hold on the object of {rec.id} blocks erasure "
+                "(fsrecrypt has no active hold on it: releasing it in S3 failed earlier)",
+                hint="Run 'fsrecrypt hold add' then 'hold remove' for it to release the S3 hold.",
+            )
+        if not state.retained_at(now):
+            continue
+        until = iso(state.retain_until)
+        if state.mode == "compliance":
+            raise StorageRetentionLocked(
+                f"recording {rec.id} is under S3 Object Lock compliance retention until "
+                f"{until}: nobody, not even the bucket's root account, can delete it earlier, "
+                "so it cannot be erased (--override-retention cannot lift storage retention)"
+            )
+        if not store.governance_bypass:
+            raise StorageRetentionLocked(
+                f"recording {rec.id} is under S3 Object Lock governance retention until {until} "
+                "and [storage] governance_bypass is false",
+                hint=(
+                    "Set [storage] governance_bypass = true (the credentials need "
+                    "s3:BypassGovernanceRetention) and erase with --override-retention, "
+                    f"or wait until {until}"
+                ),
             )
 
 

@@ -1,6 +1,8 @@
 """Legal holds: recordings on hold cannot be erased or expired.
 
 Holds are rows of ``legal_holds``; releasing one keeps the row as history.
+With ``[storage] object_lock`` each hold is also an S3 Object Lock legal
+hold on the recording's object, so the storage itself refuses to delete it.
 """
 
 from __future__ import annotations
@@ -59,6 +61,9 @@ def add_hold(
             if existing:
                 results.append({"recording_id": rec.id, "status": "already held"})
                 continue
+            # The storage's own hold first: if the row then fails, the object is
+            # over-protected (safe), never the other way round.
+            versions = services.store.set_legal_hold(rec.s3_path, True) if rec.s3_path else 0
             cur.execute(
                 "INSERT INTO legal_holds (recording_id, tenant_id, reason, placed_by)"
                 " VALUES (%s, %s, %s, %s) RETURNING id",
@@ -73,9 +78,12 @@ def add_hold(
                 success=True,
                 recording_id=rec.id,
                 tenant_id=tenant_id,
-                details={"hold_id": hold_id, "reason": reason},
+                details={"hold_id": hold_id, "reason": reason, "storage_hold_versions": versions},
             )
-        results.append({"recording_id": rec.id, "status": "held", "hold_id": hold_id})
+        result: dict[str, Any] = {"recording_id": rec.id, "status": "held", "hold_id": hold_id}
+        if services.store.object_lock:
+            result["storage_legal_hold"] = f"on ({versions} version(s))"
+        results.append(result)
     if all(r["status"] == "erased" for r in results):
         raise InvalidState(
             "recording(s) "
@@ -126,7 +134,13 @@ def remove_hold(
                     tenant_id=locked[1],
                     details={"hold_ids": released, "reason": reason},
                 )
-        results.append({"recording_id": rec.id, "status": "released" if released else "not held"})
+        result = {"recording_id": rec.id, "status": "released" if released else "not held"}
+        if released and rec.s3_path and services.store.object_lock:
+            # After the row: if this fails the object stays held by the storage
+            # (erase then says so), never released while the row still holds it.
+            versions = services.store.set_legal_hold(rec.s3_path, False)
+            result["storage_legal_hold"] = f"off ({versions} version(s))"
+        results.append(result)
     if not any(r["status"] == "released" for r in results):
         raise NotFound(
             "no active legal hold on " + ", ".join(r["recording_id"] for r in results),

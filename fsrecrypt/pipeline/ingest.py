@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import secrets
+import socket
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
@@ -19,6 +20,7 @@ from typing import TYPE_CHECKING, Any
 
 from fsrecrypt import format as esdk
 from fsrecrypt.errors import FsrecryptError, InvalidState, SourceChanged, SourceIncomplete
+from fsrecrypt.pipeline.custody import FingerprintingReader, FingerprintKey
 from fsrecrypt.pipeline.envelope import ALGORITHM_NAME, edk_to_bytes, encryption_context
 from fsrecrypt.pipeline.services import Services, worker_id
 from fsrecrypt.plaintext import (
@@ -142,9 +144,11 @@ def store_recording(
                 on_chunk(len(chunk))
             yield chunk
 
+    fingerprint_key = FingerprintKey.from_config(config)
+    plaintext = FingerprintingReader(source.fileobj, fingerprint_key.hasher(tenant.id))
     info = services.store.put_stream(
         key,
-        counted(encryptor.stream(source.fileobj)),
+        counted(encryptor.stream(plaintext)),  # type: ignore[arg-type]
         metadata={"fsrecrypt-recording-id": recording.id, "fsrecrypt-tenant-id": tenant.id},
     )
     elapsed = time.monotonic() - started
@@ -155,7 +159,11 @@ def store_recording(
     )
     if changed is not None:
         # What was read is not the file as it is now: never mark it stored.
-        services.store.delete(key)
+        # Removing the object is best effort: under S3 Object Lock the storage
+        # keeps it until its retention ends (it is encrypted and unreferenced),
+        # and the caller must still learn that the source changed.
+        with contextlib.suppress(FsrecryptError):
+            services.store.delete(key)
         raise SourceChanged(f"{source.path} changed while it was read ({changed})")
     metadata = {
         "message_id": encryptor.header.message_id.hex(),
@@ -179,12 +187,18 @@ def store_recording(
             encrypted_size_bytes=encryptor.ciphertext_length,
             metadata=metadata,
             claimed_by=worker,
+            plaintext_hmac=(plaintext.mac.hexdigest(), fingerprint_key.key_id),
             audit={
                 "action": "encrypt",
                 "user_id": user_id,
                 "success": True,
                 "decryption_duration_ms": elapsed * 1000,
-                "details": {"object_key": key, "bytes": encryptor.plaintext_length},
+                "details": {
+                    "object_key": key,
+                    "object_version": info.version_id,
+                    "bytes": encryptor.plaintext_length,
+                    "worker": worker,
+                },
             },
         )
     except InvalidState:
@@ -193,6 +207,10 @@ def store_recording(
             services.store.delete(key)
         raise
     deleted = bool(delete) and delete_plaintext(source)
+    if deleted:
+        # Evidence only: the recording is stored and its plaintext gone either way.
+        with contextlib.suppress(FsrecryptError):
+            services.db.note_plaintext_deleted(recording.id, socket.gethostname())
     return StoreOutcome(
         stored,
         key,

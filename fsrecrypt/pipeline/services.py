@@ -52,7 +52,9 @@ class Services:
         if self._store is None:
             from fsrecrypt.store import build_store
 
-            self._store = build_store(self.config.storage)
+            self._store = build_store(
+                self.config.storage, retention_days=self.config.retention.days
+            )
         return self._store
 
     def close(self) -> None:

@@ -13,6 +13,7 @@ from fsrecrypt.config import StorageConfig
 from fsrecrypt.store.base import (
     READ_CHUNK,
     InvalidObjectKey,
+    LockState,
     ObjectInfo,
     ObjectStore,
     StorageAccessError,
@@ -28,6 +29,7 @@ __all__ = [
     "READ_CHUNK",
     "InvalidObjectKey",
     "LocalStore",
+    "LockState",
     "ObjectInfo",
     "ObjectStore",
     "S3Store",
@@ -37,8 +39,12 @@ __all__ = [
 ]
 
 
-def build_store(cfg: StorageConfig) -> ObjectStore:
-    """The store named by ``[storage] backend``."""
+def build_store(cfg: StorageConfig, *, retention_days: int = 0) -> ObjectStore:
+    """The store named by ``[storage] backend``.
+
+    ``retention_days`` (``[retention] days``) is the Object Lock retention
+    new objects get when ``[storage] object_lock`` is set.
+    """
     if cfg.backend == "local":
         return LocalStore(cfg.path, prefix=cfg.prefix)
     if cfg.backend == "s3":
@@ -50,5 +56,8 @@ def build_store(cfg: StorageConfig) -> ObjectStore:
             sse=cfg.sse,
             sse_kms_key_id=cfg.sse_kms_key_id,
             part_size=cfg.part_size,
+            object_lock=cfg.object_lock,
+            retention_days=retention_days,
+            governance_bypass=cfg.governance_bypass,
         )
     raise StorageAccessError(f"unknown storage backend {cfg.backend!r}")

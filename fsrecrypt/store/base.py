@@ -62,6 +62,18 @@ class ObjectInfo:
     stamp: str | None = None
 
 
+@dataclass(frozen=True)
+class LockState:
+    """What the storage itself enforces on an object: Object Lock retention and legal hold."""
+
+    mode: str = ""
+    retain_until: datetime | None = None
+    legal_hold: bool = False
+
+    def retained_at(self, now: datetime) -> bool:
+        return self.retain_until is not None and now < self.retain_until
+
+
 class ObjectStore(ABC):
     """Where encrypted recordings live."""
 
@@ -93,6 +105,17 @@ class ObjectStore(ABC):
     @abstractmethod
     def delete(self, key: str) -> int:
         """Delete the object (all versions); returns how many entries were removed."""
+
+    object_lock: str = ""
+    """"governance" or "compliance" where the storage itself enforces retention."""
+
+    def lock_state(self, key: str) -> LockState:
+        """The storage's own retention and legal hold on ``key`` (none for plain stores)."""
+        return LockState()
+
+    def set_legal_hold(self, key: str, on: bool) -> int:
+        """Set or release the storage's legal hold on every version; returns versions changed."""
+        return 0
 
     def exists(self, key: str) -> bool:
         try:

@@ -27,6 +27,7 @@ from fsrecrypt.store.base import (
     StorageAccessError,
     _check_range,
 )
+from fsrecrypt.store.s3_lock import S3ObjectLock
 
 if TYPE_CHECKING:  # pragma: no cover
     from botocore.client import BaseClient
@@ -53,7 +54,7 @@ def _b64(digest: bytes) -> str:
     return base64.b64encode(digest).decode("ascii")
 
 
-class S3Store(ObjectStore):
+class S3Store(S3ObjectLock, ObjectStore):
     """Objects in an S3 bucket (or any S3 API such as moto/MinIO via endpoint_url).
 
     Keys passed to the methods are full object keys (``object_key`` adds the
@@ -76,7 +77,12 @@ class S3Store(ObjectStore):
         connect_timeout: float = 5.0,
         read_timeout: float = 60.0,
         max_attempts: int = 3,
+        object_lock: str = "",
+        retention_days: int = 0,
+        governance_bypass: bool = False,
     ) -> None:
+        if object_lock not in ("", "governance", "compliance"):
+            raise ValueError("object_lock must be '', 'governance' or 'compliance'")
         if not MIN_PART_SIZE <= part_size <= MAX_PART_SIZE:
             raise ValueError("part_size must be between 5 MiB and 5 GiB")
         if sse not in ("", "AES256", "aws:kms"):
@@ -88,6 +94,9 @@ class S3Store(ObjectStore):
         self.sse = sse
         self.sse_kms_key_id = sse_kms_key_id
         self.part_size = part_size
+        self.object_lock = object_lock
+        self.retention_days = retention_days
+        self.governance_bypass = governance_bypass
         self._timeouts = (connect_timeout, read_timeout, max_attempts)
         self._client: BaseClient | None = None
         self._client_lock = threading.Lock()
@@ -151,6 +160,7 @@ class S3Store(ObjectStore):
             "ContentType": "application/octet-stream",
             "Metadata": dict(metadata or {}),
             **self._sse_args(),
+            **self._lock_args(),
         }
         part_size = self.part_size
         buf = bytearray()
@@ -192,6 +202,8 @@ class S3Store(ObjectStore):
                     "put_object",
                     key,
                     Body=body,
+                    # Object Lock puts must name their checksum algorithm.
+                    **({"ChecksumAlgorithm": "SHA256"} if common.get("ObjectLockMode") else {}),
                     ChecksumSHA256=_b64(hashlib.sha256(body).digest()),
                     IfNoneMatch="*",
                     **common,
@@ -273,30 +285,30 @@ class S3Store(ObjectStore):
         )
 
     def delete(self, key: str) -> int:
-        """Delete every version and delete marker of ``key`` (needs s3:ListBucketVersions)."""
-        doomed: list[dict[str, str]] = []
-        kwargs: dict[str, Any] = {"Prefix": key}
-        while True:
-            resp = self._call("list_object_versions", key, **kwargs)
-            for entry in [*resp.get("Versions", []), *resp.get("DeleteMarkers", [])]:
-                if entry.get("Key") == key:
-                    doomed.append({"Key": key, "VersionId": str(entry.get("VersionId", "null"))})
-            if not resp.get("IsTruncated"):
-                break
-            kwargs = {
-                "Prefix": key,
-                "KeyMarker": resp.get("NextKeyMarker"),
-                "VersionIdMarker": resp.get("NextVersionIdMarker"),
-            }
+        """Delete every version and delete marker of ``key`` (needs s3:ListBucketVersions).
+
+        Under governance Object Lock with ``governance_bypass`` the request
+        bypasses governance retention (s3:BypassGovernanceRetention); the
+        caller decides that it may (``erase --override-retention``). Compliance
+        retention and legal holds are never bypassed: S3 refuses, and this
+        raises ``StorageAccessError`` naming why.
+        """
+        doomed = [{"Key": key, "VersionId": v} for v in self._version_ids(key)]
+        extra: dict[str, Any] = {}
+        if self.object_lock == "governance" and self.governance_bypass:
+            extra["BypassGovernanceRetention"] = True
         deleted = 0
         for i in range(0, len(doomed), 1000):
             batch = doomed[i : i + 1000]
-            resp = self._call("delete_objects", key, Delete={"Objects": batch, "Quiet": True})
+            resp = self._call(
+                "delete_objects", key, Delete={"Objects": batch, "Quiet": True}, **extra
+            )
             if resp.get("Errors"):
                 first = resp["Errors"][0]
-                raise StorageError(
+                locked = " (S3 Object Lock retention or legal hold)" if self.object_lock else ""
+                raise StorageAccessError(
                     f"S3 could not delete {len(resp['Errors'])} version(s) of {key}: "
-                    f"{first.get('Code')}"
+                    f"{first.get('Code')}{locked}"
                 )
             deleted += len(batch)
         return deleted

@@ -10,14 +10,10 @@ from __future__ import annotations
 import base64
 import hashlib
 import hmac
-import os
 import re
-import secrets
-import stat
-from pathlib import Path
 from typing import TYPE_CHECKING
 
-from fsrecrypt.errors import ConfigError
+from fsrecrypt.keyfile import KEY_BYTES, KeyFileSpec, load_key_file
 from fsrecrypt.numbers import NumberError, parse_int
 from fsrecrypt.web.auth import Principal, active_key
 from fsrecrypt.web.errors import ApiAuthError
@@ -27,10 +23,18 @@ if TYPE_CHECKING:
 
     from fsrecrypt.pipeline import Services
 
-SIGNING_KEY_BYTES = 32
+SIGNING_KEY_BYTES = KEY_BYTES
 EXPIRY_DIGITS = 12
 """A signed URL's exp has at most 12 digits (Unix seconds up to the year 33658)."""
 _SIGNATURE_RE = re.compile(r"^[A-Za-z0-9_-]{43}\Z")
+
+
+URL_SIGNING_KEY = KeyFileSpec(
+    what="URL signing key",
+    setting="[playback] signing_key_file",
+    power="mint playback URLs",
+    created_by="fsrecrypt serve (issued URLs stop working)",
+)
 
 
 def load_signing_key(path: str) -> bytes:
@@ -39,52 +43,7 @@ def load_signing_key(path: str) -> bytes:
     The file is refused if group or others can read it, or if it is a
     symlink: whoever reads it can mint playback URLs for any recording.
     """
-    target = Path(path)
-    flags = os.O_RDONLY | os.O_NOFOLLOW | getattr(os, "O_CLOEXEC", 0)
-    try:
-        fd = os.open(target, flags)
-    except FileNotFoundError:
-        try:
-            target.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-            fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
-        except FileExistsError:
-            return load_signing_key(path)
-        except OSError as exc:
-            raise ConfigError(
-                f"cannot create the URL signing key {target}: {exc.strerror}",
-                hint="Make [playback] signing_key_file's directory writable by fsrecrypt.",
-            ) from None
-        try:
-            os.write(fd, base64.b64encode(secrets.token_bytes(SIGNING_KEY_BYTES)) + b"\n")
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        return load_signing_key(path)
-    except OSError as exc:
-        raise ConfigError(
-            f"cannot open the URL signing key {target}: {exc.strerror}",
-            hint="[playback] signing_key_file must be a regular file owned by fsrecrypt.",
-        ) from None
-    try:
-        st = os.fstat(fd)
-        if not stat.S_ISREG(st.st_mode) or st.st_mode & 0o077:
-            raise ConfigError(
-                f"URL signing key {target} is readable by group/others or not a regular file",
-                hint="Run 'chmod 600' on it; anyone who reads it can mint playback URLs.",
-            )
-        raw = os.read(fd, 4096)
-    finally:
-        os.close(fd)
-    try:
-        key = base64.b64decode(raw.strip(), validate=True)
-    except ValueError:
-        key = b""
-    if len(key) < SIGNING_KEY_BYTES:
-        raise ConfigError(
-            f"URL signing key {target} is not a base64 key of at least 32 bytes",
-            hint="Delete the file: fsrecrypt serve creates a new one (issued URLs stop working).",
-        )
-    return key
+    return load_key_file(path, URL_SIGNING_KEY)
 
 
 class UrlSigner:

@@ -46,6 +46,7 @@ def _config(tmp: Path, dsn: str, moto_url: str, bucket: str | None) -> Path:
     cfg.write_text(
         f'[database]\ndsn = "{dsn}"\n'
         f'[keys]\nprovider = "aws-kms"\nendpoint_url = "{moto_url}"\n'
+        f'keyring = "{tmp / "keyring.json"}"\n'
         f"{storage}[pipeline]\nframe_size = 4096\n"
     )
     return cfg

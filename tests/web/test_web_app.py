@@ -112,6 +112,8 @@ def build_world(root: Path, dsn: str, backend: str, moto: Any = None) -> World:
             "provider": "aws-kms",
             "endpoint_url": moto.endpoint_url,
             "region": moto.region,
+            # The custody fingerprint key lives beside it: keep it in the test's root.
+            "keyring": str(root / "keyring.json"),
         }
     config = with_overrides(Config(), **sections)
     services = pipeline.Services(config)
