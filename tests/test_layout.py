@@ -14,6 +14,8 @@ what one can hold in one's head (about 600 lines a module, 300 a class).
 from __future__ import annotations
 
 import ast
+import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -59,24 +61,31 @@ def imports_of(path: Path) -> Iterator[tuple[int, str]]:
     b`` both ``a`` and ``a.b`` are reported (``b`` may be a submodule).
     """
     tree = ast.parse(path.read_text(encoding="utf-8"), filename=str(path))
-    package = _module_name(path)
-    if path.name != "__init__.py":
-        package = package.rpartition(".")[0]
+    package = _package_of(path)
     for node in ast.walk(tree):
-        if isinstance(node, ast.Import):
-            for alias in node.names:
-                yield node.lineno, alias.name
-        elif isinstance(node, ast.ImportFrom):
-            if node.level:
-                base_parts = package.split(".")
-                base_parts = base_parts[: len(base_parts) - (node.level - 1)]
-                base = ".".join(base_parts)
-                module = f"{base}.{node.module}" if node.module else base
-            else:
-                module = node.module or ""
-            yield node.lineno, module
-            for alias in node.names:
-                yield node.lineno, f"{module}.{alias.name}"
+        for name in _imported_names(node, package):
+            yield node.lineno, name
+
+
+def _package_of(path: Path) -> str:
+    """The package relative imports in ``path`` are resolved against."""
+    package = _module_name(path)
+    return package if path.name == "__init__.py" else package.rpartition(".")[0]
+
+
+def _imported_names(node: ast.AST, package: str) -> list[str]:
+    """The absolute module names an import statement names (none for other nodes)."""
+    if isinstance(node, ast.Import):
+        return [alias.name for alias in node.names]
+    if not isinstance(node, ast.ImportFrom):
+        return []
+    if node.level:
+        base_parts = package.split(".")
+        base = ".".join(base_parts[: len(base_parts) - (node.level - 1)])
+        module = f"{base}.{node.module}" if node.module else base
+    else:
+        module = node.module or ""
+    return [module, *(f"{module}.{alias.name}" for alias in node.names)]
 
 
 def _within(name: str, prefix: str) -> bool:
@@ -240,6 +249,162 @@ def test_cli_command_modules_load_their_domain_only_inside_commands(module: str)
             top_level.append(node.module or "")
     bad = [name for name in top_level if any(_within(name, h) for h in heavy)]
     assert not bad, f"cli/{module} imports {bad} at top level"
+
+
+# Libraries too heavy for the light paths (``fsrecrypt --help``, a local
+# ``encrypt``): the modules that use them import them at their top, and the
+# command line defers them by loading command modules lazily. A function-local
+# import of one anywhere in the domain would hide a dependency instead.
+HEAVY_LIBRARIES = ("boto3", "botocore", "psycopg2", "psycogreen", "gevent", "flask", "werkzeug")
+# Our own adapters that import a heavy library at their top.
+HEAVY_ADAPTERS = ("fsrecrypt.store.s3", "fsrecrypt.keys.kms")
+
+# The documented deferral points outside fsrecrypt/cli/: (module, function) -> why.
+LAZY_IMPORT_POINTS = {
+    ("fsrecrypt.store", "build_store"): "boto3 is loaded only when [storage] backend = s3",
+    ("fsrecrypt.store", "__getattr__"): "S3Store and the part sizes are re-exported lazily",
+    ("fsrecrypt.keys", "build_key_provider"): "boto3 is loaded only when [keys] provider = aws-kms",
+    ("fsrecrypt.keys", "__getattr__"): "AwsKmsProvider and kms_key_ref are re-exported lazily",
+    ("fsrecrypt.db.pool", "enable_gevent"): "psycogreen brings gevent: only a gevent process pays",
+}
+
+
+def function_local_imports(path: Path, module: str) -> Iterator[tuple[int, str, str]]:
+    """(line, function, imported module) for each import inside a function or method.
+
+    ``function`` is the qualified name (``Class.method``, ``outer.inner``) of the
+    innermost function holding the import. Imports at module level, including
+    those under ``if TYPE_CHECKING:``, are not function-local.
+    """
+    tree = ast.parse(path.read_text(encoding="utf-8"), filename=str(path))
+    package = module if path.name == "__init__.py" else module.rpartition(".")[0]
+
+    def visit(node: ast.AST, scope: list[str], in_function: bool) -> Iterator[tuple[int, str, str]]:
+        for child in ast.iter_child_nodes(node):
+            if isinstance(child, ast.FunctionDef | ast.AsyncFunctionDef):
+                yield from visit(child, [*scope, child.name], True)
+            elif isinstance(child, ast.ClassDef):
+                yield from visit(child, [*scope, child.name], in_function)
+            else:
+                if in_function:
+                    for name in _imported_names(child, package):
+                        yield child.lineno, ".".join(scope), name
+                yield from visit(child, scope, in_function)
+
+    yield from visit(tree, [], False)
+
+
+def _heavy_function_local_imports(path: Path, module: str) -> list[tuple[int, str, str]]:
+    """The function-local imports of a heavy library or adapter, one per import statement."""
+    found: dict[int, tuple[int, str, str]] = {}
+    for line, function, name in function_local_imports(path, module):
+        heavy = name.split(".")[0] in HEAVY_LIBRARIES or any(
+            _within(name, a) for a in HEAVY_ADAPTERS
+        )
+        if heavy:
+            found.setdefault(line, (line, function, name))
+    return list(found.values())
+
+
+def test_heavy_libraries_are_imported_at_module_top_outside_the_cli() -> None:
+    """Heavy imports are deferred by the cli loading command modules lazily.
+
+    Not by function-local imports sprinkled through the domain: an adapter
+    imports its library at its top, and the only deferral points outside
+    ``fsrecrypt/cli/`` are the ones listed, each with its reason.
+    """
+    bad, used = [], set()
+    for path in _all_modules():
+        module = _module_name(path)
+        if _within(module, "fsrecrypt.cli"):
+            continue
+        for line, function, name in _heavy_function_local_imports(path, module):
+            if (module, function) in LAZY_IMPORT_POINTS:
+                used.add((module, function))
+            else:
+                bad.append(f"{_rel(path)}:{line} imports {name} inside {function}()")
+    assert not bad, (
+        "import heavy libraries at the module's top (the cli defers the module), or add a "
+        "documented deferral point to LAZY_IMPORT_POINTS:\n" + "\n".join(bad)
+    )
+    stale = sorted(set(LAZY_IMPORT_POINTS) - used)
+    assert not stale, f"LAZY_IMPORT_POINTS lists points that import nothing heavy: {stale}"
+
+
+def test_function_local_import_check_sees_what_it_forbids(tmp_path: Path) -> None:
+    """A ``import boto3`` slipped into a pipeline function is caught, whatever its form."""
+    sample = tmp_path / "ingest.py"
+    sample.write_text(
+        "from __future__ import annotations\n"
+        "from typing import TYPE_CHECKING\n"
+        "import psycopg2\n"
+        "if TYPE_CHECKING:\n"
+        "    from flask import Flask\n"
+        "def store(x):\n"
+        "    import boto3\n"
+        "    return boto3\n"
+        "class Job:\n"
+        "    def run(self):\n"
+        "        def inner():\n"
+        "            from gevent import sleep\n"
+        "        from ..store import s3\n"
+        "        import json\n"
+    )
+    found = _heavy_function_local_imports(sample, "fsrecrypt.pipeline.ingest")
+    assert [(function, name) for _line, function, name in found] == [
+        ("store", "boto3"),
+        ("Job.run.inner", "gevent"),
+        ("Job.run", "fsrecrypt.store.s3"),
+    ]
+
+
+@pytest.mark.parametrize("package", ["store", "keys"])
+def test_adapter_packages_load_their_boto3_adapter_only_lazily(package: str) -> None:
+    """The packages import s3.py/kms.py only in their factory or ``__getattr__``, never eagerly."""
+    path = PACKAGE / package / "__init__.py"
+    tree = ast.parse(path.read_text(encoding="utf-8"), filename=str(path))
+    eager = []
+    for node in tree.body:
+        type_checking = (
+            isinstance(node, ast.If)
+            and isinstance(node.test, ast.Name)
+            and node.test.id == "TYPE_CHECKING"
+        )
+        if type_checking or isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef):
+            continue
+        for sub in ast.walk(node):
+            eager += [
+                name
+                for name in _imported_names(sub, f"fsrecrypt.{package}")
+                if any(_within(name, a) for a in HEAVY_ADAPTERS)
+            ]
+    assert not eager, f"fsrecrypt/{package}/__init__.py imports {eager} when imported"
+
+
+def test_lazy_reexports_load_boto3_only_when_named() -> None:
+    """Importing the packages stays light; naming S3Store or AwsKmsProvider loads the adapter."""
+    code = (
+        "import sys\n"
+        "import fsrecrypt.keys, fsrecrypt.store\n"
+        "assert 'boto3' not in sys.modules and 'botocore' not in sys.modules\n"
+        "from fsrecrypt.store import MIN_PART_SIZE, S3Store\n"
+        "from fsrecrypt.keys import AwsKmsProvider, kms_key_ref\n"
+        "import fsrecrypt.keys.kms, fsrecrypt.store.s3\n"
+        "assert S3Store is fsrecrypt.store.s3.S3Store\n"
+        "assert MIN_PART_SIZE == fsrecrypt.store.s3.MIN_PART_SIZE\n"
+        "assert AwsKmsProvider is fsrecrypt.keys.kms.AwsKmsProvider\n"
+        "assert kms_key_ref('acme') == 'alias/acme'\n"
+        "assert 'boto3' in sys.modules, 'the adapters import boto3 at their top'\n"
+        "try:\n"
+        "    fsrecrypt.store.NoSuchName\n"
+        "except AttributeError:\n"
+        "    print('ok')\n"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=60
+    )
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "ok"
 
 
 def _all_modules() -> list[Path]:

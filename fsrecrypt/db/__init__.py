@@ -11,8 +11,11 @@ and tenants, not cursors. One module per responsibility:
   hash-chained access log, bounded text, counted refusals)
 - ``database``: ``Database``, composed from those parts
 
-psycopg2 is imported only when a connection is made, never by importing this
-package.
+Importing this package imports psycopg2 (``pool`` does, at its top): the
+light paths (``fsrecrypt --help``, a local ``encrypt``/``decrypt``) never
+import it, because the command line loads the command modules that reach the
+database only when their command is named (``tests/test_cli.py`` checks it).
+psycogreen, which brings gevent, is imported only by :func:`enable_gevent`.
 """
 
 from fsrecrypt.db.audit import (

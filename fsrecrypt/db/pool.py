@@ -1,8 +1,13 @@
 """The connection pool: psycopg2 connections (psycogreen under gevent) and transactions.
 
-psycopg2 is imported lazily (``fsrecrypt --help`` must stay fast); under
-gevent, :func:`enable_gevent` installs psycogreen's wait callback so a query
-yields to the hub instead of blocking the ESL reader.
+psycopg2 is imported here, at the top: nothing on the light paths
+(``fsrecrypt --help``, a local ``encrypt``/``decrypt``) imports
+:mod:`fsrecrypt.db`; the command line loads the modules that do only when
+their command is named. Cooperating with gevent is a runtime decision, made
+in one place: :func:`enable_gevent` (called by the daemon and the web server
+after monkey-patching) imports psycogreen, and with it gevent, and installs
+its wait callback so a query yields to the hub instead of blocking the ESL
+reader.
 
 Errors: connection-level failures become :class:`DatabaseError` (transient,
 the pipeline retries them); a unique violation becomes :class:`AlreadyExists`
@@ -16,13 +21,20 @@ import threading
 from collections.abc import Iterator
 from typing import Any
 
+import psycopg2
+import psycopg2.errors
+
 from fsrecrypt.errors import AlreadyExists, DatabaseError, SchemaOutOfDate
 
 _gevent_enabled = False
 
 
 def enable_gevent() -> None:
-    """Make psycopg2 cooperative (call once, after gevent monkey-patching)."""
+    """Make psycopg2 cooperative (call once, after gevent monkey-patching).
+
+    psycogreen is imported here, not at the top, because it imports gevent:
+    only a process that runs under gevent pays for it.
+    """
     global _gevent_enabled
     if not _gevent_enabled:
         from psycogreen.gevent import patch_psycopg
@@ -33,9 +45,6 @@ def enable_gevent() -> None:
 
 @contextlib.contextmanager
 def translate_errors(what: str) -> Iterator[None]:
-    import psycopg2
-    import psycopg2.errors
-
     try:
         yield
     except psycopg2.errors.UniqueViolation as exc:
@@ -48,8 +57,6 @@ def translate_errors(what: str) -> Iterator[None]:
 
 
 def connect(dsn: str, *, connect_timeout: float = 5.0) -> Any:
-    import psycopg2
-
     with translate_errors("connecting to PostgreSQL"):
         return psycopg2.connect(dsn, connect_timeout=max(1, int(connect_timeout)))
 
@@ -122,8 +129,6 @@ class Pool:
         and pay one round trip instead of three. Never use it for work that
         needs several statements to be atomic together: use ``transaction``.
         """
-        import psycopg2
-
         with translate_errors(what), self.connection() as conn:
             conn.autocommit = True
             try:

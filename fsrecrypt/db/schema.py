@@ -13,6 +13,10 @@ from dataclasses import dataclass
 from importlib import resources
 from typing import Any
 
+import psycopg2
+from psycopg2 import sql
+from psycopg2.extensions import parse_dsn
+
 from fsrecrypt.db.pool import connect, translate_errors
 from fsrecrypt.errors import DatabaseError, SchemaOutOfDate
 
@@ -43,10 +47,6 @@ def available_migrations() -> list[Migration]:
 
 def _create_database(dsn: str) -> bool:
     """Create the DSN's database if missing (connecting to 'postgres' to do so)."""
-    import psycopg2
-    from psycopg2 import sql
-    from psycopg2.extensions import parse_dsn
-
     params = parse_dsn(dsn)
     dbname = params.get("dbname")
     if not dbname:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import psycopg2.errors
+
 from fsrecrypt.db.pool import Pool
 from fsrecrypt.db.rows import TENANT_COLUMNS, Tenant, tenant_from_row
 from fsrecrypt.errors import AlreadyExists, UnknownTenant
@@ -11,8 +13,6 @@ class Tenants(Pool):
     """Tenant queries (part of :class:`fsrecrypt.db.Database`)."""
 
     def add_tenant(self, name: str, kms_key_id: str) -> Tenant:
-        import psycopg2.errors
-
         try:
             with self.transaction(f"adding tenant {name!r}") as cur:
                 cur.execute(

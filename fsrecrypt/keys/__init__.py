@@ -5,14 +5,18 @@ Every recording gets a fresh 32-byte data key; only its *wrapped* form
 
 * ``base.py``: the ``KeyProvider`` interface, ``DataKey``, ``KeyInfo``.
 * ``local.py``: ``LocalKeyring``, the embedded default (ESDK raw-AES EDKs).
-* ``kms.py``: ``AwsKmsProvider`` (boto3 imported on the first KMS call, so
-  importing this package never imports boto3).
+* ``kms.py``: ``AwsKmsProvider``; it imports boto3 at its top, so this
+  package loads it in one place: :func:`build_key_provider` when KMS is
+  configured, or when ``AwsKmsProvider``/``kms_key_ref`` is looked up here
+  (``__getattr__``, PEP 562). Importing this package never imports boto3.
 
 The package imports neither the database, the stores, the pipeline nor the
 command line (checked by ``tests/test_layout.py``).
 """
 
 from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
 
 from fsrecrypt.config import KeysConfig
 from fsrecrypt.errors import KeyAccessError
@@ -26,8 +30,10 @@ from fsrecrypt.keys.base import (
     KeyProvider,
     validate_key_id,
 )
-from fsrecrypt.keys.kms import AwsKmsProvider, kms_key_ref
 from fsrecrypt.keys.local import LocalKeyring
+
+if TYPE_CHECKING:
+    from fsrecrypt.keys.kms import AwsKmsProvider, kms_key_ref
 
 __all__ = [
     "DATA_KEY_BYTES",
@@ -44,11 +50,25 @@ __all__ = [
     "validate_key_id",
 ]
 
+# Names of fsrecrypt.keys.kms (which imports boto3) this package re-exports lazily.
+_KMS_NAMES = frozenset({"AwsKmsProvider", "kms_key_ref"})
+
+
+def __getattr__(name: str) -> Any:
+    """``from fsrecrypt.keys import AwsKmsProvider`` works, importing boto3 only then."""
+    if name in _KMS_NAMES:
+        from fsrecrypt.keys import kms
+
+        return getattr(kms, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
 
 def build_key_provider(cfg: KeysConfig) -> KeyProvider:
     """The provider named by ``[keys] provider``."""
     if cfg.provider == "local":
         return LocalKeyring(cfg.keyring)
     if cfg.provider == "aws-kms":
+        from fsrecrypt.keys.kms import AwsKmsProvider
+
         return AwsKmsProvider(region=cfg.region, endpoint_url=cfg.endpoint_url or None)
     raise KeyAccessError(f"unknown key provider {cfg.provider!r}")

@@ -1,9 +1,10 @@
 """``AwsKmsProvider``: data keys from AWS KMS, the encryption context on every call.
 
 The context reaches KMS so key policies and CloudTrail see tenant and
-recording ids. boto3 is imported when the first client is built (not when
-this module is): the local path (CLI, tests, small installs) must not pay
-for importing botocore.
+recording ids. boto3 and botocore are imported here, at the top:
+:mod:`fsrecrypt.keys` imports this module only when KMS is configured or
+``AwsKmsProvider`` is named, so the local path (CLI, tests, small installs)
+never pays for importing botocore.
 """
 
 from __future__ import annotations
@@ -12,7 +13,19 @@ import contextlib
 import re
 import threading
 from collections.abc import Mapping, Sequence
-from typing import TYPE_CHECKING, Any
+from typing import Any
+
+import boto3
+from botocore.client import BaseClient
+from botocore.config import Config
+from botocore.exceptions import (
+    BotoCoreError,
+    ClientError,
+    HTTPClientError,
+    NoCredentialsError,
+    NoRegionError,
+)
+from botocore.exceptions import ConnectionError as BotoConnectionError
 
 from fsrecrypt.errors import (
     KeyAccessError,
@@ -30,9 +43,6 @@ from fsrecrypt.keys.base import (
     KeyInfo,
     KeyProvider,
 )
-
-if TYPE_CHECKING:  # pragma: no cover
-    from botocore.client import BaseClient
 
 _KMS_NOT_FOUND = {"NotFoundException"}
 _KMS_BAD_CIPHERTEXT = {"InvalidCiphertextException", "IncorrectKeyException"}
@@ -103,9 +113,6 @@ class AwsKmsProvider(KeyProvider):
         if self._client is None:
             with self._client_lock:
                 if self._client is None:
-                    import boto3
-                    from botocore.config import Config
-
                     session = boto3.session.Session()
                     self._client = session.client(
                         "kms",
@@ -121,8 +128,6 @@ class AwsKmsProvider(KeyProvider):
 
     def _call(self, op: str, key_ref: str, **kwargs: Any) -> dict[str, Any]:
         """Call a KMS operation, translating botocore errors into our hierarchy."""
-        from botocore.exceptions import BotoCoreError, ClientError
-
         try:
             return dict(getattr(self.client, op)(**kwargs))
         except ClientError as exc:
@@ -300,9 +305,6 @@ def _map_client_error(exc: Any, op: str, key_ref: str) -> KeyAccessError:
 
 
 def _map_botocore_error(exc: Any, op: str, key_ref: str, endpoint: str | None) -> KeyAccessError:
-    from botocore.exceptions import ConnectionError as BotoConnectionError
-    from botocore.exceptions import HTTPClientError, NoCredentialsError, NoRegionError
-
     where = f"KMS {op} for {key_ref}"
     if isinstance(exc, HTTPClientError | BotoConnectionError):  # timeouts, refused, reset
         return KeyProviderUnavailable(

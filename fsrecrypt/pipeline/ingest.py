@@ -31,6 +31,7 @@ from fsrecrypt.plaintext import (
     open_source,
     wav_info,
 )
+from fsrecrypt.store import object_key
 
 if TYPE_CHECKING:
     from fsrecrypt.db import Recording, Tenant
@@ -124,8 +125,6 @@ def store_recording(
         context,
         frame_length=config.pipeline.frame_size,
     )
-    from fsrecrypt.store import object_key
-
     # A per-attempt suffix: a zombie worker whose lease expired can never
     # overwrite the object a later attempt stored and recorded.
     key = object_key(

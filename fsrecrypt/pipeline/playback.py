@@ -25,6 +25,7 @@ from fsrecrypt.errors import (
     RangeNotSatisfiable,
     RecordingGone,
 )
+from fsrecrypt.keys import DataKeyAuthenticationFailed
 from fsrecrypt.pipeline.envelope import edk_from_bytes, encryption_context
 from fsrecrypt.pipeline.headers import object_identity, read_object_header
 from fsrecrypt.pipeline.services import Services
@@ -97,8 +98,6 @@ def unwrap_data_key(services: Services, recording: Recording, header: esdk.Heade
     must be audited as tampering. A provider that cannot be reached still
     raises its transient ``KeyProviderUnavailable``.
     """
-    from fsrecrypt.keys import DataKeyAuthenticationFailed
-
     context = encryption_context(recording.tenant_id, recording.id)
     if dict(header.encryption_context) != context:
         raise ObjectMismatch(

@@ -1,4 +1,10 @@
-"""The adapters one job needs (database, keys, store), built on first use; worker ids."""
+"""The adapters one job needs (database, keys, store), built on first use; worker ids.
+
+The adapter packages are imported here, at the top; what stays deferred is
+what each *configuration* needs: ``build_key_provider`` loads boto3 only for
+KMS and ``build_store`` only for S3. The pipeline is never imported on the
+light paths (``fsrecrypt --help``, a local ``encrypt``/``decrypt``).
+"""
 
 from __future__ import annotations
 
@@ -6,15 +12,12 @@ import os
 import secrets
 import socket
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
 
 from fsrecrypt.config import Config
+from fsrecrypt.db import Database
+from fsrecrypt.keys import KeyProvider, build_key_provider
 from fsrecrypt.pipeline.headers import HeaderCache
-
-if TYPE_CHECKING:
-    from fsrecrypt.db import Database
-    from fsrecrypt.keys import KeyProvider
-    from fsrecrypt.store import ObjectStore
+from fsrecrypt.store import ObjectStore, build_store
 
 
 @dataclass
@@ -30,8 +33,6 @@ class Services:
     @property
     def db(self) -> Database:
         if self._db is None:
-            from fsrecrypt.db import Database
-
             self._db = Database(
                 self.config.database.dsn,
                 max_connections=max(4, self.config.pipeline.concurrency + 2),
@@ -42,16 +43,12 @@ class Services:
     @property
     def keys(self) -> KeyProvider:
         if self._keys is None:
-            from fsrecrypt.keys import build_key_provider
-
             self._keys = build_key_provider(self.config.keys)
         return self._keys
 
     @property
     def store(self) -> ObjectStore:
         if self._store is None:
-            from fsrecrypt.store import build_store
-
             self._store = build_store(
                 self.config.storage, retention_days=self.config.retention.days
             )

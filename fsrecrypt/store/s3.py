@@ -1,7 +1,8 @@
 """The S3 store (any S3 API: AWS, MinIO, moto through ``endpoint_url``).
 
-boto3 and botocore are imported inside the methods that call them, so
-importing :mod:`fsrecrypt.store` (and the local path) never loads botocore.
+boto3 and botocore are imported here, at the top: :mod:`fsrecrypt.store`
+imports this module only when S3 is configured or ``S3Store`` is named, so
+the local path never loads botocore.
 ``S3Store`` uses plain client calls rather than boto3's threaded transfer
 manager: we control memory (one part buffered), checksums and the
 abort-on-failure path ourselves, and it behaves under gevent.
@@ -12,11 +13,18 @@ from __future__ import annotations
 import base64
 import contextlib
 import hashlib
+import http.client
 import secrets
 import threading
 import time
 from collections.abc import Iterable, Iterator, Mapping
-from typing import TYPE_CHECKING, Any
+from typing import Any
+
+import boto3
+from botocore.client import BaseClient
+from botocore.config import Config
+from botocore.exceptions import BotoCoreError, ClientError, ParamValidationError
+from botocore.response import StreamingBody
 
 from fsrecrypt.errors import ObjectExists, ObjectNotFound, StorageError
 from fsrecrypt.store.base import (
@@ -28,9 +36,6 @@ from fsrecrypt.store.base import (
     _check_range,
 )
 from fsrecrypt.store.s3_lock import S3ObjectLock
-
-if TYPE_CHECKING:  # pragma: no cover
-    from botocore.client import BaseClient
 
 MIN_PART_SIZE = 5 * 1024 * 1024
 MAX_PART_SIZE = 5 * 1024 * 1024 * 1024
@@ -110,9 +115,6 @@ class S3Store(S3ObjectLock, ObjectStore):
         if self._client is None:
             with self._client_lock:
                 if self._client is None:
-                    import boto3
-                    from botocore.config import Config
-
                     connect_timeout, read_timeout, max_attempts = self._timeouts
                     self._client = boto3.session.Session().client(
                         "s3",
@@ -127,8 +129,6 @@ class S3Store(S3ObjectLock, ObjectStore):
         return self._client
 
     def _call(self, op: str, key: str, **kwargs: Any) -> dict[str, Any]:
-        from botocore.exceptions import BotoCoreError, ClientError, ParamValidationError
-
         try:
             return dict(getattr(self.client, op)(Bucket=self.bucket, **kwargs))
         except ClientError as exc:
@@ -440,8 +440,6 @@ class _S3Body(Iterator[bytes]):
         return n
 
     def _guarded(self, read: Any, arg: Any) -> Any:
-        from botocore.exceptions import BotoCoreError
-
         try:
             return read(arg)
         except BotoCoreError as exc:  # read timeout, truncated body
@@ -467,10 +465,6 @@ def _plain_http_response(body: Any, raw: Any) -> Any:
     nothing was read through urllib3 yet, it would decode nothing, and the
     length is known (Content-Length, not chunked). None otherwise.
     """
-    import http.client
-
-    from botocore.response import StreamingBody
-
     if type(body) is not StreamingBody:
         return None
     fp = getattr(raw, "_fp", None)
