@@ -117,6 +117,10 @@ class PipelineConfig:
     sweep_interval: float = 300.0
     quiet_period: float = 60.0
     shutdown_grace: float = 30.0
+    # A failed row (its plaintext kept) is tried again after this many seconds,
+    # doubling after each further failure up to the cap; 0 = only `fsrecrypt retry`.
+    failed_retry_base: float = 600.0
+    failed_retry_cap: float = 86400.0
 
     def validate(self) -> None:
         if self.frame_size <= 0 or self.frame_size % 4096:
@@ -127,6 +131,10 @@ class PipelineConfig:
             raise ValueError("concurrency must be between 1 and 256")
         if self.max_attempts < 1:
             raise ValueError("max_attempts must be at least 1")
+        if not 0 <= self.failed_retry_base <= self.failed_retry_cap:
+            raise ValueError(
+                "failed_retry_base must be between 0 (no automatic retry) and failed_retry_cap"
+            )
 
 
 @dataclass(frozen=True)

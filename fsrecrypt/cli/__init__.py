@@ -97,6 +97,8 @@ LAZY_COMMANDS: dict[str, str] = {
     "decrypt": "fsrecrypt.cli.files:decrypt_command",
     "ingest": "fsrecrypt.cli.files:ingest_command",
     "get": "fsrecrypt.cli.files:get_command",
+    "recordings": "fsrecrypt.cli.recordings:recordings_group",
+    "retry": "fsrecrypt.cli.recordings:retry_command",
 }
 
 # What ``fsrecrypt --help`` lists for each command: its help's first sentence,
@@ -124,6 +126,8 @@ COMMAND_SUMMARIES: dict[str, str] = {
     ),
     "ingest": "Encrypt, upload and record FILE for TENANT, then delete the plaintext.",
     "get": "Fetch and decrypt RECORDING_ID to OUTPUT (audit-logged as a download).",
+    "recordings": "List and inspect recordings, and what is still waiting as plaintext.",
+    "retry": "Queue failed recordings again; the daemon stores them at its next sweep (audited).",
 }
 
 

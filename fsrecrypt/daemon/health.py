@@ -215,13 +215,25 @@ def run_health(config: Config) -> list[Check]:
     def backlog() -> str:
         age = services.db.oldest_pending_age()
         limit = max(900.0, 3 * config.pipeline.sweep_interval)
-        counts = services.db.status_counts()
+        failed, next_retry = services.db.failed_summary()
         if age > limit:
             raise DatabaseError(
                 f"oldest pending recording is {age:.0f}s old (limit {limit:.0f}s)",
                 hint="Check the daemon's log for failing uploads or a stopped daemon.",
             )
-        return f"oldest pending {age:.0f}s; failed {counts.get('failed', 0)}"
+        if failed:
+            # Their plaintext is still on disk: not healthy until they are stored.
+            when = (
+                f"next automatic retry in {next_retry:.0f}s"
+                if next_retry is not None
+                else "no automatic retry scheduled"
+            )
+            raise InvalidState(
+                f"{failed} failed recording(s) keep their plaintext; {when}",
+                hint="See why with 'fsrecrypt recordings list --status failed', fix the cause, "
+                "then run 'fsrecrypt retry --all' (or wait for the automatic retry).",
+            )
+        return f"oldest pending {age:.0f}s; failed 0"
 
     checks = [_check("freeswitch", DEGRADED, lambda: check_freeswitch(config))]
     checks.append(_check("database", DOWN, database))

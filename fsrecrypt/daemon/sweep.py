@@ -1,9 +1,11 @@
 """The sweep: why a kill -9, a lost event or a daemon that was down loses nothing.
 
 At start and every ``sweep_interval`` the sweeper resumes due ``pending`` rows,
-finishes files stored but not yet deleted (killed before the unlink), adopts
-finished files no row covers, and hourly aborts orphan multipart uploads. The
-database, not this process's memory, is the queue of record.
+tries ``failed`` rows whose scheduled retry is due (one attempt each; a new
+failure schedules the next one further out), finishes files stored but not
+yet deleted (killed before the unlink), adopts finished files no row covers,
+and hourly aborts orphan multipart uploads. The database, not this process's
+memory, is the queue of record.
 
 One file is never the pass's problem: an unexpected error while judging one
 file (a bug, a library error on an odd name or header) refuses that file
@@ -81,6 +83,7 @@ class Sweeper:
             )
             if self.jobs.submit(job):
                 resumed += 1
+        resumed += self._retry_failed()
         adopted = self._sweep_files()
         aborted = 0
         if abort_uploads:
@@ -91,6 +94,35 @@ class Sweeper:
         if resumed or adopted or aborted:
             rt.log.info("sweep.done", resumed=resumed, adopted=adopted, aborted_uploads=aborted)
         return {"resumed": resumed, "adopted": adopted, "aborted_uploads": aborted}
+
+    def _retry_failed(self) -> int:
+        """Submit failed rows whose automatic retry is due: one attempt each.
+
+        The job starts at its last attempt, so a failure that persists makes
+        the row ``failed`` again at once with a longer wait, instead of a new
+        burst of ``max_attempts`` tries every time.
+        """
+        rt = self.rt
+        retried = 0
+        dirs = rt.config.freeswitch.recordings_dirs
+        last = max(0, rt.config.pipeline.max_attempts - 1)
+        for rec in rt.services.db.due_failed(limit=SWEEP_BATCH):
+            if not is_inside(Path(rec.source_path), dirs):
+                continue
+            job = Job(
+                path=rec.source_path,
+                recording_id=rec.id,
+                call_uuid=rec.call_uuid,
+                core_uuid=rec.core_uuid,
+                origin="retry",
+                attempts=last,
+                failed_wait=(rec.next_attempt_at - rec.updated_at).total_seconds()
+                if rec.next_attempt_at is not None
+                else None,
+            )
+            if self.jobs.submit(job):
+                retried += 1
+        return retried
 
     # --- files --------------------------------------------------------------------------
 
