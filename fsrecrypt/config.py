@@ -28,6 +28,9 @@ from typing import Any, get_args, get_origin, get_type_hints
 from fsrecrypt.errors import ConfigError
 from fsrecrypt.numbers import NumberError, parse_int
 
+DEFAULT_CALL_UUID_PATTERN = (
+    r"[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}"
+)
 DEFAULT_CONFIG_PATHS = (Path("/etc/fsrecrypt/fsrecrypt.toml"),)
 ENV_CONFIG = "FSRECRYPT_CONFIG"
 
@@ -46,9 +49,23 @@ class FreeswitchConfig:
     command_timeout: float = 5.0
     liveness_interval: float = 5.0
     backoff_cap: float = 30.0
+    # Where a file the sweep adopts (no RECORD_STOP seen) gets its call UUID:
+    # searched in the file's name; group 1 if the pattern has one, else the
+    # whole match. Default: the first UUID in the name. "" = none.
+    call_uuid_pattern: str = DEFAULT_CALL_UUID_PATTERN
 
     def validate(self) -> None:
         _check_port("freeswitch.port", self.port)
+        if self.call_uuid_pattern:
+            try:
+                compiled = re.compile(self.call_uuid_pattern)
+            except re.error as exc:
+                raise ValueError(f"call_uuid_pattern is not a regular expression: {exc}") from None
+            if compiled.groups > 1:
+                raise ValueError(
+                    "call_uuid_pattern: use at most one capturing group (the call UUID); "
+                    "write other groups as (?:...)"
+                )
         if not self.recordings_dirs:
             raise ValueError("recordings_dirs: at least one directory is needed")
         for d in self.recordings_dirs:

@@ -19,7 +19,9 @@ the pass: they concern every file, and the next pass retries.
 
 from __future__ import annotations
 
+import functools
 import os
+import re
 import time
 from pathlib import Path
 from typing import Any
@@ -39,6 +41,32 @@ from fsrecrypt.plaintext import fingerprint_of, is_inside
 
 ORPHAN_UPLOAD_AGE = 3600.0
 SWEEP_BATCH = 1000
+
+
+CALL_UUID_LIMIT = 128
+
+
+@functools.lru_cache(maxsize=8)
+def _compiled(pattern: str) -> re.Pattern[str]:
+    return re.compile(pattern)
+
+
+def call_uuid_from_name(path: str, pattern: str) -> str | None:
+    """The call UUID a file's name holds, per ``[freeswitch] call_uuid_pattern``.
+
+    Why: a file adopted by the sweep has no RECORD_STOP to name its call, but
+    FreeSWITCH dialplans name recordings after the call UUID; without it the
+    stored recording could not be found by call. Only the base name is
+    searched (a directory named like a UUID is not the call's), and an
+    overlong match is not taken.
+    """
+    if not pattern:
+        return None
+    match = _compiled(pattern).search(os.path.basename(path))
+    if match is None:
+        return None
+    found = match.group(1) if match.re.groups else match.group(0)
+    return found if found and len(found) <= CALL_UUID_LIMIT else None
 
 
 def _identity(st: os.stat_result) -> tuple[int, int, int, int]:
@@ -215,7 +243,8 @@ class Sweeper:
             job = Job(
                 path=path,
                 tenant_name=waiting["tenant_name"],
-                call_uuid=waiting["call_uuid"],
+                call_uuid=waiting["call_uuid"]
+                or call_uuid_from_name(path, cfg.freeswitch.call_uuid_pattern),
                 core_uuid=waiting["core_uuid"],
                 metadata={**waiting["metadata"], "assigned_by": "sweep"},
                 origin="sweep",
@@ -231,6 +260,7 @@ class Sweeper:
         job = Job(
             path=path,
             tenant_name=cfg.freeswitch.default_tenant,
+            call_uuid=call_uuid_from_name(path, cfg.freeswitch.call_uuid_pattern),
             metadata={"adopted_by": "sweep"},
             origin="sweep",
         )
