@@ -217,7 +217,7 @@ class JobRunner:
         except SourceIncomplete as exc:
             return self._wait_for_complete(job, exc)
         except PathRefused as exc:
-            rt.refuse("path", error=str(exc), call_uuid=job.call_uuid)
+            rt.refuse(exc.reason, error=exc.one_line(), call_uuid=job.call_uuid)
             if recording is not None:
                 rt.services.db.record_attempt_failure(recording.id, exc.one_line(), final=True)
             return False

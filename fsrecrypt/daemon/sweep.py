@@ -82,6 +82,8 @@ class Sweeper:
         self._last_abort = float("-inf")
         # Files whose judgement crashed, with the identity they had then.
         self.failed_files: dict[str, tuple[int, int, int, int]] = {}
+        # Directories the last pass could not list (refused once, until readable again).
+        self.unreadable_dirs: set[str] = set()
 
     def sweep_pass(self) -> None:
         """One periodic pass (the supervisor's ``sweeper`` loop calls this)."""
@@ -160,7 +162,20 @@ class Sweeper:
         quiet = rt.config.pipeline.quiet_period
         now = time.time()
         candidates: list[tuple[str, os.stat_result]] = []
-        for path, st in iter_candidate_files(rt.config.freeswitch.recordings_dirs):
+        unreadable: set[str] = set()
+
+        def cannot_list(exc: OSError) -> None:
+            where = str(exc.filename)
+            unreadable.add(where)
+            if where not in self.unreadable_dirs:
+                rt.refuse(
+                    "unreadable",
+                    error=f"cannot list {where!r}: {exc.strerror}",
+                    origin="sweep",
+                    hint="Give the fsrecrypt service user read and search access to it.",
+                )
+
+        for path, st in iter_candidate_files(rt.config.freeswitch.recordings_dirs, cannot_list):
             if path in self.jobs.busy or now - st.st_mtime < quiet:
                 continue
             if path in rt.refused_paths:
@@ -175,6 +190,7 @@ class Sweeper:
             candidates.append((path, st))
             if len(candidates) % 200 == 0:
                 gevent.sleep(0)
+        self.unreadable_dirs = unreadable
         return candidates
 
     def _sweep_files(self) -> int:
