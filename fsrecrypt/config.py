@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import difflib
 import math
 import os
 import re
@@ -427,3 +428,43 @@ def effective_settings(config: Config) -> dict[str, Any]:
     settings["freeswitch"]["password"] = REDACTED
     settings["database"]["dsn"] = redact_dsn(config.database.dsn)
     return settings
+
+
+def known_environment_names() -> set[str]:
+    """Every ``FSRECRYPT_*`` variable fsrecrypt reads: one per key, and ``FSRECRYPT_CONFIG``."""
+    names = {ENV_CONFIG}
+    for section in dataclasses.fields(Config):
+        if section.name == "source":
+            continue
+        for key in dataclasses.fields(section.default_factory()):  # type: ignore[misc]
+            names.add(f"FSRECRYPT_{section.name.upper()}_{key.name.upper()}")
+    return names
+
+
+def config_warnings(config: Config, environ: Mapping[str, str] | None = None) -> list[str]:
+    """What is valid but will not work as meant; ``fsrecrypt config check`` prints these.
+
+    Why warnings, not errors: a recordings directory may legitimately be
+    created later (FreeSWITCH creates it), and the check may run as another
+    user than the service. But a typo in an environment override
+    (``FSRECRYPT_PIPELINE_MAX_ATTEMPT``) is otherwise silently ignored, and
+    a directory the daemon cannot read is silently never swept.
+    """
+    env = os.environ if environ is None else environ
+    warnings: list[str] = []
+    for d in config.freeswitch.recordings_dirs:
+        if not os.path.isdir(d):
+            warnings.append(f"recordings directory {d} does not exist (or is not a directory)")
+        elif not os.access(d, os.R_OK | os.X_OK):
+            warnings.append(
+                f"recordings directory {d} is not readable by this user (uid {os.getuid()}); "
+                "the daemon's user needs read and search access"
+            )
+    known = known_environment_names()
+    for name in sorted(env):
+        if name.upper().startswith("FSRECRYPT_") and name not in known:
+            shown = name.encode("unicode_escape").decode("ascii")[:100]
+            close = difflib.get_close_matches(name.upper()[:200], sorted(known), n=1)
+            hint = f" (did you mean {close[0]}?)" if close else ""
+            warnings.append(f"environment variable {shown} matches no setting and is ignored{hint}")
+    return warnings
