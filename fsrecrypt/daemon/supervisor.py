@@ -36,6 +36,7 @@ from collections.abc import Callable
 from typing import Any
 
 import gevent
+import gevent.event
 
 from fsrecrypt import db
 from fsrecrypt.config import Config, load_config
@@ -89,6 +90,8 @@ class Daemon:
         self._greenlets: list[Any] = []
         self._workers: list[Any] = []
         self._supervised: dict[str, Any] = {}
+        # One per periodic loop, set by SIGHUP: the loop re-reads its interval at once.
+        self._wakes: dict[str, gevent.event.Event] = {}
 
     @property
     def config(self) -> Config:
@@ -267,6 +270,10 @@ class Daemon:
         if new.pipeline.concurrency != old.pipeline.concurrency:
             ignored.append("pipeline.concurrency")
         rt.set_config(merged)
+        # A sleeping loop would otherwise keep the old interval until it
+        # wakes (a sweep_interval of 300 s lowered to 10 s: 300 s later).
+        for wake in self._wakes.values():
+            wake.set()
         rt.log.info("daemon.reloaded", source=new.source, needs_restart=ignored)
 
     # --- supervision --------------------------------------------------------------------
@@ -342,7 +349,21 @@ class Daemon:
                         f"the {name} loop failed {crashes} times in a row "
                         f"(last: {type(exc).__name__})"
                     ) from exc
-            rt.stopping.wait(interval())
+            self._pause(name, time.monotonic(), interval)
+
+    def _pause(self, name: str, since: float, interval: Callable[[], float]) -> None:
+        """Wait until ``interval()`` after ``since``, re-reading it whenever SIGHUP reloads.
+
+        So a new interval counts from the last pass: shortened below the time
+        already waited, the next pass runs at once; lengthened, it waits on.
+        """
+        wake = self._wakes.setdefault(name, gevent.event.Event())
+        while not self.rt.stopping.is_set():
+            wake.clear()
+            remaining = since + interval() - time.monotonic()
+            if remaining <= 0:
+                return
+            gevent.wait([self.rt.stopping, wake], timeout=remaining, count=1)
 
     def _watchdog_pass(self) -> None:
         """Feed systemd's watchdog only while every greenlet lives and work moves."""
