@@ -41,6 +41,7 @@ class Heartbeat:
         self.failures = failures  # the supervisor's record of dead greenlets
         self.events: EventSource | None = None
         self._last_status_event = 0.0
+        self._write_failing = False  # warned once; quiet until a write succeeds again
 
     @property
     def esl_connected(self) -> bool:
@@ -69,7 +70,23 @@ class Heartbeat:
                 json.dump(doc, f)
             os.replace(tmp, path)
         except OSError as exc:
-            self.rt.log.warning("daemon.heartbeat_failed", path=path, error=exc.strerror)
+            # Once, not every HEARTBEAT_INTERVAL: outside systemd the default
+            # /run/fsrecrypt usually does not exist, and a warning every 5 s
+            # would bury everything else in the log.
+            if not self._write_failing:
+                self._write_failing = True
+                self.rt.log.warning(
+                    "daemon.heartbeat_failed",
+                    path=path,
+                    error=exc.strerror,
+                    hint="Set [metrics] heartbeat_file to a path this user may write "
+                    "(the unit's RuntimeDirectory=fsrecrypt provides /run/fsrecrypt), "
+                    "or to \"\" to turn it off; 'fsrecrypt health' reads it.",
+                )
+            return
+        if self._write_failing:
+            self._write_failing = False
+            self.rt.log.info("daemon.heartbeat_written", path=path)
 
     def housekeeping_pass(self) -> None:
         """Heartbeat, gauges and the CUSTOM status event (the ``housekeeping`` loop's pass)."""
