@@ -24,12 +24,22 @@ from fsrecrypt.config import Config
 from fsrecrypt.daemon.esl import EslSettings, EventSource, probe_status
 from fsrecrypt.daemon.jobs import JobQueue
 from fsrecrypt.daemon.runtime import Runtime
-from fsrecrypt.errors import DatabaseError, FsrecryptError, InputFileError, InvalidState
+from fsrecrypt.errors import (
+    DatabaseError,
+    EslError,
+    FsrecryptError,
+    InputFileError,
+    InvalidState,
+    PathUnreadable,
+)
 from fsrecrypt.pipeline import Services
 
 STATUS_SUBCLASS = "fsrecrypt::status"
 HEARTBEAT_INTERVAL = 5.0
 STATUS_EVENT_INTERVAL = 30.0
+# Seconds the daemon may be without FreeSWITCH before health calls it degraded
+# (a restart of FreeSWITCH takes a few seconds; reconnects back off).
+ESL_DOWN_LIMIT = 30.0
 
 
 class Heartbeat:
@@ -42,6 +52,7 @@ class Heartbeat:
         self.events: EventSource | None = None
         self._last_status_event = 0.0
         self._write_failing = False  # warned once; quiet until a write succeeds again
+        self.esl_down_since: float | None = time.time()  # not connected yet
 
     @property
     def esl_connected(self) -> bool:
@@ -62,6 +73,10 @@ class Heartbeat:
             "progress_ok": self.jobs.progress_ok(),
             "started_at": self.rt.started_at,
             "counts": self.rt.counts,
+            # What the daemon itself observes, with its own rights (health
+            # runs as whoever calls it and could see otherwise).
+            "esl_down_since": None if self.esl_connected else self.esl_down_since,
+            "unreadable_dirs": sorted(self.rt.unreadable_dirs)[:20],
         }
         tmp = f"{path}.tmp"
         try:
@@ -132,6 +147,10 @@ class Heartbeat:
     def on_esl_state(self, state: str) -> None:
         """The EventSource's state callback: gauge, heartbeat now, status event on connect."""
         self.rt.metrics.esl_connected.set(1 if state == "connected" else 0)
+        if state == "connected":
+            self.esl_down_since = None
+        elif self.esl_down_since is None:
+            self.esl_down_since = time.time()
         if state in ("connected", "disconnected"):
             # `fsrecrypt health` reads the heartbeat: let it see the change now,
             # not at the next periodic write.
@@ -212,6 +231,36 @@ def check_heartbeat(config: Config) -> str:
     )
 
 
+def check_daemon_view(config: Config) -> str:
+    """What the daemon observes with its own rights: its ESL link and its recordings dirs.
+
+    ``fsrecrypt health`` may run as another user, with another password
+    file: its own FreeSWITCH probe can succeed while the daemon is refused.
+    """
+    path = config.metrics.heartbeat_file
+    try:
+        doc = json.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return "skipped: no heartbeat (see the heartbeat check)"
+    unreadable = [str(d)[:300] for d in doc.get("unreadable_dirs") or []]
+    if unreadable:
+        raise PathUnreadable(f"the daemon cannot list {', '.join(unreadable[:5])}")
+    since = doc.get("esl_down_since")
+    if since is None:
+        return "esl connected"
+    if not isinstance(since, int | float) or isinstance(since, bool):
+        return "esl state unknown (heartbeat from another version?)"
+    limit = max(ESL_DOWN_LIMIT, 2 * config.freeswitch.backoff_cap)
+    if time.time() - since > limit:
+        raise EslError(
+            f"the daemon has not been connected to FreeSWITCH for {time.time() - since:.0f}s "
+            f"(limit {limit:.0f}s)",
+            hint="Check the daemon's log (journalctl -p warning -u fsrecrypt) for the reason, "
+            "e.g. a refused ESL password",
+        )
+    return f"esl down {time.time() - since:.0f}s"
+
+
 def run_health(config: Config) -> list[Check]:
     """Every check ``fsrecrypt health`` makes, in order; none raises."""
     services = Services(config)
@@ -262,6 +311,7 @@ def run_health(config: Config) -> list[Check]:
         _check("backlog", DEGRADED, backlog) if db_ok else Check("backlog", DEGRADED, skipped)
     )
     checks.append(_check("heartbeat", DOWN, lambda: check_heartbeat(config)))
+    checks.append(_check("daemon", DEGRADED, lambda: check_daemon_view(config)))
     services.close()
     return checks
 

@@ -191,6 +191,7 @@ class Sweeper:
             if len(candidates) % 200 == 0:
                 gevent.sleep(0)
         self.unreadable_dirs = unreadable
+        rt.unreadable_dirs = unreadable
         return candidates
 
     def _sweep_files(self) -> int:
