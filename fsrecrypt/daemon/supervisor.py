@@ -74,6 +74,25 @@ class LoopBroken(FsrecryptError):
     )
 
 
+def pause(
+    stopping: gevent.event.Event,
+    wake: gevent.event.Event,
+    since: float,
+    interval: Callable[[], float],
+) -> None:
+    """Wait until ``interval()`` after ``since``, re-reading it whenever ``wake`` is set (SIGHUP).
+
+    So a new interval counts from the last pass: shortened below the time
+    already waited, the next pass runs at once; lengthened, it waits on.
+    """
+    while not stopping.is_set():
+        wake.clear()
+        remaining = since + interval() - time.monotonic()
+        if remaining <= 0:
+            return
+        gevent.wait([stopping, wake], timeout=remaining, count=1)
+
+
 class Daemon:
     """Composes the parts (jobs, events, sweep, heartbeat) and supervises their greenlets."""
 
@@ -349,21 +368,8 @@ class Daemon:
                         f"the {name} loop failed {crashes} times in a row "
                         f"(last: {type(exc).__name__})"
                     ) from exc
-            self._pause(name, time.monotonic(), interval)
-
-    def _pause(self, name: str, since: float, interval: Callable[[], float]) -> None:
-        """Wait until ``interval()`` after ``since``, re-reading it whenever SIGHUP reloads.
-
-        So a new interval counts from the last pass: shortened below the time
-        already waited, the next pass runs at once; lengthened, it waits on.
-        """
-        wake = self._wakes.setdefault(name, gevent.event.Event())
-        while not self.rt.stopping.is_set():
-            wake.clear()
-            remaining = since + interval() - time.monotonic()
-            if remaining <= 0:
-                return
-            gevent.wait([self.rt.stopping, wake], timeout=remaining, count=1)
+            wake = self._wakes.setdefault(name, gevent.event.Event())
+            pause(rt.stopping, wake, time.monotonic(), interval)
 
     def _watchdog_pass(self) -> None:
         """Feed systemd's watchdog only while every greenlet lives and work moves."""
