@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import difflib
 import math
 import os
 import re
@@ -28,6 +29,9 @@ from typing import Any, get_args, get_origin, get_type_hints
 from fsrecrypt.errors import ConfigError
 from fsrecrypt.numbers import NumberError, parse_int
 
+DEFAULT_CALL_UUID_PATTERN = (
+    r"[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}"
+)
 DEFAULT_CONFIG_PATHS = (Path("/etc/fsrecrypt/fsrecrypt.toml"),)
 ENV_CONFIG = "FSRECRYPT_CONFIG"
 
@@ -46,9 +50,23 @@ class FreeswitchConfig:
     command_timeout: float = 5.0
     liveness_interval: float = 5.0
     backoff_cap: float = 30.0
+    # Where a file the sweep adopts (no RECORD_STOP seen) gets its call UUID:
+    # searched in the file's name; group 1 if the pattern has one, else the
+    # whole match. Default: the first UUID in the name. "" = none.
+    call_uuid_pattern: str = DEFAULT_CALL_UUID_PATTERN
 
     def validate(self) -> None:
         _check_port("freeswitch.port", self.port)
+        if self.call_uuid_pattern:
+            try:
+                compiled = re.compile(self.call_uuid_pattern)
+            except re.error as exc:
+                raise ValueError(f"call_uuid_pattern is not a regular expression: {exc}") from None
+            if compiled.groups > 1:
+                raise ValueError(
+                    "call_uuid_pattern: use at most one capturing group (the call UUID); "
+                    "write other groups as (?:...)"
+                )
         if not self.recordings_dirs:
             raise ValueError("recordings_dirs: at least one directory is needed")
         for d in self.recordings_dirs:
@@ -129,6 +147,10 @@ class PipelineConfig:
     sweep_interval: float = 300.0
     quiet_period: float = 60.0
     shutdown_grace: float = 30.0
+    # A failed row (its plaintext kept) is tried again after this many seconds,
+    # doubling after each further failure up to the cap; 0 = only `fsrecrypt retry`.
+    failed_retry_base: float = 600.0
+    failed_retry_cap: float = 86400.0
 
     def validate(self) -> None:
         if self.frame_size <= 0 or self.frame_size % 4096:
@@ -139,6 +161,10 @@ class PipelineConfig:
             raise ValueError("concurrency must be between 1 and 256")
         if self.max_attempts < 1:
             raise ValueError("max_attempts must be at least 1")
+        if not 0 <= self.failed_retry_base <= self.failed_retry_cap:
+            raise ValueError(
+                "failed_retry_base must be between 0 (no automatic retry) and failed_retry_cap"
+            )
 
 
 @dataclass(frozen=True)
@@ -467,3 +493,43 @@ def effective_settings(config: Config) -> dict[str, Any]:
     settings["freeswitch"]["password"] = REDACTED
     settings["database"]["dsn"] = redact_dsn(config.database.dsn)
     return settings
+
+
+def known_environment_names() -> set[str]:
+    """Every ``FSRECRYPT_*`` variable fsrecrypt reads: one per key, and ``FSRECRYPT_CONFIG``."""
+    names = {ENV_CONFIG}
+    for section in dataclasses.fields(Config):
+        if section.name == "source":
+            continue
+        for key in dataclasses.fields(section.default_factory()):  # type: ignore[misc]
+            names.add(f"FSRECRYPT_{section.name.upper()}_{key.name.upper()}")
+    return names
+
+
+def config_warnings(config: Config, environ: Mapping[str, str] | None = None) -> list[str]:
+    """What is valid but will not work as meant; ``fsrecrypt config check`` prints these.
+
+    Why warnings, not errors: a recordings directory may legitimately be
+    created later (FreeSWITCH creates it), and the check may run as another
+    user than the service. But a typo in an environment override
+    (``FSRECRYPT_PIPELINE_MAX_ATTEMPT``) is otherwise silently ignored, and
+    a directory the daemon cannot read is silently never swept.
+    """
+    env = os.environ if environ is None else environ
+    warnings: list[str] = []
+    for d in config.freeswitch.recordings_dirs:
+        if not os.path.isdir(d):
+            warnings.append(f"recordings directory {d} does not exist (or is not a directory)")
+        elif not os.access(d, os.R_OK | os.X_OK):
+            warnings.append(
+                f"recordings directory {d} is not readable by this user (uid {os.getuid()}); "
+                "the daemon's user needs read and search access"
+            )
+    known = known_environment_names()
+    for name in sorted(env):
+        if name.upper().startswith("FSRECRYPT_") and name not in known:
+            shown = name.encode("unicode_escape").decode("ascii")[:100]
+            close = difflib.get_close_matches(name.upper()[:200], sorted(known), n=1)
+            hint = f" (did you mean {close[0]}?)" if close else ""
+            warnings.append(f"environment variable {shown} matches no setting and is ignored{hint}")
+    return warnings

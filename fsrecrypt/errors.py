@@ -247,6 +247,22 @@ class PathRefused(FsrecryptError):
         "Only regular files inside [freeswitch] recordings_dirs are processed; "
         "check the dialplan's record path"
     )
+    # The daemon's refusal reason (fsrecrypt_refused_events{reason=...}).
+    reason = "path"
+
+
+class PathUnreadable(PathRefused):
+    """A recordings directory or file the process may not read: a permission, not a forgery.
+
+    Told apart from :class:`PathRefused` so an operator sees a permission
+    problem (fix the owner or mode) instead of a suspected forged path.
+    """
+
+    hint = (
+        "Give the fsrecrypt service user read and search access to the recordings "
+        "directories and read/write access to the files (e.g. group freeswitch, mode 0770)"
+    )
+    reason = "unreadable"
 
 
 class InputFileError(FsrecryptError):

@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
 
-from fsrecrypt.errors import InputFileError, PathRefused
+from fsrecrypt.errors import InputFileError, PathRefused, PathUnreadable
 
 HEAD_BYTES = 4096
 """Bytes of a file's start read when it is opened: a WAV's header (``wav_state``, ``wav_info``)."""
@@ -36,6 +36,8 @@ HEAD_BYTES = 4096
 # relative to its parent's descriptor after checking that the name still
 # points at the very inode that was stored.
 
+# A permission, not a forgery: refused as "unreadable" (PathUnreadable), not "path".
+_DENIED = (errno.EACCES, errno.EPERM)
 _DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | getattr(os, "O_CLOEXEC", 0)
 _FILE_FLAGS = (
     os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_NOCTTY | getattr(os, "O_CLOEXEC", 0)
@@ -161,6 +163,11 @@ def _walk_dirs(start_fd: int, parts: Sequence[str], shown: str) -> int:
                         f"refusing {shown}: a directory on its path is a symbolic link "
                         "or not a directory"
                     ) from None
+                if exc.errno in _DENIED:
+                    raise PathUnreadable(
+                        f"cannot read {shown}: a directory on its path is not accessible "
+                        f"to this process ({exc.strerror})"
+                    ) from None
                 raise PathRefused(
                     f"refusing {shown}: cannot open a directory on its path ({exc.strerror})"
                 ) from None
@@ -250,6 +257,10 @@ def open_source(path: str, allowed_dirs: Sequence[str] | None = None) -> SourceF
         try:
             fd = os.open(name, _FILE_FLAGS, dir_fd=dir_fd)
         except OSError as exc:
+            if exc.errno in _DENIED:
+                raise PathUnreadable(
+                    f"cannot read {path}: permission denied ({exc.strerror})"
+                ) from None
             raise PathRefused(f"refusing {path}: cannot open it safely ({exc.strerror})") from None
         try:
             fst = os.fstat(fd)
@@ -301,6 +312,8 @@ def vet_path(path: str, allowed_dirs: Sequence[str]) -> None:
     except FileNotFoundError:
         return
     except OSError as exc:
+        if exc.errno in _DENIED:
+            raise PathUnreadable(f"cannot stat {path!r}: permission denied") from None
         raise PathRefused(f"refusing {path!r}: cannot stat it ({exc.strerror})") from None
     finally:
         os.close(dir_fd)

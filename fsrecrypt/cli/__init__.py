@@ -98,6 +98,8 @@ LAZY_COMMANDS: dict[str, str] = {
     "ingest": "fsrecrypt.cli.files:ingest_command",
     "get": "fsrecrypt.cli.files:get_command",
     "custody": "fsrecrypt.cli.custody:custody_command",
+    "recordings": "fsrecrypt.cli.recordings:recordings_group",
+    "retry": "fsrecrypt.cli.recordings:retry_command",
 }
 
 # What ``fsrecrypt --help`` lists for each command: its help's first sentence,
@@ -126,6 +128,8 @@ COMMAND_SUMMARIES: dict[str, str] = {
     "ingest": "Encrypt, upload and record FILE for TENANT, then delete the plaintext.",
     "get": "Fetch and decrypt RECORDING_ID to OUTPUT (audit-logged as a download).",
     "custody": "Print a recording's evidence: creation, storage, fingerprint, events, anchors.",
+    "recordings": "List and inspect recordings, and what is still waiting as plaintext.",
+    "retry": "Queue failed recordings again; the daemon stores them at its next sweep (audited).",
 }
 
 

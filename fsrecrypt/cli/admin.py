@@ -18,12 +18,19 @@ def config_group() -> None:
 @config_option
 @click.pass_context
 def config_check(ctx: click.Context) -> None:
-    """Validate the configuration file and print the effective settings (no secrets)."""
-    from fsrecrypt.config import effective_settings
+    """Validate the configuration file and print the effective settings (no secrets).
+
+    Valid settings that will not work as meant (a recordings directory that is
+    missing or unreadable, an ``FSRECRYPT_*`` variable that matches no key)
+    are printed as warnings on stderr; the exit code stays 0.
+    """
+    from fsrecrypt.config import config_warnings, effective_settings
 
     config = ctx.ensure_object(State).config
     click.echo(f"configuration OK ({config.source})")
     click.echo(json.dumps(effective_settings(config), indent=2, default=str))
+    for warning in config_warnings(config):
+        click.echo(f"warning: {warning}", err=True)
 
 
 @click.command("migrate")

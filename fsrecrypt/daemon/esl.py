@@ -88,6 +88,15 @@ __all__ = [
 # from eslparse, shared with the event body parser).
 MAX_LINE = 64 * 1024
 MAX_ENVELOPE_LINES = 256
+# Log level of each connection state: FreeSWITCH gone is a warning, so
+# `journalctl -p warning` shows every outage; the rest is routine.
+STATE_LEVELS = {"disconnected": "warning", "backoff": "warning"}
+# Failed connects in a row after which the reconnect loop logs errors.
+RECONNECT_LOOP_ATTEMPTS = 5
+
+
+class EslAuthRefused(EslError):
+    """FreeSWITCH refused the ESL password: retrying cannot help until the config changes."""
 
 
 # --- settings -------------------------------------------------------------------
@@ -194,7 +203,7 @@ class _HardenedESL(InboundESL):  # type: ignore[misc]
         reply = self.send(f"auth {self.password}", timeout=self.settings.connect_timeout)
         if not reply.text.startswith("+OK"):
             self.close("authentication refused")
-            raise EslError(
+            raise EslAuthRefused(
                 "FreeSWITCH refused the ESL password",
                 hint="Check [freeswitch] password against event_socket.conf.xml",
             )
@@ -532,11 +541,12 @@ class EventSource:
 
     # internals -----------------------------------------------------------------
 
-    def _set_state(self, state: str, **fields: object) -> None:
+    def _set_state(self, state: str, level: str = "", **fields: object) -> None:
+        """Record and log a state change; ``level`` defaults by state (see STATE_LEVELS)."""
         if state == self.state and not fields:
             return
         self.state = state
-        log.info(
+        getattr(log, level or STATE_LEVELS.get(state, "info"))(
             "esl.state", state=state, host=self.settings.host, port=self.settings.port, **fields
         )
         if self.on_state is not None:
@@ -591,7 +601,16 @@ class EventSource:
                 conn.close(str(exc))
                 delay = backoff_delay(attempt, s.backoff_base, s.backoff_cap)
                 attempt += 1
-                self._set_state("backoff", error=str(exc), delay=round(delay, 3), attempt=attempt)
+                # A refused password never fixes itself, and a loop of failed
+                # connects is an outage: both are errors (journalctl -p err).
+                loud = isinstance(exc, EslAuthRefused) or attempt >= RECONNECT_LOOP_ATTEMPTS
+                self._set_state(
+                    "backoff",
+                    level="error" if loud else "warning",
+                    error=exc.one_line(),
+                    delay=round(delay, 3),
+                    attempt=attempt,
+                )
                 self._stopping.wait(delay)
                 continue
             attempt = 0

@@ -110,7 +110,7 @@ class EventHandler:
         try:
             vet_path(path, self.rt.config.freeswitch.recordings_dirs)
         except PathRefused as exc:
-            self.rt.refuse("path", error=str(exc), **base)
+            self.rt.refuse(exc.reason, error=exc.one_line(), **base)
             return False
         except (OSError, RuntimeError, ValueError) as exc:
             # e.g. a self-looping symlink (RuntimeError from Path.resolve) or

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import os
 import stat
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
 from fsrecrypt.daemon.eslparse import db_safe_text
@@ -66,10 +66,16 @@ def open_by_others(roots: Sequence[str]) -> set[str]:
     return found
 
 
-def iter_candidate_files(roots: Sequence[str]) -> Iterator[tuple[str, os.stat_result]]:
-    """Regular, non-hidden files below the recordings directories (symlinks not followed)."""
+def iter_candidate_files(
+    roots: Sequence[str], on_error: Callable[[OSError], None] | None = None
+) -> Iterator[tuple[str, os.stat_result]]:
+    """Regular, non-hidden files below the recordings directories (symlinks not followed).
+
+    ``on_error`` hears of each directory that could not be listed (e.g. an
+    unreadable one), which would otherwise be skipped silently.
+    """
     for root in roots:
-        for dirpath, dirnames, filenames in os.walk(root, followlinks=False):
+        for dirpath, dirnames, filenames in os.walk(root, onerror=on_error, followlinks=False):
             dirnames[:] = [d for d in dirnames if not d.startswith(".")]
             for name in filenames:
                 if name.startswith("."):

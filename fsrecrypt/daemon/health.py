@@ -24,7 +24,14 @@ from fsrecrypt.config import Config
 from fsrecrypt.daemon.esl import EslSettings, EventSource, probe_status
 from fsrecrypt.daemon.jobs import JobQueue
 from fsrecrypt.daemon.runtime import Runtime
-from fsrecrypt.errors import DatabaseError, FsrecryptError, InputFileError, InvalidState
+from fsrecrypt.errors import (
+    DatabaseError,
+    EslError,
+    FsrecryptError,
+    InputFileError,
+    InvalidState,
+    PathUnreadable,
+)
 from fsrecrypt.pipeline import Services
 
 STATUS_SUBCLASS = "fsrecrypt::status"
@@ -33,6 +40,9 @@ STATUS_EVENT_INTERVAL = 30.0
 ANCHOR_CHECK_INTERVAL = 60.0
 """How often the housekeeping loop asks whether an audit anchor is due (the
 anchor itself is written every [audit] anchor_interval, by one process)."""
+# Seconds the daemon may be without FreeSWITCH before health calls it degraded
+# (a restart of FreeSWITCH takes a few seconds; reconnects back off).
+ESL_DOWN_LIMIT = 30.0
 
 
 class Heartbeat:
@@ -45,6 +55,8 @@ class Heartbeat:
         self.events: EventSource | None = None
         self._last_status_event = 0.0
         self._next_anchor_check = 0.0
+        self._write_failing = False  # warned once; quiet until a write succeeds again
+        self.esl_down_since: float | None = time.time()  # not connected yet
 
     @property
     def esl_connected(self) -> bool:
@@ -65,6 +77,10 @@ class Heartbeat:
             "progress_ok": self.jobs.progress_ok(),
             "started_at": self.rt.started_at,
             "counts": self.rt.counts,
+            # What the daemon itself observes, with its own rights (health
+            # runs as whoever calls it and could see otherwise).
+            "esl_down_since": None if self.esl_connected else self.esl_down_since,
+            "unreadable_dirs": sorted(self.rt.unreadable_dirs)[:20],
         }
         tmp = f"{path}.tmp"
         try:
@@ -73,7 +89,23 @@ class Heartbeat:
                 json.dump(doc, f)
             os.replace(tmp, path)
         except OSError as exc:
-            self.rt.log.warning("daemon.heartbeat_failed", path=path, error=exc.strerror)
+            # Once, not every HEARTBEAT_INTERVAL: outside systemd the default
+            # /run/fsrecrypt usually does not exist, and a warning every 5 s
+            # would bury everything else in the log.
+            if not self._write_failing:
+                self._write_failing = True
+                self.rt.log.warning(
+                    "daemon.heartbeat_failed",
+                    path=path,
+                    error=exc.strerror,
+                    hint="Set [metrics] heartbeat_file to a path this user may write "
+                    "(the unit's RuntimeDirectory=fsrecrypt provides /run/fsrecrypt), "
+                    "or to \"\" to turn it off; 'fsrecrypt health' reads it.",
+                )
+            return
+        if self._write_failing:
+            self._write_failing = False
+            self.rt.log.info("daemon.heartbeat_written", path=path)
 
     def housekeeping_pass(self) -> None:
         """Heartbeat, gauges and the CUSTOM status event (the ``housekeeping`` loop's pass)."""
@@ -142,6 +174,10 @@ class Heartbeat:
     def on_esl_state(self, state: str) -> None:
         """The EventSource's state callback: gauge, heartbeat now, status event on connect."""
         self.rt.metrics.esl_connected.set(1 if state == "connected" else 0)
+        if state == "connected":
+            self.esl_down_since = None
+        elif self.esl_down_since is None:
+            self.esl_down_since = time.time()
         if state in ("connected", "disconnected"):
             # `fsrecrypt health` reads the heartbeat: let it see the change now,
             # not at the next periodic write.
@@ -222,6 +258,36 @@ def check_heartbeat(config: Config) -> str:
     )
 
 
+def check_daemon_view(config: Config) -> str:
+    """What the daemon observes with its own rights: its ESL link and its recordings dirs.
+
+    ``fsrecrypt health`` may run as another user, with another password
+    file: its own FreeSWITCH probe can succeed while the daemon is refused.
+    """
+    path = config.metrics.heartbeat_file
+    try:
+        doc = json.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return "skipped: no heartbeat (see the heartbeat check)"
+    unreadable = [str(d)[:300] for d in doc.get("unreadable_dirs") or []]
+    if unreadable:
+        raise PathUnreadable(f"the daemon cannot list {', '.join(unreadable[:5])}")
+    since = doc.get("esl_down_since")
+    if since is None:
+        return "esl connected"
+    if not isinstance(since, int | float) or isinstance(since, bool):
+        return "esl state unknown (heartbeat from another version?)"
+    limit = max(ESL_DOWN_LIMIT, 2 * config.freeswitch.backoff_cap)
+    if time.time() - since > limit:
+        raise EslError(
+            f"the daemon has not been connected to FreeSWITCH for {time.time() - since:.0f}s "
+            f"(limit {limit:.0f}s)",
+            hint="Check the daemon's log (journalctl -p warning -u fsrecrypt) for the reason, "
+            "e.g. a refused ESL password",
+        )
+    return f"esl down {time.time() - since:.0f}s"
+
+
 def run_health(config: Config) -> list[Check]:
     """Every check ``fsrecrypt health`` makes, in order; none raises."""
     services = Services(config)
@@ -242,13 +308,25 @@ def run_health(config: Config) -> list[Check]:
     def backlog() -> str:
         age = services.db.oldest_pending_age()
         limit = max(900.0, 3 * config.pipeline.sweep_interval)
-        counts = services.db.status_counts()
+        failed, next_retry = services.db.failed_summary()
         if age > limit:
             raise DatabaseError(
                 f"oldest pending recording is {age:.0f}s old (limit {limit:.0f}s)",
                 hint="Check the daemon's log for failing uploads or a stopped daemon.",
             )
-        return f"oldest pending {age:.0f}s; failed {counts.get('failed', 0)}"
+        if failed:
+            # Their plaintext is still on disk: not healthy until they are stored.
+            when = (
+                f"next automatic retry in {next_retry:.0f}s"
+                if next_retry is not None
+                else "no automatic retry scheduled"
+            )
+            raise InvalidState(
+                f"{failed} failed recording(s) keep their plaintext; {when}",
+                hint="See why with 'fsrecrypt recordings list --status failed', fix the cause, "
+                "then run 'fsrecrypt retry --all' (or wait for the automatic retry).",
+            )
+        return f"oldest pending {age:.0f}s; failed 0"
 
     checks = [_check("freeswitch", DEGRADED, lambda: check_freeswitch(config))]
     checks.append(_check("database", DOWN, database))
@@ -260,6 +338,7 @@ def run_health(config: Config) -> list[Check]:
         _check("backlog", DEGRADED, backlog) if db_ok else Check("backlog", DEGRADED, skipped)
     )
     checks.append(_check("heartbeat", DOWN, lambda: check_heartbeat(config)))
+    checks.append(_check("daemon", DEGRADED, lambda: check_daemon_view(config)))
     services.close()
     return checks
 

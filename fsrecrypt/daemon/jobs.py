@@ -7,8 +7,12 @@ and :meth:`JobRunner.attempt` claims the row and calls
 upload -> stored row + audit -> delete plaintext).
 
 Transient failures retry with capped exponential backoff and jitter; after
-``max_attempts`` the row is ``failed`` and the plaintext stays. A WAV still
-being written is never a failure: it waits, then is left to the sweep.
+``max_attempts`` the row is ``failed`` and the plaintext stays, with its next
+automatic try scheduled (``failed_retry_base`` doubling up to
+``failed_retry_cap``: the sweep resumes it, one attempt each time), so a
+failure whose cause is fixed later leaves nothing behind. Every failed
+attempt also writes a failed ``encrypt`` audit row. A WAV still being
+written is never a failure: it waits, then is left to the sweep.
 """
 
 from __future__ import annotations
@@ -51,6 +55,27 @@ class UnexpectedJobError(FsrecryptError):
     transient = True
 
 
+def failed_retry_delay(last_wait: float | None, base: float, cap: float) -> float | None:
+    """Seconds until a failed row's next automatic try; None when automatic retry is off.
+
+    ``last_wait``: how long the row waited before the retry that just failed
+    (None for its first failure). The first failure waits ``base``; each
+    failed retry doubles the wait up to ``cap``, so a lasting fault costs one
+    attempt per ``cap`` at most.
+    """
+    if base <= 0:
+        return None
+    if last_wait is None or not last_wait > 0:
+        return base
+    return min(cap, max(base, 2 * min(last_wait, cap)))
+
+
+def next_failed_retry(rt: Runtime, job: Job) -> float | None:
+    """When the row a job just failed for good is tried again (None: only ``fsrecrypt retry``)."""
+    p = rt.config.pipeline
+    return failed_retry_delay(job.failed_wait, p.failed_retry_base, p.failed_retry_cap)
+
+
 def backoff(attempt: int, base: float, cap: float) -> float:
     """Capped exponential backoff with full jitter on the upper half (never below base/2)."""
     ceiling = min(cap, base * (2 ** min(attempt, 30)))
@@ -70,6 +95,7 @@ class Job:
     received: float = field(default_factory=time.monotonic)
     attempts: int = 0
     origin: str = "event"
+    failed_wait: float | None = None  # a retry of a failed row: how long it had waited
 
 
 class JobQueue:
@@ -191,7 +217,7 @@ class JobRunner:
         except SourceIncomplete as exc:
             return self._wait_for_complete(job, exc)
         except PathRefused as exc:
-            rt.refuse("path", error=str(exc), call_uuid=job.call_uuid)
+            rt.refuse(exc.reason, error=exc.one_line(), call_uuid=job.call_uuid)
             if recording is not None:
                 rt.services.db.record_attempt_failure(recording.id, exc.one_line(), final=True)
             return False
@@ -322,7 +348,7 @@ class JobRunner:
         delay = rt.config.pipeline.retry_cap
         try:
             rt.services.db.record_attempt_failure(
-                job.recording_id, exc.one_line(), final=False, retry_in=delay
+                job.recording_id, exc.one_line(), final=False, retry_in=delay, audit=False
             )
         except FsrecryptError as db_exc:
             rt.log.warning("job.attempt_not_recorded", error=str(db_exc))
@@ -384,7 +410,7 @@ class JobRunner:
                     job.recording_id,
                     exc.one_line(),
                     final=final,
-                    retry_in=None if final else delay,
+                    retry_in=next_failed_retry(rt, job) if final else delay,
                 )
             except FsrecryptError as db_exc:
                 # The database is (also) down: keep the schedule in memory.
@@ -398,6 +424,7 @@ class JobRunner:
                 tenant=job.tenant_name,
                 call_uuid=job.call_uuid,
                 attempts=job.attempts,
+                next_retry_in=next_failed_retry(rt, job),
                 error=exc.one_line(),
             )
             return False
@@ -414,10 +441,15 @@ class JobRunner:
         return True
 
     def _fail_final(self, job: Job, exc: FsrecryptError, tenant: str | None) -> None:
+        """A failure retrying at once cannot fix (e.g. the keyring is unreadable): the row is
+        ``failed``, plaintext kept, automatic retry scheduled (for the operator's fix)."""
         rt = self.rt
+        retry_in = next_failed_retry(rt, job)
         if job.recording_id is not None:
             with contextlib.suppress(FsrecryptError):
-                rt.services.db.record_attempt_failure(job.recording_id, exc.one_line(), final=True)
+                rt.services.db.record_attempt_failure(
+                    job.recording_id, exc.one_line(), final=True, retry_in=retry_in
+                )
         rt.count("failed")
         rt.log.error(
             "recording",
@@ -427,6 +459,7 @@ class JobRunner:
             call_uuid=job.call_uuid,
             error=exc.one_line(),
             error_type=type(exc).__name__,
+            next_retry_in=retry_in,
         )
 
 

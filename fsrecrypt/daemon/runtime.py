@@ -43,6 +43,9 @@ class Runtime:
     # named an unknown tenant and the database could not record it, or their
     # name cannot be stored): the sweep skips them.
     refused_paths: set[str] = field(default_factory=set)
+    # Recordings directories the last sweep could not list (the heartbeat
+    # carries them, so `fsrecrypt health` reports what the daemon sees).
+    unreadable_dirs: set[str] = field(default_factory=set)
 
     def __post_init__(self) -> None:
         self.services = Services(self.config)

@@ -36,6 +36,7 @@ from collections.abc import Callable
 from typing import Any
 
 import gevent
+import gevent.event
 
 from fsrecrypt import db
 from fsrecrypt.config import Config, load_config
@@ -73,6 +74,25 @@ class LoopBroken(FsrecryptError):
     )
 
 
+def pause(
+    stopping: gevent.event.Event,
+    wake: gevent.event.Event,
+    since: float,
+    interval: Callable[[], float],
+) -> None:
+    """Wait until ``interval()`` after ``since``, re-reading it whenever ``wake`` is set (SIGHUP).
+
+    So a new interval counts from the last pass: shortened below the time
+    already waited, the next pass runs at once; lengthened, it waits on.
+    """
+    while not stopping.is_set():
+        wake.clear()
+        remaining = since + interval() - time.monotonic()
+        if remaining <= 0:
+            return
+        gevent.wait([stopping, wake], timeout=remaining, count=1)
+
+
 class Daemon:
     """Composes the parts (jobs, events, sweep, heartbeat) and supervises their greenlets."""
 
@@ -89,6 +109,8 @@ class Daemon:
         self._greenlets: list[Any] = []
         self._workers: list[Any] = []
         self._supervised: dict[str, Any] = {}
+        # One per periodic loop, set by SIGHUP: the loop re-reads its interval at once.
+        self._wakes: dict[str, gevent.event.Event] = {}
 
     @property
     def config(self) -> Config:
@@ -267,6 +289,10 @@ class Daemon:
         if new.pipeline.concurrency != old.pipeline.concurrency:
             ignored.append("pipeline.concurrency")
         rt.set_config(merged)
+        # A sleeping loop would otherwise keep the old interval until it
+        # wakes (a sweep_interval of 300 s lowered to 10 s: 300 s later).
+        for wake in self._wakes.values():
+            wake.set()
         rt.log.info("daemon.reloaded", source=new.source, needs_restart=ignored)
 
     # --- supervision --------------------------------------------------------------------
@@ -342,7 +368,8 @@ class Daemon:
                         f"the {name} loop failed {crashes} times in a row "
                         f"(last: {type(exc).__name__})"
                     ) from exc
-            rt.stopping.wait(interval())
+            wake = self._wakes.setdefault(name, gevent.event.Event())
+            pause(rt.stopping, wake, time.monotonic(), interval)
 
     def _watchdog_pass(self) -> None:
         """Feed systemd's watchdog only while every greenlet lives and work moves."""

@@ -1,9 +1,11 @@
 """The sweep: why a kill -9, a lost event or a daemon that was down loses nothing.
 
 At start and every ``sweep_interval`` the sweeper resumes due ``pending`` rows,
-finishes files stored but not yet deleted (killed before the unlink), adopts
-finished files no row covers, and hourly aborts orphan multipart uploads. The
-database, not this process's memory, is the queue of record.
+tries ``failed`` rows whose scheduled retry is due (one attempt each; a new
+failure schedules the next one further out), finishes files stored but not
+yet deleted (killed before the unlink), adopts finished files no row covers,
+and hourly aborts orphan multipart uploads. The database, not this process's
+memory, is the queue of record.
 
 One file is never the pass's problem: an unexpected error while judging one
 file (a bug, a library error on an odd name or header) refuses that file
@@ -17,7 +19,9 @@ the pass: they concern every file, and the next pass retries.
 
 from __future__ import annotations
 
+import functools
 import os
+import re
 import time
 from pathlib import Path
 from typing import Any
@@ -39,6 +43,32 @@ ORPHAN_UPLOAD_AGE = 3600.0
 SWEEP_BATCH = 1000
 
 
+CALL_UUID_LIMIT = 128
+
+
+@functools.lru_cache(maxsize=8)
+def _compiled(pattern: str) -> re.Pattern[str]:
+    return re.compile(pattern)
+
+
+def call_uuid_from_name(path: str, pattern: str) -> str | None:
+    """The call UUID a file's name holds, per ``[freeswitch] call_uuid_pattern``.
+
+    Why: a file adopted by the sweep has no RECORD_STOP to name its call, but
+    FreeSWITCH dialplans name recordings after the call UUID; without it the
+    stored recording could not be found by call. Only the base name is
+    searched (a directory named like a UUID is not the call's), and an
+    overlong match is not taken.
+    """
+    if not pattern:
+        return None
+    match = _compiled(pattern).search(os.path.basename(path))
+    if match is None:
+        return None
+    found = match.group(1) if match.re.groups else match.group(0)
+    return found if found and len(found) <= CALL_UUID_LIMIT else None
+
+
 def _identity(st: os.stat_result) -> tuple[int, int, int, int]:
     return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
 
@@ -52,6 +82,8 @@ class Sweeper:
         self._last_abort = float("-inf")
         # Files whose judgement crashed, with the identity they had then.
         self.failed_files: dict[str, tuple[int, int, int, int]] = {}
+        # Directories the last pass could not list (refused once, until readable again).
+        self.unreadable_dirs: set[str] = set()
 
     def sweep_pass(self) -> None:
         """One periodic pass (the supervisor's ``sweeper`` loop calls this)."""
@@ -81,6 +113,7 @@ class Sweeper:
             )
             if self.jobs.submit(job):
                 resumed += 1
+        resumed += self._retry_failed()
         adopted = self._sweep_files()
         aborted = 0
         if abort_uploads:
@@ -92,6 +125,35 @@ class Sweeper:
             rt.log.info("sweep.done", resumed=resumed, adopted=adopted, aborted_uploads=aborted)
         return {"resumed": resumed, "adopted": adopted, "aborted_uploads": aborted}
 
+    def _retry_failed(self) -> int:
+        """Submit failed rows whose automatic retry is due: one attempt each.
+
+        The job starts at its last attempt, so a failure that persists makes
+        the row ``failed`` again at once with a longer wait, instead of a new
+        burst of ``max_attempts`` tries every time.
+        """
+        rt = self.rt
+        retried = 0
+        dirs = rt.config.freeswitch.recordings_dirs
+        last = max(0, rt.config.pipeline.max_attempts - 1)
+        for rec in rt.services.db.due_failed(limit=SWEEP_BATCH):
+            if not is_inside(Path(rec.source_path), dirs):
+                continue
+            job = Job(
+                path=rec.source_path,
+                recording_id=rec.id,
+                call_uuid=rec.call_uuid,
+                core_uuid=rec.core_uuid,
+                origin="retry",
+                attempts=last,
+                failed_wait=(rec.next_attempt_at - rec.updated_at).total_seconds()
+                if rec.next_attempt_at is not None
+                else None,
+            )
+            if self.jobs.submit(job):
+                retried += 1
+        return retried
+
     # --- files --------------------------------------------------------------------------
 
     def _candidates(self) -> list[tuple[str, os.stat_result]]:
@@ -100,7 +162,20 @@ class Sweeper:
         quiet = rt.config.pipeline.quiet_period
         now = time.time()
         candidates: list[tuple[str, os.stat_result]] = []
-        for path, st in iter_candidate_files(rt.config.freeswitch.recordings_dirs):
+        unreadable: set[str] = set()
+
+        def cannot_list(exc: OSError) -> None:
+            where = str(exc.filename)
+            unreadable.add(where)
+            if where not in self.unreadable_dirs:
+                rt.refuse(
+                    "unreadable",
+                    error=f"cannot list {where!r}: {exc.strerror}",
+                    origin="sweep",
+                    hint="Give the fsrecrypt service user read and search access to it.",
+                )
+
+        for path, st in iter_candidate_files(rt.config.freeswitch.recordings_dirs, cannot_list):
             if path in self.jobs.busy or now - st.st_mtime < quiet:
                 continue
             if path in rt.refused_paths:
@@ -115,6 +190,8 @@ class Sweeper:
             candidates.append((path, st))
             if len(candidates) % 200 == 0:
                 gevent.sleep(0)
+        self.unreadable_dirs = unreadable
+        rt.unreadable_dirs = unreadable
         return candidates
 
     def _sweep_files(self) -> int:
@@ -183,7 +260,8 @@ class Sweeper:
             job = Job(
                 path=path,
                 tenant_name=waiting["tenant_name"],
-                call_uuid=waiting["call_uuid"],
+                call_uuid=waiting["call_uuid"]
+                or call_uuid_from_name(path, cfg.freeswitch.call_uuid_pattern),
                 core_uuid=waiting["core_uuid"],
                 metadata={**waiting["metadata"], "assigned_by": "sweep"},
                 origin="sweep",
@@ -199,6 +277,7 @@ class Sweeper:
         job = Job(
             path=path,
             tenant_name=cfg.freeswitch.default_tenant,
+            call_uuid=call_uuid_from_name(path, cfg.freeswitch.call_uuid_pattern),
             metadata={"adopted_by": "sweep"},
             origin="sweep",
         )

@@ -2,11 +2,19 @@
 
 A worker claims a pending/failed row with a lease (``claimed_by`` names host
 and pid, so a restarted daemon drops its own stale leases); a failed attempt
-is counted and scheduled again, or makes the row ``failed`` for good.
+is counted (with a failed ``encrypt`` row in the audit log) and scheduled
+again, or makes the row ``failed``. A failed row keeps its plaintext, so it
+is never abandoned: ``next_attempt_at`` schedules its next automatic try (the
+sweep's ``due_failed``), and ``retry_failed`` puts it back to ``pending`` at
+once (``fsrecrypt retry``).
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+from datetime import datetime
+
+from fsrecrypt.db.audit import append_audit_row
 from fsrecrypt.db.recordings import Recordings
 from fsrecrypt.db.rows import (
     RECORDING_COLUMNS,
@@ -91,10 +99,45 @@ class WorkQueue(Recordings):
             )
             return cur.rowcount
 
+    def due_failed(self, limit: int = 100) -> list[Recording]:
+        """Failed rows whose scheduled automatic retry is due (and nobody holds)."""
+        with self.transaction("listing failed recordings due for a retry") as cur:
+            cur.execute(
+                f"SELECT {RECORDING_COLUMNS} FROM call_recordings WHERE status = 'failed'"
+                " AND next_attempt_at IS NOT NULL AND next_attempt_at <= now()"
+                " AND (claimed_until IS NULL OR claimed_until < now())"
+                " ORDER BY next_attempt_at LIMIT %s",
+                (limit,),
+            )
+            return [recording_from_row(r) for r in cur.fetchall()]
+
+    def failed_summary(self) -> tuple[int, float | None]:
+        """``(failed rows, seconds until the next automatic retry or None if none is set)``."""
+        with self.transaction("counting failed recordings") as cur:
+            cur.execute(
+                "SELECT count(*), extract(epoch FROM min(next_attempt_at) - now())"
+                " FROM call_recordings WHERE status = 'failed'"
+            )
+            count, next_in = cur.fetchone()
+        return int(count), None if next_in is None else max(0.0, float(next_in))
+
     def record_attempt_failure(
-        self, recording_id: str, error: str, *, final: bool, retry_in: float | None = None
+        self,
+        recording_id: str,
+        error: str,
+        *,
+        final: bool,
+        retry_in: float | None = None,
+        audit: bool = True,
+        user_id: str = "fsrecrypt",
     ) -> Recording:
-        """Count a failed attempt; ``final`` moves the row to ``failed``."""
+        """Count a failed attempt; ``final`` moves the row to ``failed``.
+
+        ``retry_in`` schedules the next try (for a final failure: the
+        automatic retry of the failed row). With ``audit`` the attempt also
+        gets a failed ``encrypt`` row in the tenant's audit chain, in the same
+        transaction: every failed encryption is on record, not only in a log.
+        """
         with self.transaction("recording a failed attempt") as cur:
             cur.execute(
                 "UPDATE call_recordings SET attempts = attempts + 1, last_error = %s,"
@@ -107,9 +150,66 @@ class WorkQueue(Recordings):
                 (error[:2000], final, retry_in, retry_in, recording_id),
             )
             row = cur.fetchone()
+            if row is not None and audit:
+                failed = recording_from_row(row)
+                append_audit_row(
+                    cur,
+                    action="encrypt",
+                    user_id=user_id,
+                    success=False,
+                    recording_id=failed.id,
+                    tenant_id=failed.tenant_id,
+                    error_message=error,
+                    details={
+                        "attempt": failed.attempts,
+                        "final": final,
+                        "retry_in": None if retry_in is None else round(retry_in, 3),
+                    },
+                )
         if row is None:
             return self.recording(recording_id)
         return recording_from_row(row)
+
+    def retry_failed(
+        self,
+        *,
+        user_id: str,
+        recording_ids: Sequence[str] | None = None,
+        created_before: datetime | None = None,
+    ) -> list[Recording]:
+        """Put failed rows back to ``pending`` (due now), each with a ``retry`` audit row.
+
+        ``recording_ids`` None means every failed row. The daemon's sweep then
+        stores them with a fresh set of attempts. Rows that are not failed
+        are left alone (a stored row is never touched).
+        """
+        clauses = ["status = 'failed'"]
+        params: list[object] = []
+        if recording_ids is not None:
+            clauses.append("id::text = ANY(%s)")
+            params.append(list(recording_ids))
+        if created_before is not None:
+            clauses.append("created_at < %s")
+            params.append(created_before)
+        with self.transaction("re-queueing failed recordings") as cur:
+            cur.execute(
+                "UPDATE call_recordings SET status = 'pending', next_attempt_at = NULL,"
+                " claimed_by = NULL, claimed_until = NULL, updated_at = now()"
+                f" WHERE {' AND '.join(clauses)} RETURNING {RECORDING_COLUMNS}",
+                params,
+            )
+            rows = sorted((recording_from_row(r) for r in cur.fetchall()), key=lambda r: r.id)
+            for rec in rows:
+                append_audit_row(
+                    cur,
+                    action="retry",
+                    user_id=user_id,
+                    success=True,
+                    recording_id=rec.id,
+                    tenant_id=rec.tenant_id,
+                    details={"attempts": rec.attempts, "last_error": rec.last_error},
+                )
+        return rows
 
     def reset_for_retry(self, recording_id: str) -> None:
         with self.transaction("re-queueing a recording") as cur:

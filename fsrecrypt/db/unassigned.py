@@ -60,6 +60,35 @@ class UnassignedFiles(Pool):
                 for r in cur.fetchall()
             }
 
+    def unassigned_files(self, limit: int = 1000) -> list[dict[str, Any]]:
+        """Every file waiting for its tenant, oldest first, with whether the tenant exists now.
+
+        ``tenant_exists`` False: nothing stores it until the tenant is added
+        (or the operator ingests it for another tenant); True: the sweep
+        stores it at its next pass.
+        """
+        with self.transaction("listing files of unknown tenants") as cur:
+            cur.execute(
+                "SELECT u.source_path, u.source_fingerprint, u.tenant_name, u.call_uuid,"
+                " u.core_uuid, u.reason, u.created_at, t.id IS NOT NULL"
+                " FROM unassigned_files u LEFT JOIN tenants t ON t.name = u.tenant_name"
+                " ORDER BY u.created_at, u.source_path LIMIT %s",
+                (limit,),
+            )
+            return [
+                {
+                    "source_path": r[0],
+                    "source_fingerprint": r[1],
+                    "tenant_name": r[2],
+                    "call_uuid": r[3],
+                    "core_uuid": r[4],
+                    "reason": r[5],
+                    "created_at": r[6],
+                    "tenant_exists": bool(r[7]),
+                }
+                for r in cur.fetchall()
+            ]
+
     def drop_unassigned(self, source_path: str, source_fingerprint: str) -> None:
         with self.transaction("forgetting a file of an unknown tenant") as cur:
             cur.execute(

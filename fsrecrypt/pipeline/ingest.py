@@ -266,7 +266,9 @@ def ingest_file(
                     not exc.transient
                     or recording.attempts + 1 >= services.config.pipeline.max_attempts
                 )
-                services.db.record_attempt_failure(recording.id, exc.one_line(), final=final)
+                services.db.record_attempt_failure(
+                    recording.id, exc.one_line(), final=final, user_id=user_id
+                )
             raise
     finally:
         source.fileobj.close()

@@ -353,11 +353,33 @@ def split_listen(listen: str) -> tuple[str, int]:
     return host.strip("[]"), int(port)
 
 
-def configure_logging(level: str) -> None:
-    logging.basicConfig(
-        level=getattr(logging, level.upper(), logging.INFO),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+class JsonLogFormatter(logging.Formatter):
+    """One JSON object per line, with the daemon's field names (``timestamp``, ``level``,
+    ``event``), so ``[logging] format = "json"`` means the same for ``serve`` as for ``run``
+    and one journald/log-shipper parser reads both."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        doc: dict[str, Any] = {
+            "timestamp": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created))
+            + f".{int(record.msecs):03d}Z",
+            "level": record.levelname.lower(),
+            "logger": record.name,
+            "event": record.getMessage(),
+        }
+        if record.exc_info:
+            doc["exception"] = self.formatException(record.exc_info)
+        return json.dumps(doc, default=str)
+
+
+def configure_logging(level: str, fmt: str = "console") -> None:
+    """Logs to stderr: JSON lines when ``[logging] format = "json"``, else plain text."""
+    handler = logging.StreamHandler()
+    handler.setFormatter(
+        JsonLogFormatter()
+        if fmt == "json"
+        else logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s")
     )
+    logging.basicConfig(level=getattr(logging, level.upper(), logging.INFO), handlers=[handler])
 
 
 def run_server(
@@ -371,7 +393,7 @@ def run_server(
     """
     if listen:
         config = with_overrides(config, playback={"listen": listen})
-    configure_logging(config.logging.level)
+    configure_logging(config.logging.level, config.logging.format)
     dbmod.enable_gevent()
     services = Services(config)
     try:

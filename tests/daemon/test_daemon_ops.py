@@ -81,7 +81,15 @@ def test_health_healthy_degraded_down(daemon_env: DaemonEnv) -> None:
     doc = json.loads(res.stdout)
     assert res.returncode == 0, res.stdout + res.stderr
     assert doc["status"] == "healthy"
-    assert set(doc["checks"]) == {"freeswitch", "database", "keys", "store", "backlog", "heartbeat"}
+    assert set(doc["checks"]) == {
+        "freeswitch",
+        "database",
+        "keys",
+        "store",
+        "backlog",
+        "heartbeat",
+        "daemon",
+    }
     env.esl.call("stop")  # FreeSWITCH away: degraded, the daemon keeps trying
     res = _run_cli(env, "health", "--json")
     assert res.returncode == 1, res.stdout

@@ -158,3 +158,22 @@ def test_edk_serialisation_round_trip() -> None:
         edk_from_bytes(edk_to_bytes(edk)[:-1])
     with pytest.raises(errors.MalformedMessage):
         edk_from_bytes(edk_to_bytes(edk) + b"x")
+
+
+def test_a_failed_ingest_writes_a_failed_audit_row_for_its_operator(local_services) -> None:
+    """Before, a failed attempt left no audit row: only the stored outcome was on record."""
+    services, tenant, recordings = local_services
+    wav = recordings / "refused.wav"
+    make_wav(wav, 0.2, seed=11)
+    keyring = Path(services.config.keys.keyring)
+    keyring.chmod(0o644)  # refused: others may read it
+    try:
+        with pytest.raises(errors.KeyAccessError):
+            ingest_file(services, str(wav), tenant.name, user_id="cli:ops")
+    finally:
+        keyring.chmod(0o600)
+    (row,) = services.db.recordings(source_path=str(wav))
+    assert row.status == "failed" and wav.exists()
+    (audit,) = services.db.audit_rows(recording_id=row.id, action="encrypt")
+    assert audit["user_id"] == "cli:ops" and not audit["success"]
+    assert "keyring" in audit["error_message"] and audit["details"]["final"] is True
