@@ -634,14 +634,20 @@ class EslServerProcess:
         ready = json.loads(self.proc.stdout.readline())
         self.port: int = ready["port"]
         self.control_port: int = ready["control_port"]
-        self._sock = socket.create_connection(("127.0.0.1", self.control_port), timeout=30)
+        # Longer than any server-side wait (wait_subscribed takes up to 30 s).
+        self._sock = socket.create_connection(("127.0.0.1", self.control_port), timeout=90)
         self._file = self._sock.makefile("rwb")
+        # Tests drive the server from several threads (a generator emitting events
+        # while the main thread waits for a reconnect): one request/reply at a
+        # time, or a thread can read the reply meant for another.
+        self._lock = threading.Lock()
 
     def call(self, op: str, **kwargs: Any) -> Any:
         """Send one control command and return its result (RuntimeError if it failed)."""
-        self._file.write(json.dumps({"op": op, **kwargs}).encode() + b"\n")
-        self._file.flush()
-        reply = json.loads(self._file.readline())
+        with self._lock:
+            self._file.write(json.dumps({"op": op, **kwargs}).encode() + b"\n")
+            self._file.flush()
+            reply = json.loads(self._file.readline())
         if not reply["ok"]:
             raise RuntimeError(reply["error"])
         return reply["result"]
