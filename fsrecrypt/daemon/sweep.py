@@ -163,6 +163,7 @@ class Sweeper:
         now = time.time()
         candidates: list[tuple[str, os.stat_result]] = []
         unreadable: set[str] = set()
+        oldest: float | None = None
 
         def cannot_list(exc: OSError) -> None:
             where = str(exc.filename)
@@ -178,6 +179,7 @@ class Sweeper:
         for path, st in iter_candidate_files(rt.config.freeswitch.recordings_dirs, cannot_list):
             if path in self.jobs.busy or now - st.st_mtime < quiet:
                 continue
+            oldest = st.st_mtime if oldest is None else min(oldest, st.st_mtime)
             if path in rt.refused_paths:
                 continue
             if self.failed_files.get(path) == _identity(st):
@@ -192,6 +194,9 @@ class Sweeper:
                 gevent.sleep(0)
         self.unreadable_dirs = unreadable
         rt.unreadable_dirs = unreadable
+        # Plaintext still on disk past the quiet period (refused ones too):
+        # the heartbeat carries the oldest, so health sees one left behind.
+        rt.oldest_plaintext_mtime = oldest
         return candidates
 
     def _sweep_files(self) -> int:
