@@ -29,7 +29,6 @@ from typing import Any
 import gevent
 
 from fsrecrypt.daemon.files import (
-    iter_candidate_files,
     open_by_others,
     path_text_problem,
     wav_complete,
@@ -37,7 +36,7 @@ from fsrecrypt.daemon.files import (
 from fsrecrypt.daemon.jobs import Job, JobQueue
 from fsrecrypt.daemon.runtime import Runtime
 from fsrecrypt.errors import FsrecryptError
-from fsrecrypt.plaintext import fingerprint_of, is_inside
+from fsrecrypt.plaintext import fingerprint_of, is_inside, iter_recording_files
 
 ORPHAN_UPLOAD_AGE = 3600.0
 SWEEP_BATCH = 1000
@@ -176,7 +175,7 @@ class Sweeper:
                     hint="Give the fsrecrypt service user read and search access to it.",
                 )
 
-        for path, st in iter_candidate_files(rt.config.freeswitch.recordings_dirs, cannot_list):
+        for path, st in iter_recording_files(rt.config.freeswitch.recordings_dirs, cannot_list):
             if path in self.jobs.busy or now - st.st_mtime < quiet:
                 continue
             oldest = st.st_mtime if oldest is None else min(oldest, st.st_mtime)
