@@ -178,23 +178,24 @@ class Sweeper:
         for path, st in iter_recording_files(rt.config.freeswitch.recordings_dirs, cannot_list):
             if path in self.jobs.busy or now - st.st_mtime < quiet:
                 continue
-            oldest = st.st_mtime if oldest is None else min(oldest, st.st_mtime)
-            if path in rt.refused_paths:
+            if path in rt.refused_paths or self.failed_files.get(path) == _identity(st):
+                # refused, or it crashed the last time and has not changed since
+                oldest = st.st_mtime if oldest is None else min(oldest, st.st_mtime)
                 continue
-            if self.failed_files.get(path) == _identity(st):
-                continue  # it crashed the last time and has not changed since
             problem = path_text_problem(path)
             if problem is not None:  # refused once, then never looked at again
                 rt.refused_paths.add(path)
                 rt.refuse("path", error=f"refusing {path!r}: {problem}", origin="sweep")
+                oldest = st.st_mtime if oldest is None else min(oldest, st.st_mtime)
                 continue
             candidates.append((path, st))
             if len(candidates) % 200 == 0:
                 gevent.sleep(0)
         self.unreadable_dirs = unreadable
         rt.unreadable_dirs = unreadable
-        # Plaintext still on disk past the quiet period (refused ones too):
-        # the heartbeat carries the oldest, so health sees one left behind.
+        # Plaintext still on disk past the quiet period that the sweep will not
+        # take (refused): the heartbeat carries the oldest, so health sees one
+        # left behind. _sweep_files adds the candidates no stored row covers.
         rt.oldest_plaintext_mtime = oldest
         return candidates
 
@@ -209,6 +210,7 @@ class Sweeper:
             batch = candidates[i : i + 500]
             rows = db.rows_for_sources([p for p, _ in batch])
             known = _Known(rows, db.unassigned_for([p for p, _ in batch]))
+            self._note_waiting(batch, known)
             for path, st in batch:
                 try:
                     adopted += self._consider(path, st, held, known)
@@ -220,6 +222,17 @@ class Sweeper:
                     self.failed_files.pop(path, None)
             gevent.sleep(0)
         return adopted
+
+    def _note_waiting(self, batch: list[tuple[str, os.stat_result]], known: _Known) -> None:
+        """The oldest plaintext here that no stored row covers (a kept copy, with
+        delete_plaintext off, is not waiting) into the heartbeat's view."""
+        rt = self.rt
+        for path, st in batch:
+            row = known.by_key.get((path, fingerprint_of(st)))
+            if row is not None and row[0] == "stored":
+                continue
+            if rt.oldest_plaintext_mtime is None or st.st_mtime < rt.oldest_plaintext_mtime:
+                rt.oldest_plaintext_mtime = st.st_mtime
 
     def _file_failed(self, path: str, st: os.stat_result, exc: Exception) -> None:
         """Contain one file's unexpected error: refuse it until it changes, go on."""

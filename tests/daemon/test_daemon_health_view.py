@@ -75,7 +75,7 @@ def test_plaintext_left_behind_and_failures_since_the_last_store_degrade(
         old.write_bytes(b"RIFF")
         t = time.time() - 3600
         os.utime(old, (t, t))
-        daemon.sweeper._candidates()
+        daemon.sweeper._sweep_files()
         assert daemon.rt.oldest_plaintext_mtime == pytest.approx(t, abs=1)
         daemon.heartbeat.on_esl_state("connected")
         daemon.heartbeat.write(esl_connected=True)
