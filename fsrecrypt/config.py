@@ -34,6 +34,7 @@ DEFAULT_CALL_UUID_PATTERN = (
 )
 DEFAULT_CONFIG_PATHS = (Path("/etc/fsrecrypt/fsrecrypt.toml"),)
 ENV_CONFIG = "FSRECRYPT_CONFIG"
+ENV_ALLOW_ROOT = "FSRECRYPT_ALLOW_ROOT"  # read by the CLI (fsrecrypt.ownership)
 
 
 @dataclass(frozen=True)
@@ -496,8 +497,9 @@ def effective_settings(config: Config) -> dict[str, Any]:
 
 
 def known_environment_names() -> set[str]:
-    """Every ``FSRECRYPT_*`` variable fsrecrypt reads: one per key, and ``FSRECRYPT_CONFIG``."""
-    names = {ENV_CONFIG}
+    """Every ``FSRECRYPT_*`` variable fsrecrypt reads: one per key, ``FSRECRYPT_CONFIG`` and
+    ``FSRECRYPT_ALLOW_ROOT``."""
+    names = {ENV_CONFIG, ENV_ALLOW_ROOT}
     for section in dataclasses.fields(Config):
         if section.name == "source":
             continue

@@ -305,3 +305,14 @@ class AuthError(FsrecryptError):
     """A caller is not authenticated or not allowed."""
 
     hint = "Provide a valid API key or signed URL."
+
+
+class StateOwnershipError(FsrecryptError):
+    """The CLI runs as root against state that belongs to the service user.
+
+    Files root would create there (a keyring, objects, a signing key) would
+    be root's, and the daemon running as the service user could then not
+    read them: every recording would fail with "Permission denied".
+    """
+
+    hint = "Run the command as the owner of the state (sudo -u fsrecrypt fsrecrypt ...)."

@@ -15,7 +15,7 @@ import io
 import os
 import stat
 import struct
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
@@ -94,6 +94,32 @@ class SourceFile:
 
     def close(self) -> None:
         self.fileobj.close()
+
+
+def iter_recording_files(
+    roots: Sequence[str], on_error: Callable[[OSError], None] | None = None
+) -> Iterator[tuple[str, os.stat_result]]:
+    """Regular, non-hidden files below the recordings directories (symlinks not followed).
+
+    Names and ``lstat`` only: no file is opened. The daemon's sweep and
+    ``fsrecrypt recordings pending`` walk the directories the same way.
+
+    ``on_error`` hears of each directory that could not be listed (e.g. an
+    unreadable one), which would otherwise be skipped silently.
+    """
+    for root in roots:
+        for dirpath, dirnames, filenames in os.walk(root, onerror=on_error, followlinks=False):
+            dirnames[:] = [d for d in dirnames if not d.startswith(".")]
+            for name in filenames:
+                if name.startswith("."):
+                    continue
+                path = os.path.join(dirpath, name)
+                try:
+                    st = os.lstat(path)
+                except OSError:
+                    continue
+                if stat.S_ISREG(st.st_mode):
+                    yield path, st
 
 
 def fingerprint_of(st: os.stat_result) -> str:

@@ -129,3 +129,31 @@ def test_retry_puts_failed_rows_back_to_pending_with_an_audit_row(world: dict[st
     assert svc.db.recording(rows["c"].id).status == "pending"
     assert svc.db.recording(rows["s"].id).status == "stored"
     assert svc.db.failed_summary() == (0, None)
+
+
+def test_pending_lists_orphan_plaintext_without_opening_it(
+    world: dict[str, Any], tmp_path: Path
+) -> None:
+    """A file no event and no row names (no default tenant: nothing adopts it) is listed
+    as an orphan, with the ingest hint; files with rows are not; nothing is opened."""
+    rec_dir = tmp_path / "recordings"
+    orphan = rec_dir / "sub" / "9f1c.wav"
+    orphan.parent.mkdir()
+    orphan.write_bytes(b"RIFF....")
+    orphan.chmod(0)  # only stat'ed, never opened (root could open it anyway)
+    odd = rec_dir / "odd\udcff\u0663.wav"  # a name that is not UTF-8, odd digits
+    odd.write_bytes(b"x")
+    (rec_dir / ".hidden.wav").write_bytes(b"x")
+    outside = tmp_path / "elsewhere.wav"
+    outside.write_bytes(b"x")
+    (rec_dir / "link.wav").symlink_to(outside)  # never followed
+    res = _cli(world, "recordings", "pending", "--json")
+    assert res.exit_code == 0, res.output
+    doc = json.loads(res.output)
+    paths = sorted(o["source_path"] for o in doc["orphan_files"])
+    assert paths == sorted([str(orphan), str(odd)])
+    first = next(o for o in doc["orphan_files"] if o["source_path"] == str(orphan))
+    assert first["size_bytes"] == 8 and "ingest --tenant" in first["hint"]
+    res = _cli(world, "recordings", "pending")
+    assert "orphan" in res.output and "9f1c.wav" in res.output
+    assert "ingest --tenant" in res.output

@@ -38,6 +38,7 @@ class State:
     def __init__(self) -> None:
         self.config_path: str | None = None
         self.debug = False
+        self.allow_root = False
         self._config: Config | None = None
 
     @property
@@ -45,13 +46,34 @@ class State:
         if self._config is None:
             from fsrecrypt.config import load_config
 
-            self._config = load_config(self.config_path)
+            config = load_config(self.config_path)
+            names = _command_names()
+            if names and names[0] not in READ_ONLY_AS_ROOT:
+                from fsrecrypt.ownership import check_state_owner
+
+                check_state_owner(config, allow_root=self.allow_root, command=" ".join(names))
+            self._config = config
         return self._config
 
     def services(self) -> Services:
         from fsrecrypt.pipeline import Services
 
         return Services(self.config)
+
+
+# Commands that only read and report: root may run them against the service's
+# state (everything else refuses, see fsrecrypt.ownership).
+READ_ONLY_AS_ROOT = frozenset({"health", "config"})
+
+
+def _command_names() -> list[str]:
+    """The command path below the root group, e.g. ``["keys", "create"]``."""
+    ctx = click.get_current_context(silent=True)
+    names: list[str] = []
+    while ctx is not None and ctx.parent is not None:
+        names.append(ctx.info_name or "")
+        ctx = ctx.parent
+    return names[::-1]
 
 
 def _set_config(ctx: click.Context, _param: click.Parameter, value: str | None) -> str | None:
@@ -205,9 +227,15 @@ class FsrecryptGroup(click.Group):
 @click.group(cls=FsrecryptGroup, context_settings={"help_option_names": ["-h", "--help"]})
 @config_option
 @click.option("--debug", is_flag=True, help="Show tracebacks for errors.")
+@click.option(
+    "--allow-root",
+    is_flag=True,
+    envvar="FSRECRYPT_ALLOW_ROOT",
+    help="Run as root against state owned by the service user (recovery only).",
+)
 @click.version_option(__version__, prog_name="fsrecrypt")
 @click.pass_context
-def main(ctx: click.Context, debug: bool) -> None:
+def main(ctx: click.Context, debug: bool, allow_root: bool) -> None:
     """Encrypt FreeSWITCH call recordings the moment they stop.
 
     Recordings are stored in the AWS Encryption SDK message format (v2,
@@ -215,6 +243,7 @@ def main(ctx: click.Context, debug: bool) -> None:
     """
     state = ctx.ensure_object(State)
     state.debug = debug
+    state.allow_root = allow_root
 
 
 if __name__ == "__main__":  # pragma: no cover

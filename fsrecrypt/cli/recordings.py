@@ -30,6 +30,60 @@ UNASSIGNED_HINT = (
 )
 
 
+ORPHAN_HINT = (
+    "No event and no row names these files and no [freeswitch] default_tenant is set, so the "
+    "daemon leaves them: store each with 'fsrecrypt ingest --tenant TENANT PATH' "
+    "(run as the service user), or set default_tenant to have the sweep adopt them."
+)
+
+
+def _utf8(path: str) -> bool:
+    try:
+        path.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def _orphan_files(services: Any, limit: int) -> list[dict[str, Any]]:
+    """Plaintext files in the recordings dirs no row covers (when no default tenant is set,
+    nothing will ever adopt them).
+
+    The same walk as the daemon's sweep (:func:`fsrecrypt.plaintext.iter_recording_files`):
+    names and ``lstat`` only, symlinks not followed, no file opened.
+    """
+    config = services.config
+    if config.freeswitch.default_tenant:
+        return []  # the sweep adopts them for the default tenant
+    from fsrecrypt.plaintext import fingerprint_of, iter_recording_files
+
+    found = []
+    for path, st in iter_recording_files(config.freeswitch.recordings_dirs):
+        found.append((path, st))
+        if len(found) >= 10 * limit:
+            break
+    orphans: list[dict[str, Any]] = []
+    for i in range(0, len(found), 500):
+        batch = found[i : i + 500]
+        # A name that is not UTF-8 cannot be in the database: an orphan by definition.
+        askable = [p for p, _ in batch if _utf8(p)]
+        known = {(p, fp) for p, fp, _status, _id in services.db.rows_for_sources(askable)}
+        held = set(services.db.unassigned_for(askable))
+        for path, st in batch:
+            key = (path, fingerprint_of(st))
+            if key in known or key in held:
+                continue
+            orphans.append(
+                {
+                    "source_path": path,
+                    "size_bytes": st.st_size,
+                    "modified_at": datetime.fromtimestamp(st.st_mtime, UTC).isoformat(),
+                    "hint": ORPHAN_HINT,
+                }
+            )
+    return orphans[:limit]
+
+
 def _recording_id(_ctx: click.Context, _param: click.Parameter, value: Any) -> Any:
     """A recording id as the database writes it (lower-case canonical UUID), or a usage error."""
     values = value if isinstance(value, tuple) else (value,)
@@ -168,6 +222,7 @@ def recordings_pending(ctx: click.Context, limit: int, as_json: bool) -> None:
         names = {t.id: t.name for t in services.db.tenants()}
         rows = services.db.recordings(status=("pending", "failed"), limit=limit)
         unassigned = services.db.unassigned_files(limit=limit)
+        orphans = _orphan_files(services, limit)
     finally:
         services.close()
     waiting = [_row(r, names) for r in rows]
@@ -184,16 +239,20 @@ def recordings_pending(ctx: click.Context, limit: int, as_json: bool) -> None:
         for u in unassigned
     ]
     if as_json:
-        echo_json({"recordings": waiting, "unassigned_files": files})
+        echo_json({"recordings": waiting, "unassigned_files": files, "orphan_files": orphans})
         return
     for row in waiting:
         click.echo(_line(row))
+    for o in orphans:
+        click.echo(f"orphan\t-\t{o['modified_at']}\t{o['source_path']!r}\t{o['size_bytes']} bytes")
+    if orphans:
+        click.echo(f"hint: {ORPHAN_HINT}", err=True)
     for f in files:
         state = "tenant added, stored at the next sweep" if f["tenant_exists"] else "no tenant"
         click.echo(f"unassigned\t{f['tenant']}\t{f['created_at']}\t{f['source_path']!r}\t{state}")
     if any(not f["tenant_exists"] for f in files):
         click.echo(f"hint: {UNASSIGNED_HINT}", err=True)
-    if not waiting and not files:
+    if not waiting and not files and not orphans:
         click.echo("nothing waiting")
 
 

@@ -33,7 +33,11 @@ def verify_command(
     authenticates (decrypted and discarded) and the audio size matches.
     Prints each failure and a JSON summary; exits non-zero on any failure.
     """
-    from fsrecrypt.lifecycle.verify import VerificationFailed, verify_recordings
+    from fsrecrypt.lifecycle.verify import (
+        VerificationFailed,
+        VerificationNotPermitted,
+        verify_recordings,
+    )
 
     services = services_for(ctx)
     bar = ProgressBar("verify")
@@ -49,21 +53,33 @@ def verify_command(
         bar.close()
         services.close()
     for rec_id, why in sorted(report.failures.items()):
-        click.echo(f"FAIL {rec_id}: {why}")
+        click.echo(f"{'DENIED' if rec_id in report.denied else 'FAIL'} {rec_id}: {why}")
     click.echo(
         json.dumps(
             {
                 "checked": report.checked,
                 "ok": report.ok,
                 "failed": len(report.failures),
+                "permission_denied": len(report.denied),
                 "total_stored": report.total_stored,
                 "bytes_verified": report.bytes_verified,
                 "seconds": report.seconds,
             }
         )
     )
-    if report.failures:
+    damaged = len(report.failures) - len(report.denied)
+    if damaged:
+        also = (
+            f"; {len(report.denied)} more could not be read by this user (permission, not "
+            "damage: DENIED above)"
+            if report.denied
+            else ""
+        )
         raise VerificationFailed(
-            f"{len(report.failures)} of {report.checked} recording(s) failed verification "
-            "(listed above)"
+            f"{damaged} of {report.checked} recording(s) failed verification (FAIL above){also}"
+        )
+    if report.denied:
+        raise VerificationNotPermitted(
+            f"{len(report.denied)} of {report.checked} recording(s) could not be read by this "
+            "user (permission denied, DENIED above); nothing found damaged"
         )

@@ -8,8 +8,7 @@ helpers only decide which names are worth handing to it.
 from __future__ import annotations
 
 import os
-import stat
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 
 from fsrecrypt.daemon.eslparse import db_safe_text
@@ -64,29 +63,6 @@ def open_by_others(roots: Sequence[str]) -> set[str]:
             if target.startswith(prefixes):
                 found.add(target)
     return found
-
-
-def iter_candidate_files(
-    roots: Sequence[str], on_error: Callable[[OSError], None] | None = None
-) -> Iterator[tuple[str, os.stat_result]]:
-    """Regular, non-hidden files below the recordings directories (symlinks not followed).
-
-    ``on_error`` hears of each directory that could not be listed (e.g. an
-    unreadable one), which would otherwise be skipped silently.
-    """
-    for root in roots:
-        for dirpath, dirnames, filenames in os.walk(root, onerror=on_error, followlinks=False):
-            dirnames[:] = [d for d in dirnames if not d.startswith(".")]
-            for name in filenames:
-                if name.startswith("."):
-                    continue
-                path = os.path.join(dirpath, name)
-                try:
-                    st = os.lstat(path)
-                except OSError:
-                    continue
-                if stat.S_ISREG(st.st_mode):
-                    yield path, st
 
 
 def path_text_problem(path: str) -> str | None:

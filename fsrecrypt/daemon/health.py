@@ -30,7 +30,9 @@ from fsrecrypt.errors import (
     FsrecryptError,
     InputFileError,
     InvalidState,
+    KeyAccessError,
     PathUnreadable,
+    StorageError,
 )
 from fsrecrypt.pipeline import Services
 
@@ -43,6 +45,16 @@ anchor itself is written every [audit] anchor_interval, by one process)."""
 # Seconds the daemon may be without FreeSWITCH before health calls it degraded
 # (a restart of FreeSWITCH takes a few seconds; reconnects back off).
 ESL_DOWN_LIMIT = 30.0
+# How often the daemon checks, from its own process, that it can use its
+# keyring (or reach KMS) and write to its store: often enough for health to
+# notice a chmod or an expired credential within a minute, rarely enough
+# that a KMS round trip per heartbeat is never paid. A failing check is
+# repeated sooner, so the recovery shows quickly too.
+SELF_CHECK_INTERVAL = 60.0
+SELF_CHECK_RETRY = 15.0
+# Seconds a plaintext file may stay on disk past the quiet period before
+# health calls it left behind (the sweep runs every sweep_interval).
+PLAINTEXT_MARGIN = 120.0
 
 
 class Heartbeat:
@@ -57,6 +69,8 @@ class Heartbeat:
         self._next_anchor_check = 0.0
         self._write_failing = False  # warned once; quiet until a write succeeds again
         self.esl_down_since: float | None = time.time()  # not connected yet
+        self.self_checks: dict[str, dict[str, Any]] = {}
+        self._next_self_check = 0.0
 
     @property
     def esl_connected(self) -> bool:
@@ -81,6 +95,10 @@ class Heartbeat:
             # runs as whoever calls it and could see otherwise).
             "esl_down_since": None if self.esl_connected else self.esl_down_since,
             "unreadable_dirs": sorted(self.rt.unreadable_dirs)[:20],
+            "self_checks": self.self_checks,
+            "last_stored_at": self.rt.last_stored_at,
+            "failed_since_store": self.rt.failed_since_store,
+            "oldest_plaintext_mtime": self.rt.oldest_plaintext_mtime,
         }
         tmp = f"{path}.tmp"
         try:
@@ -110,6 +128,7 @@ class Heartbeat:
     def housekeeping_pass(self) -> None:
         """Heartbeat, gauges and the CUSTOM status event (the ``housekeeping`` loop's pass)."""
         rt = self.rt
+        self.run_self_checks()
         self.write()
         depth = self.jobs.depth()
         rt.metrics.queue_depth.set(depth)
@@ -128,6 +147,44 @@ class Heartbeat:
             f"STATUS=running; queue {depth}; esl "
             f"{'up' if self.esl_connected else 'down'}; "
             f"stored {rt.counts.get('stored', 0)}"
+        )
+
+    def run_self_checks(self, force: bool = False) -> None:
+        """Can this process use its keyring and write its store? (At most every
+        SELF_CHECK_INTERVAL; `fsrecrypt health` may run as another user and see
+        otherwise, so the heartbeat carries the daemon's own answer.)"""
+        if not force and time.monotonic() < self._next_self_check:
+            return
+        services = self.rt.services
+
+        def keys() -> str:
+            tenants = services.db.tenants()
+            for t in tenants:
+                services.keys.check_key(t.kms_key_id)
+            return f"{len(tenants)} tenant key(s) usable"
+
+        def store() -> str:
+            services.store.check()
+            return f"{services.store.name} writable"
+
+        results: dict[str, dict[str, Any]] = {}
+        for name, probe in (("keys", keys), ("store", store)):
+            try:
+                results[name] = {"ok": True, "detail": probe()}
+            except DatabaseError as exc:  # cannot list the tenants: unknown, not unusable
+                results[name] = {"ok": None, "detail": exc.message[:300]}
+            except FsrecryptError as exc:
+                results[name] = {"ok": False, "detail": exc.message[:300]}
+            except Exception as exc:  # noqa: BLE001 - a check reports, it does not crash
+                results[name] = {"ok": False, "detail": f"{type(exc).__name__}: {exc}"[:300]}
+            results[name]["at"] = time.time()
+        failing = any(r["ok"] is False for r in results.values())
+        if failing and not any(r.get("ok") is False for r in self.self_checks.values()):
+            bad = {k: r["detail"] for k, r in results.items() if r["ok"] is False}
+            self.rt.log.error("daemon.self_check_failed", **bad)
+        self.self_checks = results
+        self._next_self_check = time.monotonic() + (
+            SELF_CHECK_RETRY if failing else SELF_CHECK_INTERVAL
         )
 
     def anchor_if_due(self) -> None:
@@ -258,34 +315,112 @@ def check_heartbeat(config: Config) -> str:
     )
 
 
+def _heartbeat_doc(config: Config) -> dict[str, Any] | None:
+    try:
+        doc = json.loads(Path(config.metrics.heartbeat_file).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return doc if isinstance(doc, dict) else None
+
+
+def _number(value: object) -> float | None:
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return None
+    return float(value)
+
+
+def check_daemon_access(config: Config) -> str:
+    """Can the daemon itself use its keyring and write its store? (Its heartbeat says.)
+
+    ``fsrecrypt health`` run as root can read a keyring the service user
+    cannot: its own keys/store checks would say usable while every
+    recording fails. This rates what the daemon's process found.
+    """
+    doc = _heartbeat_doc(config)
+    if doc is None:
+        return "skipped: no heartbeat (see the heartbeat check)"
+    checks = doc.get("self_checks")
+    if not isinstance(checks, dict) or not checks:
+        return "not reported yet (heartbeat from another version, or the daemon is starting)"
+    parts = []
+    for name, error in (("keys", KeyAccessError), ("store", StorageError)):
+        result = checks.get(name)
+        if not isinstance(result, dict):
+            continue
+        detail = str(result.get("detail", ""))[:300]
+        if result.get("ok") is False:
+            what = "keyring/KMS" if name == "keys" else "store"
+            raise error(
+                f"the daemon (pid {str(doc.get('pid'))[:12]}) cannot use its {what}: {detail}",
+                hint="Fix the owner and mode for the service user (every state file belongs "
+                "to it; see 'Ownership' in the README), e.g. run 'sudo -u fsrecrypt fsrecrypt "
+                "health' to see it as the daemon does; the daemon checks again within "
+                f"{SELF_CHECK_RETRY:.0f}s.",
+            )
+        parts.append(f"{name}: {detail}" if result.get("ok") else f"{name} unknown: {detail}")
+    return "; ".join(parts) or "not reported"
+
+
 def check_daemon_view(config: Config) -> str:
-    """What the daemon observes with its own rights: its ESL link and its recordings dirs.
+    """What the daemon observes with its own rights: ESL link, dirs, failures, plaintext.
 
     ``fsrecrypt health`` may run as another user, with another password
     file: its own FreeSWITCH probe can succeed while the daemon is refused.
+    Every problem found is named; the error's type is the first one's.
     """
-    path = config.metrics.heartbeat_file
-    try:
-        doc = json.loads(Path(path).read_text(encoding="utf-8"))
-    except (OSError, ValueError):
+    doc = _heartbeat_doc(config)
+    if doc is None:
         return "skipped: no heartbeat (see the heartbeat check)"
+    now = time.time()
+    problems: list[FsrecryptError] = []
     unreadable = [str(d)[:300] for d in doc.get("unreadable_dirs") or []]
     if unreadable:
-        raise PathUnreadable(f"the daemon cannot list {', '.join(unreadable[:5])}")
-    since = doc.get("esl_down_since")
-    if since is None:
-        return "esl connected"
-    if not isinstance(since, int | float) or isinstance(since, bool):
-        return "esl state unknown (heartbeat from another version?)"
-    limit = max(ESL_DOWN_LIMIT, 2 * config.freeswitch.backoff_cap)
-    if time.time() - since > limit:
-        raise EslError(
-            f"the daemon has not been connected to FreeSWITCH for {time.time() - since:.0f}s "
-            f"(limit {limit:.0f}s)",
-            hint="Check the daemon's log (journalctl -p warning -u fsrecrypt) for the reason, "
-            "e.g. a refused ESL password",
+        problems.append(PathUnreadable(f"the daemon cannot list {', '.join(unreadable[:5])}"))
+    failed = _number(doc.get("failed_since_store"))
+    if failed:
+        last = _number(doc.get("last_stored_at"))
+        since = "it has stored none yet" if last is None else f"last store {now - last:.0f}s ago"
+        problems.append(
+            InvalidState(
+                f"the daemon failed {failed:.0f} recording(s) since its last successful store "
+                f"({since})",
+                hint="See why with 'fsrecrypt recordings list --status failed' and the daemon's "
+                "log (journalctl -p warning -u fsrecrypt).",
+            )
         )
-    return f"esl down {time.time() - since:.0f}s"
+    oldest = _number(doc.get("oldest_plaintext_mtime"))
+    limit = config.pipeline.quiet_period + max(PLAINTEXT_MARGIN, 2 * config.pipeline.sweep_interval)
+    if oldest is not None and now - oldest > limit:
+        problems.append(
+            InvalidState(
+                f"a plaintext recording has waited {now - oldest:.0f}s in the recordings "
+                f"dirs (limit: quiet period + margin = {limit:.0f}s)",
+                hint="List it with 'fsrecrypt recordings pending'; store it with "
+                "'fsrecrypt ingest --tenant NAME FILE' or set [freeswitch] default_tenant.",
+            )
+        )
+    since = doc.get("esl_down_since")
+    esl = "esl connected"
+    if since is not None:
+        if not isinstance(since, int | float) or isinstance(since, bool):
+            esl = "esl state unknown (heartbeat from another version?)"
+        else:
+            esl_limit = max(ESL_DOWN_LIMIT, 2 * config.freeswitch.backoff_cap)
+            esl = f"esl down {now - since:.0f}s"
+            if now - since > esl_limit:
+                problems.append(
+                    EslError(
+                        f"the daemon has not been connected to FreeSWITCH for "
+                        f"{now - since:.0f}s (limit {esl_limit:.0f}s)",
+                        hint="Check the daemon's log (journalctl -p warning -u fsrecrypt) for "
+                        "the reason, e.g. a refused ESL password",
+                    )
+                )
+    if problems:
+        first = problems[0]
+        first.args = ("; ".join(p.message for p in problems),)
+        raise first
+    return esl
 
 
 def run_health(config: Config) -> list[Check]:
@@ -339,6 +474,7 @@ def run_health(config: Config) -> list[Check]:
     )
     checks.append(_check("heartbeat", DOWN, lambda: check_heartbeat(config)))
     checks.append(_check("daemon", DEGRADED, lambda: check_daemon_view(config)))
+    checks.append(_check("daemon-access", DOWN, lambda: check_daemon_access(config)))
     services.close()
     return checks
 

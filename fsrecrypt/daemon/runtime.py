@@ -46,6 +46,12 @@ class Runtime:
     # Recordings directories the last sweep could not list (the heartbeat
     # carries them, so `fsrecrypt health` reports what the daemon sees).
     unreadable_dirs: set[str] = field(default_factory=set)
+    # The daemon's own record of progress, carried by the heartbeat: when it
+    # last stored a recording, how many failed since, and the mtime of the
+    # oldest plaintext file past the quiet period the last sweep saw.
+    last_stored_at: float | None = None
+    failed_since_store: int = 0
+    oldest_plaintext_mtime: float | None = None
 
     def __post_init__(self) -> None:
         self.services = Services(self.config)
@@ -59,6 +65,11 @@ class Runtime:
     def count(self, outcome: str) -> None:
         """One recording's outcome: the heartbeat's counts and ``fsrecrypt_recordings``."""
         self.counts[outcome] = self.counts.get(outcome, 0) + 1
+        if outcome in ("stored", "already-stored"):
+            self.last_stored_at = time.time()
+            self.failed_since_store = 0
+        elif outcome == "failed":
+            self.failed_since_store += 1
         self.metrics.recordings.labels(outcome).inc()
 
     def count_refused(self, reason: str) -> None:

@@ -29,7 +29,6 @@ from typing import Any
 import gevent
 
 from fsrecrypt.daemon.files import (
-    iter_candidate_files,
     open_by_others,
     path_text_problem,
     wav_complete,
@@ -37,7 +36,7 @@ from fsrecrypt.daemon.files import (
 from fsrecrypt.daemon.jobs import Job, JobQueue
 from fsrecrypt.daemon.runtime import Runtime
 from fsrecrypt.errors import FsrecryptError
-from fsrecrypt.plaintext import fingerprint_of, is_inside
+from fsrecrypt.plaintext import fingerprint_of, is_inside, iter_recording_files
 
 ORPHAN_UPLOAD_AGE = 3600.0
 SWEEP_BATCH = 1000
@@ -163,6 +162,7 @@ class Sweeper:
         now = time.time()
         candidates: list[tuple[str, os.stat_result]] = []
         unreadable: set[str] = set()
+        oldest: float | None = None
 
         def cannot_list(exc: OSError) -> None:
             where = str(exc.filename)
@@ -175,23 +175,28 @@ class Sweeper:
                     hint="Give the fsrecrypt service user read and search access to it.",
                 )
 
-        for path, st in iter_candidate_files(rt.config.freeswitch.recordings_dirs, cannot_list):
+        for path, st in iter_recording_files(rt.config.freeswitch.recordings_dirs, cannot_list):
             if path in self.jobs.busy or now - st.st_mtime < quiet:
                 continue
-            if path in rt.refused_paths:
+            if path in rt.refused_paths or self.failed_files.get(path) == _identity(st):
+                # refused, or it crashed the last time and has not changed since
+                oldest = st.st_mtime if oldest is None else min(oldest, st.st_mtime)
                 continue
-            if self.failed_files.get(path) == _identity(st):
-                continue  # it crashed the last time and has not changed since
             problem = path_text_problem(path)
             if problem is not None:  # refused once, then never looked at again
                 rt.refused_paths.add(path)
                 rt.refuse("path", error=f"refusing {path!r}: {problem}", origin="sweep")
+                oldest = st.st_mtime if oldest is None else min(oldest, st.st_mtime)
                 continue
             candidates.append((path, st))
             if len(candidates) % 200 == 0:
                 gevent.sleep(0)
         self.unreadable_dirs = unreadable
         rt.unreadable_dirs = unreadable
+        # Plaintext still on disk past the quiet period that the sweep will not
+        # take (refused): the heartbeat carries the oldest, so health sees one
+        # left behind. _sweep_files adds the candidates no stored row covers.
+        rt.oldest_plaintext_mtime = oldest
         return candidates
 
     def _sweep_files(self) -> int:
@@ -205,6 +210,7 @@ class Sweeper:
             batch = candidates[i : i + 500]
             rows = db.rows_for_sources([p for p, _ in batch])
             known = _Known(rows, db.unassigned_for([p for p, _ in batch]))
+            self._note_waiting(batch, known)
             for path, st in batch:
                 try:
                     adopted += self._consider(path, st, held, known)
@@ -216,6 +222,17 @@ class Sweeper:
                     self.failed_files.pop(path, None)
             gevent.sleep(0)
         return adopted
+
+    def _note_waiting(self, batch: list[tuple[str, os.stat_result]], known: _Known) -> None:
+        """The oldest plaintext here that no stored row covers (a kept copy, with
+        delete_plaintext off, is not waiting) into the heartbeat's view."""
+        rt = self.rt
+        for path, st in batch:
+            row = known.by_key.get((path, fingerprint_of(st)))
+            if row is not None and row[0] == "stored":
+                continue
+            if rt.oldest_plaintext_mtime is None or st.st_mtime < rt.oldest_plaintext_mtime:
+                rt.oldest_plaintext_mtime = st.st_mtime
 
     def _file_failed(self, path: str, st: os.stat_result, exc: Exception) -> None:
         """Contain one file's unexpected error: refuse it until it changes, go on."""

@@ -12,6 +12,7 @@ from fsrecrypt.db import Recording
 from fsrecrypt.errors import ConfigError, FsrecryptError, IntegrityError, KeyAccessError, NotFound
 from fsrecrypt.lifecycle.common import ProgressCallback
 from fsrecrypt.pipeline import Services, iter_plaintext, open_recording, read_object_header
+from fsrecrypt.store import ObjectAccessDenied
 
 
 class VerificationFailed(IntegrityError):
@@ -23,6 +24,10 @@ class VerificationFailed(IntegrityError):
     )
 
 
+class VerificationNotPermitted(ObjectAccessDenied):
+    """``verify`` could not read some objects (permission), and found nothing damaged."""
+
+
 @dataclass
 class VerifyReport:
     checked: int = 0
@@ -30,6 +35,9 @@ class VerifyReport:
     total_stored: int = 0
     bytes_verified: int = 0
     failures: dict[str, str] = field(default_factory=dict)
+    # Of ``failures``: the ones this process may not read (EACCES/EPERM, S3
+    # AccessDenied). A permission, not damage: told apart, never "restore".
+    denied: list[str] = field(default_factory=list)
     seconds: float = 0.0
 
     def as_dict(self) -> dict[str, Any]:
@@ -113,6 +121,8 @@ def verify_recordings(
             report.bytes_verified += verify_recording(services, rec)
         except FsrecryptError as exc:
             report.failures[rec.id] = f"{exc.message} [{type(exc).__name__}]"
+            if isinstance(exc, ObjectAccessDenied):
+                report.denied.append(rec.id)
             services.db.audit(
                 action="verify",
                 user_id=user_id,
@@ -138,6 +148,7 @@ def verify_recordings(
             "checked": report.checked,
             "ok": report.ok,
             "failed": len(report.failures),
+            "permission_denied": len(report.denied),
             "sample_percent": sample_percent,
             "failed_ids": sorted(report.failures)[:100],
         },

@@ -46,6 +46,17 @@ class StorageAccessError(StorageError):
     transient = False
 
 
+class ObjectAccessDenied(StorageAccessError):
+    """This process may not read an object (EACCES/EPERM, S3 AccessDenied): a permission,
+    not damage. ``verify`` reports it apart, so nobody restores an intact object."""
+
+    hint = (
+        "The object may well be intact: run the command as the service user that owns the "
+        "store ('sudo -u fsrecrypt fsrecrypt ...'), or fix the object's owner and mode "
+        "(or the credentials' S3 permissions)"
+    )
+
+
 @dataclass(frozen=True)
 class ObjectInfo:
     """Size and identity of a stored object (etag/version only where the store has them).

@@ -15,6 +15,7 @@ from fsrecrypt.errors import ObjectExists, ObjectNotFound, StorageError
 from fsrecrypt.store.base import (
     READ_CHUNK,
     InvalidObjectKey,
+    ObjectAccessDenied,
     ObjectInfo,
     ObjectStore,
     StorageAccessError,
@@ -31,6 +32,19 @@ def _io_errors(what: str) -> Iterator[None]:
         yield
     except OSError as exc:
         raise StorageError(f"{what}: {exc.strerror or type(exc).__name__}") from None
+
+
+def _denied(key: str, path: Any, exc: OSError) -> ObjectAccessDenied:
+    """EACCES/EPERM on an object: who owns it and who asked (a permission, not damage)."""
+    try:
+        st = os.stat(path)
+        owner = f"owned by uid {st.st_uid}, mode {stat.S_IMODE(st.st_mode):04o}"
+    except OSError:
+        owner = "its directory is not accessible"
+    return ObjectAccessDenied(
+        f"permission denied reading object {key} ({owner}; this process runs as uid "
+        f"{os.geteuid()}): {exc.strerror}"
+    )
 
 
 class LocalStore(ObjectStore):
@@ -125,6 +139,8 @@ class LocalStore(ObjectStore):
             f = open(path, "rb")  # closed by the generator below
         except FileNotFoundError:
             raise ObjectNotFound(f"object {key} not found") from None
+        except PermissionError as exc:
+            raise _denied(key, path, exc) from None
         except OSError as exc:
             raise StorageError(f"cannot read object {key}: {exc.strerror}") from None
         return self._iter_file(f, key, start, end)
@@ -152,6 +168,8 @@ class LocalStore(ObjectStore):
             st = os.stat(path)
         except FileNotFoundError:
             raise ObjectNotFound(f"object {key} not found") from None
+        except PermissionError as exc:
+            raise _denied(key, path, exc) from None
         except OSError as exc:
             raise StorageError(f"cannot stat object {key}: {exc.strerror}") from None
         if not stat.S_ISREG(st.st_mode):

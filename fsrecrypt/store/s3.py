@@ -30,6 +30,7 @@ from fsrecrypt.errors import ObjectExists, ObjectNotFound, StorageError
 from fsrecrypt.store.base import (
     READ_CHUNK,
     InvalidObjectKey,
+    ObjectAccessDenied,
     ObjectInfo,
     ObjectStore,
     StorageAccessError,
@@ -493,4 +494,6 @@ def _map_s3_error(exc: Any, op: str, bucket: str, key: str) -> StorageError:
         return _RangeNotSatisfiable(f"{where}: range not satisfiable")
     if code in _S3_TRANSIENT or status >= 500 or status == 429:
         return StorageError(f"{where}: {code} (HTTP {status})")
+    if (code == "AccessDenied" or status == 403) and op in ("get_object", "head_object"):
+        return ObjectAccessDenied(f"{where}: access denied (HTTP {status})")
     return StorageAccessError(f"{where}: {code} (HTTP {status})")

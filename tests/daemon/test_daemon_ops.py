@@ -89,7 +89,9 @@ def test_health_healthy_degraded_down(daemon_env: DaemonEnv) -> None:
         "backlog",
         "heartbeat",
         "daemon",
+        "daemon-access",
     }
+    assert "tenant key(s) usable" in doc["checks"]["daemon-access"]["detail"]
     env.esl.call("stop")  # FreeSWITCH away: degraded, the daemon keeps trying
     res = _run_cli(env, "health", "--json")
     assert res.returncode == 1, res.stdout

@@ -76,11 +76,18 @@ def write_toml(path: Path, sections: dict[str, dict[str, Any]]) -> None:
 class DaemonProcess:
     """One ``fsrecrypt run`` child process."""
 
-    def __init__(self, config_path: Path, log_path: Path, env: dict[str, str]) -> None:
+    def __init__(
+        self,
+        config_path: Path,
+        log_path: Path,
+        env: dict[str, str],
+        prefix: tuple[str, ...] = (),
+    ) -> None:
         self.log_path = log_path
         self._log = open(log_path, "ab")
         self.proc = subprocess.Popen(
             [
+                *prefix,  # e.g. setpriv: run the daemon as another user
                 sys.executable,
                 "-c",
                 "from fsrecrypt.cli import main; main()",
@@ -199,7 +206,9 @@ class DaemonEnv:
 
     # --- the daemon ----------------------------------------------------------------
 
-    def start(self, wait_ready: bool = True, **overrides: dict[str, Any]) -> DaemonProcess:
+    def start(
+        self, wait_ready: bool = True, prefix: tuple[str, ...] = (), **overrides: dict[str, Any]
+    ) -> DaemonProcess:
         path = self.write_config(**overrides)
         env = {
             k: v
@@ -207,7 +216,7 @@ class DaemonEnv:
             if k not in ("NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID")
         }
         env.update(self.extra_env, PYTHONUNBUFFERED="1")
-        d = DaemonProcess(path, self.tmp / "daemon.log", env)
+        d = DaemonProcess(path, self.tmp / "daemon.log", env, prefix)
         self.daemons.append(d)
         if wait_ready:
             assert self.esl.call("wait_subscribed", n=1, timeout=30.0), self.log_tail()
