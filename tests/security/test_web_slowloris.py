@@ -14,10 +14,7 @@ from __future__ import annotations
 import http.client
 import os
 import resource
-import signal
 import socket
-import subprocess
-import sys
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -25,7 +22,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.support.moto import free_port
+from tests.support.serve import serve_process
 from tests.web.test_web_app import wav_bytes
 from tests.web.test_web_server import ingest, make_setup
 
@@ -48,45 +45,8 @@ def _low_soft_limit() -> None:  # runs in the server's process before exec
 @contextmanager
 def serve_low_nofile(config_path: Path, log_path: Path) -> Iterator[tuple[int, int]]:
     """`fsrecrypt serve` started with soft NOFILE 1024; yields (port, pid)."""
-    port = free_port()
-    env = {**os.environ, "FSRECRYPT_CONFIG": str(config_path)}
-    with open(log_path, "wb") as log:
-        proc = subprocess.Popen(
-            [
-                sys.executable,
-                "-c",
-                "from fsrecrypt.cli import main; main()",
-                "serve",
-                "--listen",
-                f"127.0.0.1:{port}",
-            ],
-            stdin=subprocess.DEVNULL,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            env=env,
-            preexec_fn=_low_soft_limit,
-        )
-    try:
-        deadline = time.monotonic() + 30
-        while True:
-            if proc.poll() is not None:
-                pytest.fail(f"serve exited ({proc.returncode}):\n{log_path.read_text()}")
-            try:
-                if _get(port, "/v1/openapi.json", timeout=2)[0] == 200:
-                    break
-            except OSError:
-                pass
-            if time.monotonic() > deadline:
-                pytest.fail(f"serve did not answer:\n{log_path.read_text()}")
-            time.sleep(0.1)
-        yield port, proc.pid
-    finally:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(timeout=10)
+    with serve_process(config_path, log_path, preexec_fn=_low_soft_limit) as started:
+        yield started
 
 
 def _get(

@@ -9,11 +9,6 @@ shorter than its Content-Length), never the bad frame's bytes.
 from __future__ import annotations
 
 import http.client
-import os
-import signal
-import subprocess
-import sys
-import time
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -25,55 +20,15 @@ from fsrecrypt import pipeline
 from fsrecrypt.config import Config, with_overrides
 from fsrecrypt.web import create_api_key
 from tests.support.factories import write_config
-from tests.support.moto import free_port
+from tests.support.serve import serve_process
 from tests.web.test_web_app import _base_config, wav_bytes
 
 
 @contextmanager
 def serve(config_path: Path, log_path: Path) -> Iterator[str]:
     """Run `fsrecrypt serve` on a free loopback port; yield its base URL; stop it with SIGTERM."""
-    port = free_port()
-    env = {**os.environ, "FSRECRYPT_CONFIG": str(config_path)}
-    with open(log_path, "wb") as log:
-        proc = subprocess.Popen(
-            [
-                sys.executable,
-                "-c",
-                "from fsrecrypt.cli import main; main()",
-                "serve",
-                "--listen",
-                f"127.0.0.1:{port}",
-            ],
-            stdin=subprocess.DEVNULL,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            env=env,
-        )
-    base = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 30
-        while True:
-            if proc.poll() is not None:
-                pytest.fail(f"serve exited ({proc.returncode}):\n{log_path.read_text()}")
-            try:
-                conn = http.client.HTTPConnection("127.0.0.1", port, timeout=2)
-                conn.request("GET", "/v1/openapi.json")
-                if conn.getresponse().status == 200:
-                    conn.close()
-                    break
-            except OSError:
-                pass
-            if time.monotonic() > deadline:
-                pytest.fail(f"serve did not answer:\n{log_path.read_text()}")
-            time.sleep(0.1)
-        yield base
-    finally:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(timeout=10)
+    with serve_process(config_path, log_path) as (port, _pid):
+        yield f"http://127.0.0.1:{port}"
 
 
 def make_setup(root: Path, dsn: str, **sections: dict) -> tuple[pipeline.Services, Path, str, str]:
