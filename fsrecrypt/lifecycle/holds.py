@@ -29,6 +29,21 @@ class LegalHoldActive(InvalidState):
     )
 
 
+def _selected(
+    services: Services,
+    recording_id: str | None,
+    call_uuid: str | None,
+    reason: str,
+    no_reason: ConfigError,
+) -> list[Any]:
+    """The recordings a hold command names, after the checks both commands share."""
+    if not reason.strip():
+        raise no_reason
+    if bool(recording_id) == bool(call_uuid):
+        raise ConfigError("name exactly one of --recording or --call", hint="Pass one selector.")
+    return select_recordings(services, recording_id=recording_id, call_uuid=call_uuid)
+
+
 def add_hold(
     services: Services,
     *,
@@ -42,11 +57,13 @@ def add_hold(
     Idempotent: a recording already on hold keeps its existing hold and is
     reported as such. Erased recordings cannot be held (nothing is left).
     """
-    if not reason.strip():
-        raise ConfigError("a legal hold needs a --reason", hint="Say why, e.g. the case number.")
-    if bool(recording_id) == bool(call_uuid):
-        raise ConfigError("name exactly one of --recording or --call", hint="Pass one selector.")
-    recordings = select_recordings(services, recording_id=recording_id, call_uuid=call_uuid)
+    recordings = _selected(
+        services,
+        recording_id,
+        call_uuid,
+        reason,
+        ConfigError("a legal hold needs a --reason", hint="Say why, e.g. the case number."),
+    )
     results = []
     for rec in recordings:
         with services.db.transaction("placing a legal hold") as cur:
@@ -103,13 +120,13 @@ def remove_hold(
     call_uuid: str | None = None,
 ) -> list[dict[str, Any]]:
     """Release the active hold(s); the hold rows stay as history."""
-    if not reason.strip():
-        raise ConfigError(
-            "releasing a legal hold needs a --reason", hint="Say why, e.g. 'case closed'."
-        )
-    if bool(recording_id) == bool(call_uuid):
-        raise ConfigError("name exactly one of --recording or --call", hint="Pass one selector.")
-    recordings = select_recordings(services, recording_id=recording_id, call_uuid=call_uuid)
+    recordings = _selected(
+        services,
+        recording_id,
+        call_uuid,
+        reason,
+        ConfigError("releasing a legal hold needs a --reason", hint="Say why, e.g. 'case closed'."),
+    )
     results = []
     for rec in recordings:
         with services.db.transaction("releasing a legal hold") as cur:
