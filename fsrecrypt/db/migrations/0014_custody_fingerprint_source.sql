@@ -1,4 +1,4 @@
--- fsrecrypt schema, version 7: where a recording's custody fingerprint came from.
+-- fsrecrypt schema, version 14: where a recording's custody fingerprint came from.
 -- Applied by `fsrecrypt migrate` inside one transaction.
 
 -- 'encrypt': computed over the bytes read while the recording was encrypted
