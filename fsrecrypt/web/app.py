@@ -26,6 +26,7 @@ from fsrecrypt.web.errors import ApiError, classify
 from fsrecrypt.web.openapi import openapi_document
 from fsrecrypt.web.routes import ROUTES, Param, Route
 from fsrecrypt.web.signing import UrlSigner, load_signing_key
+from fsrecrypt.web.tokens import TokenVerifier
 from fsrecrypt.web.views import Views
 
 if TYPE_CHECKING:
@@ -132,12 +133,23 @@ def _endpoint(
     return endpoint
 
 
-def create_app(services: Services, *, now: Callable[[], float] = time.time) -> Flask:
-    """The Flask application over the daemon's key provider, store and database."""
+def create_app(
+    services: Services,
+    *,
+    now: Callable[[], float] = time.time,
+    tokens: TokenVerifier | None = None,
+) -> Flask:
+    """The Flask application over the daemon's key provider, store and database.
+
+    Bearer tokens are accepted when ``[auth]`` names a key set (or ``tokens``
+    is given); otherwise only API keys and signed URLs.
+    """
     app = Flask("fsrecrypt.web", static_folder=None)
     app.json.sort_keys = False  # type: ignore[attr-defined]
     signer = UrlSigner(load_signing_key(services.config.playback.signing_key_file))
-    access = Access(services, signer, now)
+    if tokens is None and services.config.auth.enabled:
+        tokens = TokenVerifier(services)
+    access = Access(services, signer, now, tokens)
     views = Views(services, access, openapi_document(), now)
     for route in ROUTES:
         app.add_url_rule(
