@@ -14,8 +14,9 @@ user of one tenant holding roles (``listen``, ``download``, ``ingest``,
 (``access.Access.authorize``). A recording of another tenant does not exist
 for that user (404, never 403, so ids cannot be probed). Because
 ``<audio src=...>`` cannot send headers, ``/playback`` issues a short-lived
-signed URL that the stream endpoint accepts instead. Every access, refused and failed ones included, writes a
-row to the tenant's hash-chained access log.
+signed URL that the stream endpoint accepts instead. Every access, refused
+and failed ones included, writes a row to the tenant's hash-chained access
+log.
 
 The modules, along a request's path:
 
