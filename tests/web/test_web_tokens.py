@@ -158,6 +158,10 @@ def test_the_signed_url_binds_the_tokens_principal(world: World, issuer: Issuer,
         ({"sub": None}, "token_missing_claim"),
         ({"tenant": None}, "token_missing_claim"),
         ({"tenant": "no-such-tenant"}, "unknown_tenant"),
+        ({"tenant": str(uuid.uuid4())}, "unknown_tenant"),
+        ({"tenant": ["a", "b"]}, "token_missing_claim"),
+        ({"sub": "eve\nforged log line"}, "token_missing_claim"),
+        ({"sub": "x" * 201}, "token_missing_claim"),
     ],
     ids=lambda v: v if isinstance(v, str) else ",".join(v),
 )
@@ -171,6 +175,12 @@ def test_a_wrong_token_is_refused_with_its_reason_and_counted(
     assert_json_error(r, 401, code)
     assert "Bearer" in r.headers["WWW-Authenticate"]
     assert refusal_reasons(world, where["REMOTE_ADDR"]) == [code]
+
+
+def test_the_tenant_claim_may_hold_the_tenants_id(world: World, issuer: Issuer, client) -> None:
+    tenant_id = world.recordings["a1"].tenant_id
+    me = client.get("/v1/me", headers=bearer(issuer.token(tenant_id.upper()))).get_json()
+    assert me["tenant"] == world.tenants["a"] and me["tenant_id"] == tenant_id
 
 
 def test_an_expired_token_within_the_leeway_is_still_accepted(
