@@ -160,7 +160,9 @@ def test_supervisor_signs_in_with_a_bearer_token_as_well_as_an_api_key(
     auth = {"jwks_url": jwks_server.url, "issuer": ISSUER, "audience": AUDIENCE}
     services, cfg, tenant, key = make_setup(tmp_path, pg_dsn, auth=auth)
     rid = ingest(services, tmp_path, tenant, long_wav(30))
-    token = issuer.token(tenant, "ec-1", sub="olivia@platform.example", roles=["listen"])
+    token = issuer.token(
+        tenant, "ec-1", sub="olivia@platform.example", roles=["listen", "download"]
+    )
     with serve(cfg, tmp_path / "serve.log") as base:
         driver = _driver(tmp_path / "chromium-profile")
         try:
@@ -190,6 +192,15 @@ def test_supervisor_signs_in_with_a_bearer_token_as_well_as_an_api_key(
             _wait(lambda: audio("return a.currentTime") > 0.5, 30, "playback with the token")
             src = audio("return a.currentSrc")
             assert "sig=" in src and "kid=jwt" in src and token not in src
+            listed()[0].find_element(By.CSS_SELECTOR, "button.download").click()
+
+            def downloaded():
+                rows = services.db.audit_rows(recording_id=rid, action="download")
+                return [r for r in rows if r["details"].get("completed")]
+
+            (row,) = _wait(downloaded, 20, "the page's download in the access log")
+            assert row["user_id"] == "olivia@platform.example" and row["details"]["via"] == "jwt"
+            assert "Downloaded" in driver.find_element(By.ID, "status").text
 
             driver.find_element(By.ID, "signout").click()
             assert driver.execute_script(storage) == [None, None]
@@ -197,6 +208,8 @@ def test_supervisor_signs_in_with_a_bearer_token_as_well_as_an_api_key(
             driver.find_element(By.ID, "signin-button").click()
             _wait(listed, 20, "the recording to be listed for the API key")
             assert "supervisor@example.com" in driver.find_element(By.ID, "who").text
+            # This key holds listen only: no Download button.
+            assert not listed()[0].find_elements(By.CSS_SELECTOR, "button.download")
             assert driver.find_element(By.ID, "who").get_attribute("data-via") == "api_key"
 
             # A platform opens the page with its token in the fragment: signed in at once,

@@ -12,6 +12,7 @@ const TOKEN_STORAGE = "fsrecrypt.token";
 const JWT_SHAPE = /^[A-Za-z0-9_-]+\.[A-Za-z0-9_-]+\.[A-Za-z0-9_-]*$/;
 const $ = (id) => document.getElementById(id);
 let canListen = true; // from /v1/me: the Play buttons need the role "listen"
+let canDownload = false; // and the Download buttons the role "download"
 
 function credentialHeaders() {
   const token = sessionStorage.getItem(TOKEN_STORAGE);
@@ -85,6 +86,29 @@ async function play(recording) {
   }
 }
 
+// The download route needs the credential header, so the page fetches the file
+// itself and hands the browser a blob: URL to save (the credential stays out of URLs).
+async function download(recording) {
+  setStatus("Downloading…");
+  try {
+    const path = `/v1/recordings/${encodeURIComponent(recording.id)}/download`;
+    const response = await fetch(path, { headers: credentialHeaders(), cache: "no-store" });
+    if (!response.ok) {
+      const body = await response.json().catch(() => null);
+      throw new Error((body && body.error && body.error.message) || response.statusText);
+    }
+    const url = URL.createObjectURL(await response.blob());
+    const link = document.createElement("a");
+    link.href = url;
+    link.download = `${recording.id}.wav`;
+    link.click();
+    setTimeout(() => URL.revokeObjectURL(url), 60000);
+    setStatus(`Downloaded ${recording.call_uuid || recording.id}.`);
+  } catch (e) {
+    setStatus(`Cannot download: ${e.message}`, true);
+  }
+}
+
 function render(recordings) {
   const body = document.querySelector("#recordings tbody");
   body.replaceChildren();
@@ -110,6 +134,14 @@ function render(recordings) {
       button.className = "play";
       button.textContent = "Play";
       button.addEventListener("click", () => play(rec));
+      action.appendChild(button);
+    }
+    if (rec.status === "stored" && canDownload) {
+      const button = document.createElement("button");
+      button.type = "button";
+      button.className = "download";
+      button.textContent = "Download";
+      button.addEventListener("click", () => download(rec));
       action.appendChild(button);
     }
     row.appendChild(action);
@@ -142,6 +174,7 @@ async function showSignedIn() {
   $("who").textContent = `${me.user} @ ${me.tenant} (${how}; roles: ${me.roles.join(", ") || "none"})`;
   $("who").dataset.via = me.via;
   canListen = me.roles.includes("listen");
+  canDownload = me.roles.includes("download");
   $("whoami").hidden = false;
   $("signin-panel").hidden = true;
   $("browse").hidden = false;
