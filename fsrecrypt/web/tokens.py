@@ -36,7 +36,7 @@ from urllib.parse import urlsplit
 
 import jwt
 
-from fsrecrypt.config import TOKEN_ALGORITHMS, AuthConfig
+from fsrecrypt.config_auth import TOKEN_ALGORITHMS, AuthConfig
 from fsrecrypt.errors import NotFound
 from fsrecrypt.web.auth import ROLES, Principal, Role
 from fsrecrypt.web.errors import ApiAuthError, ApiError
