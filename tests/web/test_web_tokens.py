@@ -282,6 +282,26 @@ def test_garbage_bearer_values_are_refused(client, value: str) -> None:
     assert r.get_json()["error"]["code"] in ("invalid_token", "token_algorithm_refused")
 
 
+def test_a_token_cannot_act_for_another_user(world: World, issuer: Issuer, client) -> None:
+    token = issuer.token(world.tenants["a"])
+    r = client.get("/v1/me", headers=bearer(token, **{"X-On-Behalf-Of": "ceo@example.com"}))
+    assert_json_error(r, 403, "on_behalf_refused")
+
+
+def test_a_key_embedded_in_the_token_header_is_never_used(
+    world: World, issuer: Issuer, client
+) -> None:
+    """An attacker's own key in ``jwk``/``jku`` headers: the configured key set decides."""
+    import jwt
+    from cryptography.hazmat.primitives.asymmetric import rsa
+
+    mine = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    public = jwt.algorithms.RSAAlgorithm.to_jwk(mine.public_key(), as_dict=True)
+    headers = {"kid": "rsa-1", "jwk": public, "jku": "http://127.0.0.1:1/evil.json"}
+    forged = jwt.encode(issuer.claims(world.tenants["a"]), mine, "RS256", headers=headers)
+    assert_json_error(client.get("/v1/me", headers=bearer(forged)), 401, "token_bad_signature")
+
+
 def test_other_authorization_schemes_are_refused(client) -> None:
     r = client.get("/v1/me", headers={"Authorization": "Basic YWxpY2U6c2VjcmV0"})
     assert_json_error(r, 401, "unsupported_authorization")
