@@ -39,16 +39,19 @@ from fsrecrypt.pipeline.ingest import (
 from fsrecrypt.pipeline.playback import (
     IterReader,
     OpenedRecording,
+    Unwrapped,
     check_readable,
     checked_plaintext_size,
     fetch_recording,
     iter_plaintext,
     iter_plaintext_range,
     open_recording,
+    opened_details,
     unwrap_data_key,
+    unwrap_data_key_from,
 )
 from fsrecrypt.pipeline.services import Services, host_worker_prefix, worker_id
-from fsrecrypt.pipeline.tenants import add_tenant
+from fsrecrypt.pipeline.tenants import add_tenant, canonical_escrow_keys
 from fsrecrypt.plaintext import fingerprint_of, is_inside, open_source, vet_path
 
 __all__ = [
@@ -59,7 +62,9 @@ __all__ = [
     "OpenedRecording",
     "Services",
     "StoreOutcome",
+    "Unwrapped",
     "add_tenant",
+    "canonical_escrow_keys",
     "check_readable",
     "checked_plaintext_size",
     "edk_from_bytes",
@@ -75,10 +80,12 @@ __all__ = [
     "object_identity",
     "open_recording",
     "open_source",
+    "opened_details",
     "read_object_header",
     "register_source",
     "store_recording",
     "unwrap_data_key",
+    "unwrap_data_key_from",
     "vet_path",
     "worker_id",
 ]

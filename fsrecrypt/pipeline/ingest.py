@@ -119,9 +119,14 @@ def store_recording(
     started = time.monotonic()
     context = encryption_context(tenant.id, recording.id)
     data_key = services.keys.generate_data_key(tenant.kms_key_id, context)
+    # One more EDK per escrow key, after the primary's (header and database alike).
+    escrow = [
+        (ref, services.escrow.wrap(ref, data_key.plaintext, context))
+        for ref in tenant.escrow_key_ids
+    ]
     encryptor = esdk.Encryptor(
         data_key.plaintext,
-        [data_key.encrypted],
+        [data_key.encrypted, *(edk for _ref, edk in escrow)],
         context,
         frame_length=config.pipeline.frame_size,
     )
@@ -187,6 +192,7 @@ def store_recording(
             metadata=metadata,
             claimed_by=worker,
             plaintext_hmac=(plaintext.mac.hexdigest(), fingerprint_key.key_id),
+            escrow_deks=[(ref, edk_to_bytes(edk)) for ref, edk in escrow],
             audit={
                 "action": "encrypt",
                 "user_id": user_id,

@@ -1,0 +1,102 @@
+"""Escrow keys: a tenant's extra wrapping keys and each recording's escrow copies of its data key.
+
+Why a table of their own (``recording_escrow_deks``, migration 0010) and
+not more columns on ``call_recordings``: the primary copy stays the one
+every read uses first, a recording can gain or lose escrow copies (``tenants
+set-keys``) without its row changing, and crypto-shredding drops them all
+through one trigger, whatever code path sets ``encrypted_dek`` to NULL.
+"""
+
+from __future__ import annotations
+
+import base64
+from collections.abc import Sequence
+from typing import Any
+
+from fsrecrypt.db.audit import append_audit_row
+from fsrecrypt.db.pool import Pool
+
+
+def insert_escrow_deks(cur: Any, recording_id: str, deks: Sequence[tuple[str, bytes]]) -> None:
+    """Store ``(key_ref, wrapped data key)`` pairs inside the caller's transaction."""
+    for key_ref, edk in deks:
+        cur.execute(
+            "INSERT INTO recording_escrow_deks (recording_id, key_ref, encrypted_dek)"
+            " VALUES (%s, %s, %s) ON CONFLICT (recording_id, key_ref)"
+            " DO UPDATE SET encrypted_dek = EXCLUDED.encrypted_dek, created_at = now()",
+            (recording_id, key_ref, base64.b64encode(edk).decode("ascii")),
+        )
+
+
+class EscrowKeys(Pool):
+    """Escrow queries (part of :class:`fsrecrypt.db.Database`)."""
+
+    def set_tenant_escrow_keys(self, tenant_id: str, key_refs: Sequence[str]) -> None:
+        with self.transaction("setting the tenant's escrow keys") as cur:
+            cur.execute(
+                "UPDATE tenants SET escrow_key_ids = %s WHERE id = %s",
+                (list(key_refs), tenant_id),
+            )
+
+    def escrow_deks(self, recording_id: str) -> list[tuple[str, bytes]]:
+        """``(key_ref, wrapped data key)`` of a recording, in its tenant's escrow order."""
+        with self.transaction("reading escrow copies of a data key") as cur:
+            cur.execute(
+                "SELECT e.key_ref, e.encrypted_dek FROM recording_escrow_deks e"
+                " JOIN call_recordings c ON c.id = e.recording_id"
+                " JOIN tenants t ON t.id = c.tenant_id"
+                " WHERE e.recording_id = %s"
+                " ORDER BY array_position(t.escrow_key_ids, e.key_ref) NULLS LAST, e.key_ref",
+                (recording_id,),
+            )
+            return [(str(r[0]), base64.b64decode(r[1])) for r in cur.fetchall()]
+
+    def recordings_escrow_differs(
+        self, tenant_id: str, key_refs: Sequence[str], *, after: str | None, limit: int
+    ) -> list[str]:
+        """Stored recordings of a tenant whose escrow copies are not exactly ``key_refs``."""
+        with self.transaction("listing recordings to re-wrap for escrow") as cur:
+            cur.execute(
+                "SELECT c.id FROM call_recordings c WHERE c.tenant_id = %s"
+                " AND c.status = 'stored' AND (%s::uuid IS NULL OR c.id > %s::uuid)"
+                " AND coalesce((SELECT array_agg(e.key_ref ORDER BY e.key_ref)"
+                "  FROM recording_escrow_deks e WHERE e.recording_id = c.id), '{}')"
+                " IS DISTINCT FROM %s::text[]"
+                " ORDER BY c.id LIMIT %s",
+                (tenant_id, after, after, sorted(key_refs), limit),
+            )
+            return [str(r[0]) for r in cur.fetchall()]
+
+    def update_escrow_deks(
+        self,
+        recording_id: str,
+        *,
+        primary_dek: str,
+        add: Sequence[tuple[str, bytes]],
+        remove: Sequence[str],
+        audit: dict[str, Any],
+    ) -> bool:
+        """Add and drop escrow copies of a still-stored recording, with its audit row.
+
+        Compare-and-set on the primary wrapped key the new copies were made
+        from: False (nothing changed) if the row was erased or re-wrapped
+        meanwhile, so a copy of a shredded key can never be written back.
+        """
+        with self.transaction("re-wrapping a data key for escrow") as cur:
+            cur.execute(
+                "SELECT tenant_id FROM call_recordings"
+                " WHERE id = %s AND status = 'stored' AND encrypted_dek = %s FOR UPDATE",
+                (recording_id, primary_dek),
+            )
+            row = cur.fetchone()
+            if row is None:
+                return False
+            if remove:
+                cur.execute(
+                    "DELETE FROM recording_escrow_deks WHERE recording_id = %s"
+                    " AND key_ref = ANY(%s)",
+                    (recording_id, list(remove)),
+                )
+            insert_escrow_deks(cur, recording_id, add)
+            append_audit_row(cur, recording_id=recording_id, tenant_id=str(row[0]), **audit)
+            return True
