@@ -31,7 +31,7 @@ from fsrecrypt.plaintext import (
     open_source,
     wav_info,
 )
-from fsrecrypt.store import object_key
+from fsrecrypt.store import ObjectAccessDenied, object_key
 
 if TYPE_CHECKING:
     from fsrecrypt.db import Recording, Tenant
@@ -94,7 +94,9 @@ def store_recording(
     delete = config.pipeline.delete_plaintext if delete is None else delete
     if recording.status == "stored":
         deleted = (
-            delete and services.store.exists(recording.s3_path or "") and delete_plaintext(source)
+            delete
+            and _object_stored(services, recording.s3_path or "")
+            and delete_plaintext(source)
         )
         return StoreOutcome(recording, recording.s3_path or "", 0, 0, 0.0, deleted, True)
     if recording.status not in ("pending", "failed"):
@@ -225,6 +227,20 @@ def store_recording(
         deleted,
         source_changed=bool(delete) and not deleted and content_changed(source) is not None,
     )
+
+
+def _object_stored(services: Services, key: str) -> bool:
+    """Does the stored row's object exist, before its plaintext goes?
+
+    A role that may write but not read objects (HeadObject needs
+    s3:GetObject, which the daemon's does not have: conf/iam/daemon.json)
+    cannot look; the row itself is then the proof, as it became ``stored``
+    only after the upload returned.
+    """
+    try:
+        return services.store.exists(key)
+    except ObjectAccessDenied:
+        return True
 
 
 def _repoint_grown(services: Services, claimed: Recording, source: SourceFile) -> Recording:
