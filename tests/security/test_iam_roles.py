@@ -26,11 +26,13 @@ What moto does NOT evaluate, so this test cannot prove (AWS does):
 
 from __future__ import annotations
 
+import http.client
 import json
 import urllib.request
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import boto3
@@ -41,9 +43,12 @@ from click.testing import CliRunner
 from fsrecrypt.cli import main
 from fsrecrypt.config import Config, with_overrides
 from fsrecrypt.pipeline import Services, edk_from_bytes
+from fsrecrypt.web import create_api_key
+from tests.support.daemon import make_env
 from tests.support.factories import make_wav, write_config
 from tests.support.moto import MotoServer
 from tests.support.moto_variants import start_moto, stop_moto
+from tests.support.serve import serve_process
 
 pytestmark = pytest.mark.integration
 
@@ -140,6 +145,7 @@ class World:
                 "part_size": 5 * 1024 * 1024,
             },
             pipeline={"frame_size": 4096},
+            playback={"signing_key_file": str(root / "secrets" / "url.key")},
             freeswitch={"recordings_dirs": (str(root / "recordings"),)},
         )
         self.cfg = write_config(root / "fsrecrypt.toml", self.config)
@@ -211,11 +217,20 @@ def test_each_role_works_with_its_policy_alone(
         assert code == 0, out
         originals[name] = data
     assert len(originals["long"]) > 5 * 1024 * 1024
+    # daemon: a file stored but kept (killed before the unlink) is finished later;
+    # the daemon may not HEAD the object, so the stored row is the proof.
+    kept = w.root / "recordings" / "kept.wav"
+    originals["kept"] = make_wav(kept, 0.5, seed=9)
+    for extra in (["--keep"], []):
+        code, out = w.cli(monkeypatch, "daemon", "ingest", str(kept), "--tenant", tenant, *extra)
+        assert code == 0, out
+    assert not kept.exists()
     services = Services(w.config)
     try:
         rows = services.db.recordings(tenant_id=services.db.tenant_by_name(tenant).id)
         by_size = {r.file_size_bytes: r for r in rows}
         ids = {name: by_size[len(data)].id for name, data in originals.items()}
+        assert len(ids) == 3
         assert all(len(services.db.escrow_deks(rid)) == 1 for rid in ids.values())
         short = services.db.recording(ids["short"])
     finally:
@@ -257,6 +272,25 @@ def test_each_role_works_with_its_policy_alone(
         code, out = w.cli(monkeypatch, "playback", "get", rid, "-o", str(out_path))
         assert code == 0, out
         assert out_path.read_bytes() == originals[name]
+    w.as_role(monkeypatch, "playback")
+    services = Services(w.config)
+    try:
+        _row, api_key = create_api_key(services, tenant, "supervisor@example.com")
+    finally:
+        services.close()
+    with serve_process(w.cfg, w.root / "serve.log") as (port, _pid):
+        for extra, want in (({}, originals["long"]), ({"Range": "bytes=10-99"}, None)):
+            conn = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
+            conn.request(
+                "GET",
+                f"/v1/recordings/{ids['long']}/stream",
+                headers={"X-API-Key": api_key, **extra},
+            )
+            resp = conn.getresponse()
+            body = resp.read()
+            assert resp.status in (200, 206), body[:300]
+            assert body == (want if want is not None else originals["long"][10:100])
+            conn.close()
     s3 = w.client(monkeypatch, "playback", "s3")
     _denied(lambda: s3.put_object(Bucket=w.bucket, Key=f"{PREFIX}x", Body=b"x"))
     _denied(lambda: s3.delete_object(Bucket=w.bucket, Key=short.s3_path))
@@ -272,7 +306,7 @@ def test_each_role_works_with_its_policy_alone(
         monkeypatch, "admin", "rotate", "--tenant", tenant, "--to", w.rotated, "--rewrite-headers"
     )
     assert code == 0, out
-    assert json.loads(out)["headers_rewritten"] == 2
+    assert json.loads(out)["headers_rewritten"] == 3
     code, out = w.cli(monkeypatch, "admin", "verify", "--escrow", "--tenant", tenant)
     assert code == 0 and json.loads(out.strip().splitlines()[-1])["header_without_escrow"] == 0
     code, out = w.cli(
@@ -285,6 +319,63 @@ def test_each_role_works_with_its_policy_alone(
     left = s3.list_object_versions(Bucket=w.bucket, Prefix=PREFIX)
     keys = {v["Key"] for v in left.get("Versions", [])}
     assert keys and not any(ids["short"] in k for k in keys)  # every version of it is gone
+
+
+def test_the_daemon_runs_with_the_daemon_policy_alone(
+    moto_server: MotoServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``fsrecrypt run`` itself: stores recordings (one multipart), its self-checks pass."""
+    server = start_moto()
+    try:
+        url = server.endpoint_url
+        bucket = f"iamd-{uuid.uuid4().hex[:12]}"
+        boto3.session.Session().client("s3", endpoint_url=url).create_bucket(Bucket=bucket)
+        iam = boto3.session.Session().client("iam", endpoint_url=url)
+        creds = {}
+        for role in ("daemon", "playback"):
+            iam.create_user(UserName=role)
+            iam.put_user_policy(
+                UserName=role,
+                PolicyName=role,
+                PolicyDocument=json.dumps(render(role, bucket, "unused-anchors")),
+            )
+            creds[role] = iam.create_access_key(UserName=role)["AccessKey"]
+        envs = make_env(tmp_path, s3=(server, SimpleNamespace(name=bucket)))
+        env = next(envs)
+        try:
+            monkeypatch.delenv("AWS_SESSION_TOKEN", raising=False)
+            monkeypatch.delenv("AWS_SECURITY_TOKEN", raising=False)
+            env.extra_env.pop("AWS_SESSION_TOKEN", None)
+            env.extra_env["AWS_ACCESS_KEY_ID"] = creds["daemon"]["AccessKeyId"]
+            env.extra_env["AWS_SECRET_ACCESS_KEY"] = creds["daemon"]["SecretAccessKey"]
+            _enforce(server, "0")
+            env.start(storage={"part_size": 5 * 1024 * 1024})
+            files = [env.write_wav(seconds=1.0), env.write_wav(seconds=180.0, channels=2)]
+            for path, _data in files:
+                env.emit_stop(path)
+            rows = [env.wait_status(path, "stored", timeout=90) for path, _ in files]
+            assert all(not path.exists() for path, _ in files)
+            as_daemon = boto3.session.Session(
+                aws_access_key_id=creds["daemon"]["AccessKeyId"],
+                aws_secret_access_key=creds["daemon"]["SecretAccessKey"],
+            ).client("s3", region_name="us-east-1", endpoint_url=url)
+            _denied(lambda: as_daemon.get_object(Bucket=bucket, Key=rows[0].s3_path))
+            beat_path = env.tmp / "run" / "heartbeat"
+            env.wait(
+                lambda: {"keys", "store"} <= set(json.loads(beat_path.read_text())["self_checks"]),
+                timeout=60,
+                what="the daemon's self-checks",
+            )
+            checks = json.loads(beat_path.read_text())["self_checks"]
+            assert checks["keys"]["ok"] is True and checks["store"]["ok"] is True, checks
+            monkeypatch.setenv("AWS_ACCESS_KEY_ID", creds["playback"]["AccessKeyId"])
+            monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", creds["playback"]["SecretAccessKey"])
+            for row, (_path, data) in zip(rows, files, strict=True):
+                assert env.decrypt(row) == data
+        finally:
+            envs.close()
+    finally:
+        stop_moto(server)
 
 
 def test_policies_name_only_what_the_code_calls() -> None:
