@@ -98,5 +98,12 @@ class EscrowKeys(Pool):
                     (recording_id, list(remove)),
                 )
             insert_escrow_deks(cur, recording_id, add)
+            # Its copies are now the tenant's set: nothing is missing any more.
+            cur.execute(
+                "UPDATE call_recordings SET encryption_metadata ="
+                " encryption_metadata - 'escrow_missing' WHERE id = %s"
+                " AND encryption_metadata ? 'escrow_missing'",
+                (recording_id,),
+            )
             append_audit_row(cur, recording_id=recording_id, tenant_id=str(row[0]), **audit)
             return True

@@ -23,7 +23,7 @@ from fsrecrypt.errors import (
     KeyAccessError,
     ObjectMismatch,
 )
-from fsrecrypt.lifecycle.common import PAGE, ProgressCallback
+from fsrecrypt.lifecycle.common import PAGE, ProgressCallback, crash_point
 from fsrecrypt.lifecycle.rotate import RotationSummary, rotate_tenant
 from fsrecrypt.pipeline import (
     Services,
@@ -140,6 +140,7 @@ def _rewrap_escrow(services: Services, rec_id: str, refs: Sequence[str], user_id
                 "details": {"step": "escrow", "added": missing, "removed": extra},
             },
         ):
+            crash_point("escrow")
             return "escrow_rewrapped"
     raise InvalidState(f"recording {rec_id} kept changing while its escrow copies were written")
 

@@ -19,7 +19,13 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from fsrecrypt import format as esdk
-from fsrecrypt.errors import FsrecryptError, InvalidState, SourceChanged, SourceIncomplete
+from fsrecrypt.errors import (
+    FsrecryptError,
+    InvalidState,
+    KeyAccessError,
+    SourceChanged,
+    SourceIncomplete,
+)
 from fsrecrypt.pipeline.custody import FingerprintingReader, FingerprintKey
 from fsrecrypt.pipeline.envelope import ALGORITHM_NAME, edk_to_bytes, encryption_context
 from fsrecrypt.pipeline.services import Services, worker_id
@@ -121,11 +127,7 @@ def store_recording(
     started = time.monotonic()
     context = encryption_context(tenant.id, recording.id)
     data_key = services.keys.generate_data_key(tenant.kms_key_id, context)
-    # One more EDK per escrow key, after the primary's (header and database alike).
-    escrow = [
-        (ref, services.escrow.wrap(ref, data_key.plaintext, context))
-        for ref in tenant.escrow_key_ids
-    ]
+    escrow, escrow_missing = _escrow_copies(services, tenant, data_key.plaintext, context)
     encryptor = esdk.Encryptor(
         data_key.plaintext,
         [data_key.encrypted, *(edk for _ref, edk in escrow)],
@@ -182,6 +184,8 @@ def store_recording(
     }
     if info.version_id:
         metadata["object_version"] = info.version_id
+    if escrow_missing:
+        metadata["escrow_missing"] = escrow_missing
     try:
         stored = services.db.mark_stored(
             recording.id,
@@ -227,6 +231,27 @@ def store_recording(
         deleted,
         source_changed=bool(delete) and not deleted and content_changed(source) is not None,
     )
+
+
+def _escrow_copies(
+    services: Services, tenant: Tenant, data_key: bytes, context: dict[str, str]
+) -> tuple[list[tuple[str, esdk.EncryptedDataKey]], dict[str, str]]:
+    """One more EDK per escrow key, after the primary's (header and database alike).
+
+    An escrow key that cannot wrap right now (its region down, disabled,
+    access denied) does not stop the recording: it is stored with the
+    other keys, the row names what is missing (``escrow_missing``), ``verify
+    --escrow`` reports it and ``tenants set-keys`` (run again) adds the
+    database copy. A second way in must not become a second way to fail.
+    """
+    copies: list[tuple[str, esdk.EncryptedDataKey]] = []
+    missing: dict[str, str] = {}
+    for ref in tenant.escrow_key_ids:
+        try:
+            copies.append((ref, services.escrow.wrap(ref, data_key, context)))
+        except KeyAccessError as exc:
+            missing[ref] = exc.one_line()[:300]
+    return copies, missing
 
 
 def _object_stored(services: Services, key: str) -> bool:

@@ -15,6 +15,9 @@ import base64
 import http.client
 import json
 import os
+import signal
+import subprocess
+import sys
 import time
 import uuid
 from pathlib import Path
@@ -340,3 +343,76 @@ def test_escrow_refs_accepted() -> None:
     assert parse_escrow_ref("raw-aes:cust.escrow-1") == ("raw-aes", "", "cust.escrow-1")
     arn = "arn:aws:kms:eu-west-1:123456789012:key/1234abcd-12ab-34cd-56ef-1234567890ab"
     assert parse_escrow_ref(arn) == ("kms", "eu-west-1", arn)
+
+
+def _subprocess_cli(cfg: Path, *args: str, env: dict[str, str]) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-c", "from fsrecrypt.cli import main; main()", "-c", str(cfg), *args],
+        env={**os.environ, **env},
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+
+
+def test_set_keys_killed_midway_resumes(tmp_path: Path, pg_dsn: str) -> None:
+    config = _config(tmp_path, pg_dsn, None)
+    cfg = write_config(tmp_path / "fsrecrypt.toml", config)
+    services = pipeline.Services(config)
+    try:
+        primary = services.keys.create_key(f"p-{uuid.uuid4().hex[:6]}")
+        LocalKeyring(tmp_path / "escrow" / "escrow-keyring.json").create_key(RAW)
+        tenant = f"kill-{uuid.uuid4().hex[:8]}"
+        pipeline.add_tenant(services, tenant, primary)
+        ids = [_ingest(services, tmp_path, tenant, i)[0] for i in range(4)]
+        args = ("tenants", "set-keys", tenant, "--key", primary, "--escrow-key", f"raw-aes:{RAW}")
+        killed = _subprocess_cli(cfg, *args, env={"FSRECRYPT_TEST_ROTATE_CRASH_AT": "escrow:2"})
+        assert killed.returncode == -signal.SIGKILL, killed.stderr
+        done = [rid for rid in ids if services.db.escrow_deks(rid)]
+        assert len(done) == 2  # the tenant's escrow list was switched before the rows
+        assert services.db.tenant_by_name(tenant).escrow_key_ids == (f"raw-aes:{RAW}",)
+        again = _subprocess_cli(cfg, *args, env={})
+        assert again.returncode == 0, again.stderr
+        summary = json.loads(again.stdout)
+        assert summary["escrow_rewrapped"] == 2 and summary["remaining"] == 0
+        assert all(len(services.db.escrow_deks(rid)) == 1 for rid in ids)
+    finally:
+        services.close()
+
+
+def test_an_unusable_escrow_key_does_not_stop_recordings(tmp_path: Path, pg_dsn: str) -> None:
+    """Stored with the other keys; the gap is named, found by verify --escrow, filled later."""
+    config = _config(tmp_path, pg_dsn, None)
+    cfg = write_config(tmp_path / "fsrecrypt.toml", config)
+    services = pipeline.Services(config)
+    try:
+        primary = services.keys.create_key(f"p-{uuid.uuid4().hex[:6]}")
+        ring_path = tmp_path / "escrow" / "escrow-keyring.json"
+        LocalKeyring(ring_path).create_key(RAW)
+        tenant = f"gap-{uuid.uuid4().hex[:8]}"
+        pipeline.add_tenant(services, tenant, primary, [f"raw-aes:{RAW}"])
+        saved = ring_path.read_bytes()
+        ring_path.unlink()  # the escrow keyring is gone (unmounted, restored from backup later)
+        rid, original = _ingest(services, tmp_path, tenant, 7)
+        rec = services.db.recording(rid)
+        assert rec.status == "stored"
+        assert f"raw-aes:{RAW}" in rec.encryption_metadata["escrow_missing"]
+        assert services.db.escrow_deks(rid) == []
+        ring_path.write_bytes(saved)
+        os.chmod(ring_path, 0o600)
+        code, out = _cli(cfg, "verify", "--escrow", "--tenant", tenant)
+        assert code != 0 and f"FAIL {rid}" in out and "no escrow copy" in out
+        code, out = _cli(cfg, "tenants", "set-keys", tenant, "--key", primary,
+                         "--escrow-key", f"raw-aes:{RAW}")  # fmt: skip
+        assert code == 0 and json.loads(out)["escrow_rewrapped"] == 1, out
+        assert "escrow_missing" not in services.db.recording(rid).encryption_metadata
+        code, out = _cli(cfg, "verify", "--escrow", "--tenant", tenant)
+        assert code == 0, out
+        ring = json.loads((tmp_path / "keyring.json").read_text())
+        del ring["keys"][primary]
+        (tmp_path / "keyring.json").write_text(json.dumps(ring))
+        code, out = _cli(cfg, "get", rid, "-o", str(tmp_path / "gap.wav"))
+        assert code == 0, out
+        assert (tmp_path / "gap.wav").read_bytes() == original
+    finally:
+        services.close()
