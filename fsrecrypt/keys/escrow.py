@@ -121,6 +121,11 @@ class EscrowKeys:
         edk = provider.wrap_data_key(key_id, os.urandom(DATA_KEY_BYTES), _PROBE_CONTEXT)
         return self.ref_for_edk(edk) or ref
 
+    def check(self, ref: str) -> None:
+        """Raise unless escrow key ``ref`` exists and is enabled (no wrap: a health check)."""
+        provider, key_id = self._provider(ref)
+        provider.check_key(key_id)
+
     def wrap(self, ref: str, data_key: bytes, context: Mapping[str, str]) -> EncryptedDataKey:
         """``data_key`` wrapped by escrow key ``ref`` under ``context``."""
         provider, key_id = self._provider(ref)

@@ -34,10 +34,10 @@ from click.testing import CliRunner
 from fsrecrypt import pipeline
 from fsrecrypt.cli import main
 from fsrecrypt.config import Config, with_overrides
-from fsrecrypt.errors import KeyAccessError
+from fsrecrypt.errors import KeyAccessError, KeyNotFound
 from fsrecrypt.format import parse_header
 from fsrecrypt.keys import LocalKeyring
-from fsrecrypt.keys.escrow import parse_escrow_ref
+from fsrecrypt.keys.escrow import EscrowKeys, parse_escrow_ref
 from fsrecrypt.web import create_api_key
 from tests.support.factories import make_wav, write_config
 from tests.support.moto_variants import kms_state_server  # noqa: F401 - fixture
@@ -416,3 +416,13 @@ def test_an_unusable_escrow_key_does_not_stop_recordings(tmp_path: Path, pg_dsn:
         assert (tmp_path / "gap.wav").read_bytes() == original
     finally:
         services.close()
+
+
+def test_escrow_check_names_a_missing_key(tmp_path: Path) -> None:
+    """What the daemon's and `fsrecrypt health`'s key checks call for each escrow key."""
+    cfg = _config(tmp_path, "dbname=unused", None)
+    escrow = EscrowKeys(cfg.keys)
+    LocalKeyring(cfg.keys.escrow_keyring).create_key(RAW)
+    escrow.check(f"raw-aes:{RAW}")
+    with pytest.raises(KeyNotFound, match="gone"):
+        escrow.check("raw-aes:gone")
