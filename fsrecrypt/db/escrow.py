@@ -31,12 +31,71 @@ def insert_escrow_deks(cur: Any, recording_id: str, deks: Sequence[tuple[str, by
 class EscrowKeys(Pool):
     """Escrow queries (part of :class:`fsrecrypt.db.Database`)."""
 
-    def set_tenant_escrow_keys(self, tenant_id: str, key_refs: Sequence[str]) -> None:
-        with self.transaction("setting the tenant's escrow keys") as cur:
+    def set_tenant_keys(self, tenant_id: str, kms_key_id: str, key_refs: Sequence[str]) -> None:
+        """Primary and escrow keys in one statement (a key may move from one to the other)."""
+        with self.transaction("setting the tenant's keys") as cur:
             cur.execute(
-                "UPDATE tenants SET escrow_key_ids = %s WHERE id = %s",
-                (list(key_refs), tenant_id),
+                "UPDATE tenants SET kms_key_id = %s, escrow_key_ids = %s WHERE id = %s",
+                (kms_key_id, list(key_refs), tenant_id),
             )
+
+    def recordings_to_promote(
+        self, tenant_id: str, target: str, target_ref: str, *, after: str | None, limit: int
+    ) -> list[str]:
+        """Stored recordings not on primary ``target`` that hold an escrow copy by it."""
+        with self.transaction("listing recordings whose escrow copy becomes primary") as cur:
+            cur.execute(
+                "SELECT c.id FROM call_recordings c JOIN recording_escrow_deks e"
+                " ON e.recording_id = c.id AND e.key_ref = %s"
+                " WHERE c.tenant_id = %s AND c.status = 'stored'"
+                " AND c.kms_key_id IS DISTINCT FROM %s"
+                " AND (%s::uuid IS NULL OR c.id > %s::uuid) ORDER BY c.id LIMIT %s",
+                (target_ref, tenant_id, target, after, after, limit),
+            )
+            return [str(r[0]) for r in cur.fetchall()]
+
+    def promote_escrow_copy(
+        self,
+        recording_id: str,
+        *,
+        target: str,
+        target_ref: str,
+        keep_old_as: str | None,
+        audit: dict[str, Any],
+    ) -> bool:
+        """The escrow copy by ``target_ref`` becomes the primary copy (no key is called).
+
+        What disaster recovery needs when the primary key is lost: the same
+        EDK bytes, now named as the primary. The old primary copy stays as the
+        escrow copy ``keep_old_as`` (if the old key is still an escrow key) or
+        is dropped. False if the row is not stored or has no such copy.
+        """
+        with self.transaction("promoting an escrow copy to primary") as cur:
+            cur.execute(
+                "SELECT c.encrypted_dek, c.kms_key_id, c.tenant_id, e.encrypted_dek"
+                " FROM call_recordings c JOIN recording_escrow_deks e"
+                " ON e.recording_id = c.id AND e.key_ref = %s"
+                " WHERE c.id = %s AND c.status = 'stored' FOR UPDATE OF c",
+                (target_ref, recording_id),
+            )
+            row = cur.fetchone()
+            if row is None:
+                return False
+            old_dek, old_key, tenant_id, new_dek = row
+            cur.execute(
+                "UPDATE call_recordings SET encrypted_dek = %s, kms_key_id = %s,"
+                " updated_at = now(), encryption_metadata = encryption_metadata ||"
+                " jsonb_build_object('previous_kms_key_id', %s::text) WHERE id = %s",
+                (new_dek, target, old_key, recording_id),
+            )
+            cur.execute(
+                "DELETE FROM recording_escrow_deks WHERE recording_id = %s AND key_ref = %s",
+                (recording_id, target_ref),
+            )
+            if keep_old_as:
+                insert_escrow_deks(cur, recording_id, [(keep_old_as, base64.b64decode(old_dek))])
+            append_audit_row(cur, recording_id=recording_id, tenant_id=str(tenant_id), **audit)
+            return True
 
     def escrow_deks(self, recording_id: str) -> list[tuple[str, bytes]]:
         """``(key_ref, wrapped data key)`` of a recording, in its tenant's escrow order."""

@@ -23,6 +23,7 @@ from fsrecrypt.errors import (
     KeyAccessError,
     ObjectMismatch,
 )
+from fsrecrypt.keys.escrow import RAW_AES_PREFIX
 from fsrecrypt.lifecycle.common import PAGE, ProgressCallback, crash_point
 from fsrecrypt.lifecycle.rotate import RotationSummary, rotate_tenant
 from fsrecrypt.pipeline import (
@@ -35,6 +36,7 @@ from fsrecrypt.pipeline import (
 )
 
 _CAS_ATTEMPTS = 3
+_PROBE_CONTEXT = {"fsrecrypt-purpose": "rotation-probe"}
 
 
 @dataclass
@@ -45,6 +47,8 @@ class SetKeysSummary:
     previous_escrow_keys: list[str]
     rotation: dict[str, Any] = field(default_factory=dict)
     escrow_rewrapped: int = 0
+    # Recordings whose escrow copy by the new primary became the primary copy.
+    promoted: int = 0
     gone: int = 0
     failures: dict[str, str] = field(default_factory=dict)
     remaining: int = 0
@@ -77,8 +81,10 @@ def set_tenant_keys(
     services.keys.check_key(key)
     refs = canonical_escrow_keys(services, key, escrow_keys)
     summary = SetKeysSummary(tenant.name, key, refs, list(tenant.escrow_key_ids))
-    if list(tenant.escrow_key_ids) != refs:
-        services.db.set_tenant_escrow_keys(tenant.id, refs)
+    if (tenant.kms_key_id, list(tenant.escrow_key_ids)) != (key, refs):
+        services.db.set_tenant_keys(tenant.id, key, refs)
+    target = services.keys.generate_data_key(key, _PROBE_CONTEXT).key_id
+    _promote_escrow_copies(services, tenant, target, refs, user_id, summary)
     rotation: RotationSummary = rotate_tenant(
         services, tenant_name, key, user_id=user_id, progress=progress
     )
@@ -111,6 +117,63 @@ def set_tenant_keys(
         details={**summary.as_dict(), "failures": dict(list(summary.failures.items())[:50])},
     )
     return summary
+
+
+def _as_escrow_ref(services: Services, key_id: str | None) -> str | None:
+    """The escrow reference that names the same key as primary ``key_id``, if any.
+
+    A KMS key is its ARN either way; a keyring key is ``raw-aes:<id>`` when
+    the escrow keyring is the keyring itself.
+    """
+    if not key_id:
+        return None
+    if key_id.startswith("arn:"):
+        return key_id
+    keys = services.config.keys
+    if keys.provider == "local" and services.escrow.keyring_path == keys.keyring:
+        return f"{RAW_AES_PREFIX}{key_id}"
+    return None
+
+
+def _promote_escrow_copies(
+    services: Services,
+    tenant: Tenant,
+    target: str,
+    refs: Sequence[str],
+    user_id: str,
+    summary: SetKeysSummary,
+) -> None:
+    """Where the new primary already wraps a recording as an escrow key, swap the copies.
+
+    Disaster recovery: the primary key is lost and an escrow key takes its
+    place. The escrow copy *is* a copy by the new primary, so it becomes the
+    primary copy without calling any key (the lost one cannot be called).
+    Rows without such a copy are left to ``rotate``.
+    """
+    target_ref = _as_escrow_ref(services, target)
+    if target_ref is None:
+        return
+    after: str | None = None
+    while ids := services.db.recordings_to_promote(
+        tenant.id, target, target_ref, after=after, limit=PAGE
+    ):
+        for rec_id in ids:
+            after = rec_id
+            old = services.db.recording(rec_id).kms_key_id
+            keep = _as_escrow_ref(services, old)
+            if services.db.promote_escrow_copy(
+                rec_id,
+                target=target,
+                target_ref=target_ref,
+                keep_old_as=keep if keep in refs else None,
+                audit={
+                    "action": "rotate",
+                    "user_id": user_id,
+                    "success": True,
+                    "details": {"step": "promote_escrow", "from_key": old, "to_key": target},
+                },
+            ):
+                summary.promoted += 1
 
 
 def _rewrap_escrow(services: Services, rec_id: str, refs: Sequence[str], user_id: str) -> str:

@@ -426,3 +426,68 @@ def test_escrow_check_names_a_missing_key(tmp_path: Path) -> None:
     escrow.check(f"raw-aes:{RAW}")
     with pytest.raises(KeyNotFound, match="gone"):
         escrow.check("raw-aes:gone")
+
+
+def test_disaster_recovery_promotes_the_escrow_key_without_the_lost_one(
+    tmp_path: Path, pg_dsn: str
+) -> None:
+    """The primary key is lost: `set-keys --key ESCROW` makes the escrow copies primary."""
+    config = _config(tmp_path, pg_dsn, None)
+    config = with_overrides(config, keys={"escrow_keyring": ""})  # escrow keys in the keyring
+    cfg = write_config(tmp_path / "fsrecrypt.toml", config)
+    services = pipeline.Services(config)
+    try:
+        lost = services.keys.create_key(f"lost-{uuid.uuid4().hex[:6]}")
+        spare = services.keys.create_key(f"spare-{uuid.uuid4().hex[:6]}")
+        tenant = f"dr-{uuid.uuid4().hex[:8]}"
+        pipeline.add_tenant(services, tenant, lost, [f"raw-aes:{spare}"])
+        originals = dict(_ingest(services, tmp_path, tenant, i) for i in range(3))
+        ring = json.loads((tmp_path / "keyring.json").read_text())
+        del ring["keys"][lost]
+        (tmp_path / "keyring.json").write_text(json.dumps(ring))
+
+        code, out = _cli(cfg, "tenants", "set-keys", tenant, "--key", spare)
+        assert code == 0, out
+        summary = json.loads(out)
+        assert summary["promoted"] == 3 and summary["remaining"] == 0, summary
+        assert summary["rotation"]["rewrapped"] == 0  # the lost key was never needed
+        for rid, data in originals.items():
+            row = services.db.recording(rid)
+            assert row.kms_key_id == spare and services.db.escrow_deks(rid) == []
+            code, out = _cli(cfg, "get", rid, "-o", str(tmp_path / f"{rid}.dr"))
+            assert code == 0, out
+            assert (tmp_path / f"{rid}.dr").read_bytes() == data
+            audit = services.db.audit_rows(recording_id=rid, action="download")[-1]
+            assert audit["details"]["wrapping_key"] == spare
+            assert audit["details"]["escrow"] is False  # opened by the primary copy now
+        # New recordings are wrapped by the new primary alone.
+        rid, _ = _ingest(services, tmp_path, tenant, 9)
+        assert services.db.recording(rid).kms_key_id == spare
+    finally:
+        services.close()
+
+
+def test_primary_and_escrow_swap_places(tmp_path: Path, pg_dsn: str) -> None:
+    config = with_overrides(_config(tmp_path, pg_dsn, None), keys={"escrow_keyring": ""})
+    cfg = write_config(tmp_path / "fsrecrypt.toml", config)
+    services = pipeline.Services(config)
+    try:
+        a = services.keys.create_key(f"a-{uuid.uuid4().hex[:6]}")
+        b = services.keys.create_key(f"b-{uuid.uuid4().hex[:6]}")
+        tenant = f"swap-{uuid.uuid4().hex[:8]}"
+        pipeline.add_tenant(services, tenant, a, [f"raw-aes:{b}"])
+        ids = [_ingest(services, tmp_path, tenant, i)[0] for i in range(2)]
+        code, out = _cli(
+            cfg, "tenants", "set-keys", tenant, "--key", b, "--escrow-key", f"raw-aes:{a}"
+        )
+        assert code == 0, out
+        summary = json.loads(out)
+        assert summary["promoted"] == 2 and summary["escrow_rewrapped"] == 0, summary
+        for rid in ids:
+            assert services.db.recording(rid).kms_key_id == b
+            assert [ref for ref, _ in services.db.escrow_deks(rid)] == [f"raw-aes:{a}"]
+        code, out = _cli(cfg, "verify", "--escrow", "--tenant", tenant)
+        assert code == 0, out
+        assert _cli(cfg, "verify", "--tenant", tenant)[0] == 0
+    finally:
+        services.close()
