@@ -51,14 +51,15 @@ def tenants_add(ctx: click.Context, name: str, key_id: str, escrow_keys: tuple[s
 @config_option
 @click.pass_context
 def tenants_list(ctx: click.Context) -> None:
-    """List tenants."""
+    """List tenants: name, id, key, created, escrow keys (comma-separated, - if none)."""
     services = services_for(ctx)
     try:
         tenants = services.db.tenants()
     finally:
         services.close()
     for t in tenants:
-        click.echo(f"{t.name}\t{t.id}\t{t.kms_key_id}\t{t.created_at.isoformat()}")
+        escrow = ",".join(t.escrow_key_ids) or "-"
+        click.echo(f"{t.name}\t{t.id}\t{t.kms_key_id}\t{t.created_at.isoformat()}\t{escrow}")
 
 
 @tenants_group.command("set-keys")

@@ -134,6 +134,8 @@ def test_disabled_primary_kms_key_plays_through_escrow(
     )  # fmt: skip
     assert code == 0, out
     assert json.loads(out)["escrow_keys"] == [escrow_arn, f"raw-aes:{RAW}"]
+    listed = [line.split("\t") for line in _cli(cfg, "tenants", "list")[1].splitlines()]
+    assert [r[4] for r in listed if r[0] == tenant] == [f"{escrow_arn},raw-aes:{RAW}"]
     plain_tenant = f"noesc-{uuid.uuid4().hex[:8]}"
     assert _cli(cfg, "tenants", "add", plain_tenant, "--key", primary)[0] == 0
 
