@@ -309,6 +309,14 @@ def test_each_role_works_with_its_policy_alone(
     assert json.loads(out)["headers_rewritten"] == 3
     code, out = w.cli(monkeypatch, "admin", "verify", "--escrow", "--tenant", tenant)
     assert code == 0 and json.loads(out.strip().splitlines()[-1])["header_without_escrow"] == 0
+    # admin: drop the escrow key, then add it back (unwrap + Encrypt per recording).
+    code, out = w.cli(monkeypatch, "admin", "tenants", "set-keys", tenant, "--key", w.rotated)
+    assert code == 0, out
+    code, out = w.cli(
+        monkeypatch, "admin", "tenants", "set-keys", tenant, "--key", w.rotated,
+        "--escrow-key", w.escrow,
+    )  # fmt: skip
+    assert code == 0 and json.loads(out)["escrow_rewrapped"] == 3, out
     code, out = w.cli(
         monkeypatch, "admin", "erase", "--recording", ids["short"], "--reason", "iam test",
         "--yes", "--override-retention",
