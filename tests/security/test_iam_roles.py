@@ -74,6 +74,7 @@ def render(role: str, bucket: str, anchor_bucket: str) -> dict[str, Any]:
         "${PREFIX}": PREFIX,
         "${ANCHOR_BUCKET}": anchor_bucket,
         "${ANCHOR_PREFIX}": ANCHOR_PREFIX,
+        "${ANCHOR_SIGNING_KEY_ARN}": f"arn:aws:kms:us-east-1:{ACCOUNT}:key/anchor-signing",
     }.items():
         text = text.replace(name, value)
     assert "${" not in text, f"unrendered placeholder in conf/iam/{role}.json"
@@ -387,18 +388,28 @@ def test_the_daemon_runs_with_the_daemon_policy_alone(
 
 
 def test_policies_name_only_what_the_code_calls() -> None:
-    """No wildcard actions beyond kms:ReEncrypt*; the daemon never gets a read or decrypt."""
+    """No wildcard actions beyond kms:ReEncrypt*; the daemon never gets a read, decrypt or
+    delete of a recording (only of its anchors and its own health probe)."""
     docs = {role: render(role, "b", "a") for role in ROLES}
-    for role, doc in docs.items():
+
+    def grants(doc: dict[str, Any]) -> list[tuple[str, str]]:
+        out = []
         for st in doc["Statement"]:
-            actions = [st["Action"]] if isinstance(st["Action"], str) else st["Action"]
-            assert all("*" not in a or a == "kms:ReEncrypt*" for a in actions), (role, st)
             assert st["Effect"] == "Allow"
-    daemon_on_recordings = [
-        a
-        for st in docs["daemon"]["Statement"]
-        if "arn:aws:s3:::b" in json.dumps(st["Resource"]) or st["Action"][0].startswith("kms")
-        for a in ([st["Action"]] if isinstance(st["Action"], str) else st["Action"])
-    ]
-    for forbidden in ("kms:Decrypt", "kms:ReEncrypt*", "s3:GetObject", "s3:ListBucket"):
-        assert forbidden not in daemon_on_recordings
+            actions = [st["Action"]] if isinstance(st["Action"], str) else st["Action"]
+            resources = [st["Resource"]] if isinstance(st["Resource"], str) else st["Resource"]
+            out += [(a, r) for a in actions for r in resources]
+        return out
+
+    for role, doc in docs.items():
+        for action, _resource in grants(doc):
+            assert "*" not in action or action == "kms:ReEncrypt*", (role, action)
+    recordings = "arn:aws:s3:::b/recordings/*"
+    daemon = grants(docs["daemon"])
+    assert not [a for a, _r in daemon if a in ("kms:Decrypt", "kms:ReEncrypt*")]
+    for action in ("s3:GetObject", "s3:GetObjectVersion", "s3:DeleteObject", "s3:ListBucket"):
+        assert (action, recordings) not in daemon
+        assert (action, "arn:aws:s3:::b") not in daemon
+    assert ("s3:PutObject", recordings) in daemon
+    assert ("s3:GetObject", recordings) in grants(docs["playback"])
+    assert ("kms:Decrypt", "*") in grants(docs["playback"])  # "*": rendered for moto
