@@ -40,6 +40,7 @@ from fsrecrypt.keys import LocalKeyring
 from fsrecrypt.keys.escrow import EscrowKeys, parse_escrow_ref
 from fsrecrypt.web import create_api_key
 from tests.support.factories import make_wav, write_config
+from tests.support.moto import free_port
 from tests.support.moto_variants import kms_state_server  # noqa: F401 - fixture
 from tests.support.serve import serve_process
 
@@ -231,6 +232,16 @@ def test_disabled_primary_kms_key_plays_through_escrow(
         assert (tmp_path / "out2.wav").read_bytes() == original
         row = services.db.audit_rows(recording_id=rid, action="download")[-1]
         assert row["details"]["wrapping_key"] == f"raw-aes:{RAW}"
+
+        # KMS unreachable (its region down): the offline key still opens it, at once.
+        dead = with_overrides(config, keys={"endpoint_url": f"http://127.0.0.1:{free_port()}"})
+        dead_cfg = write_config(tmp_path / "dead.toml", dead)
+        code, out = _cli(dead_cfg, "get", rid, "-o", str(tmp_path / "out3.wav"))
+        assert code == 0, out
+        assert (tmp_path / "out3.wav").read_bytes() == original
+        row = services.db.audit_rows(recording_id=rid, action="download")[-1]
+        assert row["details"]["wrapping_key"] == f"raw-aes:{RAW}"
+        assert "cannot reach KMS" in row["details"]["primary_error"]
     finally:
         services.close()
 
