@@ -92,11 +92,11 @@ class DatabaseConfig:
 class KeysConfig:
     provider: str = "local"
     keyring: str = "/var/lib/fsrecrypt/keyring.json"
-    region: str = "us-east-1"
-    endpoint_url: str = ""
     # Where raw-aes:<id> escrow keys live (ESDK raw AES, same file format as
     # `keyring`); empty: the `keyring` file itself.
     escrow_keyring: str = ""
+    region: str = "us-east-1"
+    endpoint_url: str = ""
 
     def validate(self) -> None:
         if self.provider not in ("local", "aws-kms"):

@@ -29,10 +29,14 @@ def tenants_group() -> None:
 def tenants_add(ctx: click.Context, name: str, key_id: str, escrow_keys: tuple[str, ...]) -> None:
     """Add tenant NAME whose recordings are wrapped by KEY (and each escrow key)."""
     from fsrecrypt.pipeline import add_tenant
+    from fsrecrypt.pipeline.escrow import add_tenant_with_escrow
 
     services = services_for(ctx)
     try:
-        tenant = add_tenant(services, name, key_id, escrow_keys)
+        if escrow_keys:
+            tenant = add_tenant_with_escrow(services, name, key_id, escrow_keys)
+        else:
+            tenant = add_tenant(services, name, key_id)
     finally:
         services.close()
     click.echo(

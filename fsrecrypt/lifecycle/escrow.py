@@ -28,12 +28,12 @@ from fsrecrypt.lifecycle.common import PAGE, ProgressCallback, crash_point
 from fsrecrypt.lifecycle.rotate import RotationSummary, rotate_tenant
 from fsrecrypt.pipeline import (
     Services,
-    canonical_escrow_keys,
     edk_from_bytes,
     edk_to_bytes,
     encryption_context,
     read_object_header,
 )
+from fsrecrypt.pipeline.escrow import canonical_escrow_keys
 
 _CAS_ATTEMPTS = 3
 _PROBE_CONTEXT = {"fsrecrypt-purpose": "rotation-probe"}

@@ -51,7 +51,7 @@ from fsrecrypt.pipeline.playback import (
     unwrap_data_key_from,
 )
 from fsrecrypt.pipeline.services import Services, host_worker_prefix, worker_id
-from fsrecrypt.pipeline.tenants import add_tenant, canonical_escrow_keys
+from fsrecrypt.pipeline.tenants import add_tenant
 from fsrecrypt.plaintext import fingerprint_of, is_inside, open_source, vet_path
 
 __all__ = [
@@ -64,7 +64,6 @@ __all__ = [
     "StoreOutcome",
     "Unwrapped",
     "add_tenant",
-    "canonical_escrow_keys",
     "check_readable",
     "checked_plaintext_size",
     "edk_from_bytes",

@@ -38,6 +38,7 @@ from fsrecrypt.errors import KeyAccessError, KeyNotFound
 from fsrecrypt.format import parse_header
 from fsrecrypt.keys import LocalKeyring
 from fsrecrypt.keys.escrow import EscrowKeys, parse_escrow_ref
+from fsrecrypt.pipeline.escrow import add_tenant_with_escrow
 from fsrecrypt.web import create_api_key
 from tests.support.factories import make_wav, write_config
 from tests.support.moto import free_port
@@ -403,7 +404,7 @@ def test_an_unusable_escrow_key_does_not_stop_recordings(tmp_path: Path, pg_dsn:
         ring_path = tmp_path / "escrow" / "escrow-keyring.json"
         LocalKeyring(ring_path).create_key(RAW)
         tenant = f"gap-{uuid.uuid4().hex[:8]}"
-        pipeline.add_tenant(services, tenant, primary, [f"raw-aes:{RAW}"])
+        add_tenant_with_escrow(services, tenant, primary, [f"raw-aes:{RAW}"])
         saved = ring_path.read_bytes()
         ring_path.unlink()  # the escrow keyring is gone (unmounted, restored from backup later)
         rid, original = _ingest(services, tmp_path, tenant, 7)
@@ -453,7 +454,7 @@ def test_disaster_recovery_promotes_the_escrow_key_without_the_lost_one(
         lost = services.keys.create_key(f"lost-{uuid.uuid4().hex[:6]}")
         spare = services.keys.create_key(f"spare-{uuid.uuid4().hex[:6]}")
         tenant = f"dr-{uuid.uuid4().hex[:8]}"
-        pipeline.add_tenant(services, tenant, lost, [f"raw-aes:{spare}"])
+        add_tenant_with_escrow(services, tenant, lost, [f"raw-aes:{spare}"])
         originals = dict(_ingest(services, tmp_path, tenant, i) for i in range(3))
         ring = json.loads((tmp_path / "keyring.json").read_text())
         del ring["keys"][lost]
@@ -488,7 +489,7 @@ def test_primary_and_escrow_swap_places(tmp_path: Path, pg_dsn: str) -> None:
         a = services.keys.create_key(f"a-{uuid.uuid4().hex[:6]}")
         b = services.keys.create_key(f"b-{uuid.uuid4().hex[:6]}")
         tenant = f"swap-{uuid.uuid4().hex[:8]}"
-        pipeline.add_tenant(services, tenant, a, [f"raw-aes:{b}"])
+        add_tenant_with_escrow(services, tenant, a, [f"raw-aes:{b}"])
         ids = [_ingest(services, tmp_path, tenant, i)[0] for i in range(2)]
         code, out = _cli(
             cfg, "tenants", "set-keys", tenant, "--key", b, "--escrow-key", f"raw-aes:{a}"
