@@ -17,19 +17,19 @@ from fsrecrypt.db.audit import append_audit_row
 from fsrecrypt.db.pool import Pool
 
 
-def insert_escrow_deks(cur: Any, recording_id: str, deks: Sequence[tuple[str, bytes]]) -> None:
-    """Store ``(key_ref, wrapped data key)`` pairs inside the caller's transaction."""
-    for key_ref, edk in deks:
-        cur.execute(
-            "INSERT INTO recording_escrow_deks (recording_id, key_ref, encrypted_dek)"
-            " VALUES (%s, %s, %s) ON CONFLICT (recording_id, key_ref)"
-            " DO UPDATE SET encrypted_dek = EXCLUDED.encrypted_dek, created_at = now()",
-            (recording_id, key_ref, base64.b64encode(edk).decode("ascii")),
-        )
-
-
 class EscrowKeys(Pool):
     """Escrow queries (part of :class:`fsrecrypt.db.Database`)."""
+
+    @staticmethod
+    def insert_escrow_deks(cur: Any, recording_id: str, deks: Sequence[tuple[str, bytes]]) -> None:
+        """Store ``(key_ref, wrapped data key)`` pairs inside the caller's transaction."""
+        for key_ref, edk in deks:
+            cur.execute(
+                "INSERT INTO recording_escrow_deks (recording_id, key_ref, encrypted_dek)"
+                " VALUES (%s, %s, %s) ON CONFLICT (recording_id, key_ref)"
+                " DO UPDATE SET encrypted_dek = EXCLUDED.encrypted_dek, created_at = now()",
+                (recording_id, key_ref, base64.b64encode(edk).decode("ascii")),
+            )
 
     def set_tenant_keys(self, tenant_id: str, kms_key_id: str, key_refs: Sequence[str]) -> None:
         """Primary and escrow keys in one statement (a key may move from one to the other)."""
@@ -93,7 +93,9 @@ class EscrowKeys(Pool):
                 (recording_id, target_ref),
             )
             if keep_old_as:
-                insert_escrow_deks(cur, recording_id, [(keep_old_as, base64.b64decode(old_dek))])
+                self.insert_escrow_deks(
+                    cur, recording_id, [(keep_old_as, base64.b64decode(old_dek))]
+                )
             append_audit_row(cur, recording_id=recording_id, tenant_id=str(tenant_id), **audit)
             return True
 
@@ -156,7 +158,7 @@ class EscrowKeys(Pool):
                     " AND key_ref = ANY(%s)",
                     (recording_id, list(remove)),
                 )
-            insert_escrow_deks(cur, recording_id, add)
+            self.insert_escrow_deks(cur, recording_id, add)
             # Its copies are now the tenant's set: nothing is missing any more.
             cur.execute(
                 "UPDATE call_recordings SET encryption_metadata ="

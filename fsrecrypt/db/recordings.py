@@ -15,7 +15,6 @@ from datetime import datetime
 from typing import Any
 
 from fsrecrypt.db.audit import append_audit_row
-from fsrecrypt.db.escrow import insert_escrow_deks
 from fsrecrypt.db.rows import RECORDING_COLUMNS, Recording, recording_from_row
 from fsrecrypt.db.tenants import Tenants
 from fsrecrypt.errors import AlreadyExists, InvalidState, NotFound
@@ -185,6 +184,7 @@ class Recordings(Tenants):
         encryption_algorithm: str,
         encrypted_dek: bytes,
         kms_key_id: str,
+        escrow_deks: Sequence[tuple[str, bytes]] = (),
         s3_path: str,
         file_size_bytes: int,
         encrypted_size_bytes: int,
@@ -192,7 +192,6 @@ class Recordings(Tenants):
         claimed_by: str,
         audit: Mapping[str, Any] | None = None,
         plaintext_hmac: tuple[str, str] | None = None,
-        escrow_deks: Sequence[tuple[str, bytes]] = (),
     ) -> Recording:
         """Move a row to ``stored`` (and write its audit row) in one transaction.
 
@@ -230,7 +229,7 @@ class Recordings(Tenants):
                     hint="Another worker took it over; this attempt's object is discarded.",
                 )
             recording = recording_from_row(row)
-            insert_escrow_deks(cur, recording_id, escrow_deks)
+            self.insert_escrow_deks(cur, recording_id, escrow_deks)  # one per escrow key
             if audit is not None:
                 append_audit_row(
                     cur, recording_id=recording_id, tenant_id=recording.tenant_id, **audit

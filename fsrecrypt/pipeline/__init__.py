@@ -39,16 +39,13 @@ from fsrecrypt.pipeline.ingest import (
 from fsrecrypt.pipeline.playback import (
     IterReader,
     OpenedRecording,
-    Unwrapped,
     check_readable,
     checked_plaintext_size,
     fetch_recording,
     iter_plaintext,
     iter_plaintext_range,
     open_recording,
-    opened_details,
     unwrap_data_key,
-    unwrap_data_key_from,
 )
 from fsrecrypt.pipeline.services import Services, host_worker_prefix, worker_id
 from fsrecrypt.pipeline.tenants import add_tenant
@@ -62,7 +59,6 @@ __all__ = [
     "OpenedRecording",
     "Services",
     "StoreOutcome",
-    "Unwrapped",
     "add_tenant",
     "check_readable",
     "checked_plaintext_size",
@@ -79,12 +75,10 @@ __all__ = [
     "object_identity",
     "open_recording",
     "open_source",
-    "opened_details",
     "read_object_header",
     "register_source",
     "store_recording",
     "unwrap_data_key",
-    "unwrap_data_key_from",
     "vet_path",
     "worker_id",
 ]

@@ -180,12 +180,11 @@ def store_recording(
         "header_size": encryptor.header.size,
         "store": services.store.name,
         "key_provider": services.keys.name,
+        **({"escrow_missing": escrow_missing} if escrow_missing else {}),
         **({"wav": wav_info(head, source.size)} if head[:4] == b"RIFF" else {}),
     }
     if info.version_id:
         metadata["object_version"] = info.version_id
-    if escrow_missing:
-        metadata["escrow_missing"] = escrow_missing
     try:
         stored = services.db.mark_stored(
             recording.id,

@@ -77,9 +77,9 @@ def full_plaintext(
         raise
 
     def data_key_for(header: Any) -> bytes:
-        unwrapped = pipeline.unwrap_data_key_from(services, recording, header)
+        unwrapped = pipeline.playback.unwrap_data_key_from(services, recording, header)
         if opened_with is not None:  # which key opened it, for the audit row
-            opened_with.update(pipeline.opened_details(unwrapped))
+            opened_with.update(pipeline.playback.opened_details(unwrapped))
         data_key = unwrapped.data_key
         info = sizing.get()
         if isinstance(info, FsrecryptError):
