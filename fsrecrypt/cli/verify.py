@@ -24,7 +24,10 @@ from fsrecrypt.cli.helpers import ProgressBar, operator, services_for, user_opti
 @click.option(
     "--escrow",
     is_flag=True,
-    help="Instead: check every stored recording opens with each escrow key alone.",
+    help=(
+        "Instead: check every stored recording of a tenant with escrow keys opens with "
+        "each escrow key alone (its data key commits to and authenticates the header)."
+    ),
 )
 @user_option
 @click.pass_context
@@ -41,11 +44,6 @@ def verify_command(
     and belongs to the recording, its data key unwraps, every frame
     authenticates (decrypted and discarded) and the audio size matches.
     Prints each failure and a JSON summary; exits non-zero on any failure.
-
-    With --escrow: for every stored recording of a tenant with escrow keys,
-    each escrow key alone unwraps the data key, which must commit to and
-    authenticate the object's header (an unusable escrow key is found
-    before the day it is needed).
     """
     if escrow:
         _verify_escrow(ctx, tenant_name, user_id)
