@@ -93,6 +93,9 @@ class DatabaseConfig:
 class KeysConfig:
     provider: str = "local"
     keyring: str = "/var/lib/fsrecrypt/keyring.json"
+    # Where raw-aes:<id> escrow keys live (ESDK raw AES, same file format as
+    # `keyring`); empty: the `keyring` file itself.
+    escrow_keyring: str = ""
     region: str = "us-east-1"
     endpoint_url: str = ""
 

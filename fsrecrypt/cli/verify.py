@@ -21,10 +21,22 @@ from fsrecrypt.cli.helpers import ProgressBar, operator, services_for, user_opti
     show_default=True,
     help="Check a random PERCENT of the recordings.",
 )
+@click.option(
+    "--escrow",
+    is_flag=True,
+    help=(
+        "Instead: check every stored recording of a tenant with escrow keys opens with "
+        "each escrow key alone (its data key commits to and authenticates the header)."
+    ),
+)
 @user_option
 @click.pass_context
 def verify_command(
-    ctx: click.Context, tenant_name: str | None, sample_percent: float, user_id: str | None
+    ctx: click.Context,
+    tenant_name: str | None,
+    sample_percent: float,
+    escrow: bool,
+    user_id: str | None,
 ) -> None:
     """Prove stored recordings are intact and readable.
 
@@ -33,6 +45,9 @@ def verify_command(
     authenticates (decrypted and discarded) and the audio size matches.
     Prints each failure and a JSON summary; exits non-zero on any failure.
     """
+    if escrow:
+        _verify_escrow(ctx, tenant_name, user_id)
+        return
     from fsrecrypt.lifecycle.verify import (
         VerificationFailed,
         VerificationNotPermitted,
@@ -82,4 +97,34 @@ def verify_command(
         raise VerificationNotPermitted(
             f"{len(report.denied)} of {report.checked} recording(s) could not be read by this "
             "user (permission denied, DENIED above); nothing found damaged"
+        )
+
+
+def _verify_escrow(ctx: click.Context, tenant_name: str | None, user_id: str | None) -> None:
+    from fsrecrypt.lifecycle.escrow import verify_escrow
+    from fsrecrypt.lifecycle.verify import VerificationFailed
+
+    services = services_for(ctx)
+    bar = ProgressBar("verify --escrow")
+    try:
+        report = verify_escrow(
+            services, user_id=operator(user_id), tenant_name=tenant_name, progress=bar
+        )
+    finally:
+        bar.close()
+        services.close()
+    for rec_id, why in sorted(report.failures.items()):
+        click.echo(f"FAIL {rec_id}: {why}")
+    summary = report.as_dict()
+    summary["failed"] = len(summary.pop("failures"))
+    summary["header_without_escrow"] = len(report.header_without_escrow)
+    click.echo(json.dumps(summary))
+    if report.failures:
+        raise VerificationFailed(
+            f"{len(report.failures)} of {report.checked} recording(s) do not open with every "
+            "escrow key (FAIL above)",
+            hint=(
+                "Check each named escrow key (KMS key state and permissions, the escrow "
+                "keyring file), then run 'fsrecrypt tenants set-keys' to re-wrap"
+            ),
         )

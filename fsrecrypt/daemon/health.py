@@ -161,6 +161,8 @@ class Heartbeat:
             tenants = services.db.tenants()
             for t in tenants:
                 services.keys.check_key(t.kms_key_id)
+                for ref in t.escrow_key_ids:  # an escrow key that stopped working
+                    services.escrow.check(ref)
             return f"{len(tenants)} tenant key(s) usable"
 
         def store() -> str:
@@ -434,6 +436,8 @@ def run_health(config: Config) -> list[Check]:
         tenants = services.db.tenants()
         for t in tenants:
             services.keys.check_key(t.kms_key_id)
+            for ref in t.escrow_key_ids:
+                services.escrow.check(ref)
         return f"{len(tenants)} tenant key(s) usable"
 
     def store() -> str:

@@ -184,6 +184,7 @@ class Recordings(Tenants):
         encryption_algorithm: str,
         encrypted_dek: bytes,
         kms_key_id: str,
+        escrow_deks: Sequence[tuple[str, bytes]] = (),
         s3_path: str,
         file_size_bytes: int,
         encrypted_size_bytes: int,
@@ -228,6 +229,7 @@ class Recordings(Tenants):
                     hint="Another worker took it over; this attempt's object is discarded.",
                 )
             recording = recording_from_row(row)
+            self.insert_escrow_deks(cur, recording_id, escrow_deks)  # one per escrow key
             if audit is not None:
                 append_audit_row(
                     cur, recording_id=recording_id, tenant_id=recording.tenant_id, **audit

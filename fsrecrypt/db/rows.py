@@ -17,6 +17,8 @@ class Tenant:
     name: str
     kms_key_id: str
     created_at: datetime
+    # Escrow wrapping keys (migration 0010), tried in this order after kms_key_id.
+    escrow_key_ids: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -68,4 +70,5 @@ def recording_from_row(row: Sequence[Any]) -> Recording:
 def tenant_from_row(row: Sequence[Any]) -> Tenant:
     values = dict(zip(Tenant.__dataclass_fields__, row, strict=True))
     values["id"] = str(values["id"])
+    values["escrow_key_ids"] = tuple(values.get("escrow_key_ids") or ())
     return Tenant(**values)

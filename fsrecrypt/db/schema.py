@@ -113,8 +113,26 @@ def schema_version(conn: Any) -> int:
         return int(cur.fetchone()[0])
 
 
+def applied_versions(conn: Any) -> set[int]:
+    with conn.cursor() as cur:
+        cur.execute("SELECT to_regclass('schema_migrations') IS NOT NULL")
+        if not cur.fetchone()[0]:
+            return set()
+        cur.execute("SELECT version FROM schema_migrations")
+        return {int(row[0]) for row in cur.fetchall()}
+
+
 def check_schema(conn: Any) -> None:
-    have, want = schema_version(conn), len(available_migrations())
-    if have < want:
-        raise SchemaOutOfDate(f"database schema is at version {have}, fsrecrypt needs {want}")
+    """Every migration this fsrecrypt ships must be applied, not just the highest number.
+
+    Numbers may have gaps and a lower one can land after a higher one
+    (branches reserve numbers), so "max applied >= count" would pass a
+    database that lacks one of them.
+    """
+    missing = sorted({m.version for m in available_migrations()} - applied_versions(conn))
+    if missing:
+        raise SchemaOutOfDate(
+            f"database schema is at version {schema_version(conn)} and lacks migration(s) "
+            f"{', '.join(f'{v:04d}' for v in missing)} this fsrecrypt needs"
+        )
     conn.rollback()

@@ -2,23 +2,26 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import psycopg2.errors
 
-from fsrecrypt.db.pool import Pool
+from fsrecrypt.db.escrow import EscrowKeys
 from fsrecrypt.db.rows import TENANT_COLUMNS, Tenant, tenant_from_row
 from fsrecrypt.errors import AlreadyExists, UnknownTenant
 
 
-class Tenants(Pool):
-    """Tenant queries (part of :class:`fsrecrypt.db.Database`)."""
+class Tenants(EscrowKeys):
+    """Tenant queries (part of :class:`fsrecrypt.db.Database`); a tenant's escrow keys
+    and their copies of data keys come with them (:mod:`fsrecrypt.db.escrow`)."""
 
-    def add_tenant(self, name: str, kms_key_id: str) -> Tenant:
+    def add_tenant(self, name: str, kms_key_id: str, escrow_key_ids: Sequence[str] = ()) -> Tenant:
         try:
             with self.transaction(f"adding tenant {name!r}") as cur:
                 cur.execute(
-                    "INSERT INTO tenants (name, kms_key_id) VALUES (%s, %s)"
+                    "INSERT INTO tenants (name, kms_key_id, escrow_key_ids) VALUES (%s, %s, %s)"
                     f" RETURNING {TENANT_COLUMNS}",
-                    (name, kms_key_id),
+                    (name, kms_key_id, list(escrow_key_ids)),
                 )
                 return tenant_from_row(cur.fetchone())
         except psycopg2.errors.CheckViolation:

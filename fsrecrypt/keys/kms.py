@@ -157,6 +157,23 @@ class AwsKmsProvider(KeyProvider):
             key_id=arn,
         )
 
+    def wrap_data_key(
+        self, key_id: str, data_key: bytes, context: Mapping[str, str]
+    ) -> EncryptedDataKey:
+        """``data_key`` (generated elsewhere) wrapped by ``key_id`` with KMS Encrypt (escrow)."""
+        ref = kms_key_ref(key_id)
+        resp = self._call(
+            "encrypt", ref, KeyId=ref, Plaintext=data_key, EncryptionContext=dict(context)
+        )
+        arn = str(resp["KeyId"])
+        if not arn.startswith("arn:"):
+            raise KeyAccessError(f"KMS Encrypt for {ref} did not return a key ARN")
+        return EncryptedDataKey(
+            provider_id=KMS_PROVIDER_ID,
+            provider_info=arn.encode("utf-8"),
+            ciphertext=bytes(resp["CiphertextBlob"]),
+        )
+
     def decrypt_data_key(
         self, edks: Sequence[EncryptedDataKey], context: Mapping[str, str]
     ) -> bytes:

@@ -246,6 +246,15 @@ class LocalKeyring(KeyProvider):
             ciphertext=ciphertext,
         )
 
+    def wrap_data_key(
+        self, key_id: str, data_key: bytes, context: Mapping[str, str]
+    ) -> EncryptedDataKey:
+        """``data_key`` (generated elsewhere) wrapped by ``key_id`` (escrow copies)."""
+        validate_key_id(key_id)
+        if len(data_key) != DATA_KEY_BYTES:
+            raise ValueError("a data key must be 32 bytes")
+        return self._wrap(key_id, data_key, context)
+
     def generate_data_key(self, key_id: str, context: Mapping[str, str]) -> DataKey:
         validate_key_id(key_id)
         data_key = os.urandom(DATA_KEY_BYTES)

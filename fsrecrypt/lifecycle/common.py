@@ -27,8 +27,8 @@ PAGE = 500
 ROTATION_META_KEYS = ("rotation_pending_object", "rotation_superseded_object")
 
 # Test-only: "STEP:N" makes `rotate` SIGKILL itself after the N-th STEP
-# (rewrapped, uploaded, swapped) so the tests can prove a killed rotation
-# resumes. Unset in production; it never changes what a normal run does.
+# (rewrapped, uploaded, swapped; escrow for `tenants set-keys`) so the tests
+# can prove a killed rotation resumes. Unset in production; it never changes what a normal run does.
 _CRASH_ENV = "FSRECRYPT_TEST_ROTATE_CRASH_AT"
 _crash_counts: dict[str, int] = {}
 

@@ -59,13 +59,17 @@ def rewrite_header(services: Services, rec: Recording, target: str, user_id: str
     info = services.store.head(old_key)
     header = read_object_header(services.store, old_key, info.size)
     header_keys = [services.keys.key_for_edk(e) for e in header.encrypted_data_keys]
-    if header_keys == [target]:
+    # The new header keeps one EDK per escrow key too (the database's copies).
+    escrow = services.db.escrow_deks(rec.id)
+    if header_keys[:1] == [target] and len(header_keys) == 1 + len(escrow):
         _mark_header_key(services, rec, target)
         return "headers_current"
     db_edk = edk_from_bytes(rec.encrypted_dek_bytes())
     context = encryption_context(rec.tenant_id, rec.id)
     data_key = services.keys.decrypt_data_key([db_edk], context)
-    new_header = esdk.rewrap_header(header, data_key, [db_edk])
+    new_header = esdk.rewrap_header(
+        header, data_key, [db_edk, *(edk_from_bytes(raw) for _ref, raw in escrow)]
+    )
     del data_key
     new_key = object_key(
         services.config.storage.prefix,

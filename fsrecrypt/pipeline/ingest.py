@@ -19,7 +19,13 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from fsrecrypt import format as esdk
-from fsrecrypt.errors import FsrecryptError, InvalidState, SourceChanged, SourceIncomplete
+from fsrecrypt.errors import (
+    FsrecryptError,
+    InvalidState,
+    KeyAccessError,
+    SourceChanged,
+    SourceIncomplete,
+)
 from fsrecrypt.pipeline.custody import FingerprintingReader, FingerprintKey
 from fsrecrypt.pipeline.envelope import ALGORITHM_NAME, edk_to_bytes, encryption_context
 from fsrecrypt.pipeline.services import Services, worker_id
@@ -31,7 +37,7 @@ from fsrecrypt.plaintext import (
     open_source,
     wav_info,
 )
-from fsrecrypt.store import object_key
+from fsrecrypt.store import ObjectAccessDenied, object_key
 
 if TYPE_CHECKING:
     from fsrecrypt.db import Recording, Tenant
@@ -94,7 +100,9 @@ def store_recording(
     delete = config.pipeline.delete_plaintext if delete is None else delete
     if recording.status == "stored":
         deleted = (
-            delete and services.store.exists(recording.s3_path or "") and delete_plaintext(source)
+            delete
+            and _object_stored(services, recording.s3_path or "")
+            and delete_plaintext(source)
         )
         return StoreOutcome(recording, recording.s3_path or "", 0, 0, 0.0, deleted, True)
     if recording.status not in ("pending", "failed"):
@@ -119,9 +127,10 @@ def store_recording(
     started = time.monotonic()
     context = encryption_context(tenant.id, recording.id)
     data_key = services.keys.generate_data_key(tenant.kms_key_id, context)
+    escrow, escrow_missing = _escrow_copies(services, tenant, data_key.plaintext, context)
     encryptor = esdk.Encryptor(
         data_key.plaintext,
-        [data_key.encrypted],
+        [data_key.encrypted, *(edk for _ref, edk in escrow)],
         context,
         frame_length=config.pipeline.frame_size,
     )
@@ -171,6 +180,7 @@ def store_recording(
         "header_size": encryptor.header.size,
         "store": services.store.name,
         "key_provider": services.keys.name,
+        **({"escrow_missing": escrow_missing} if escrow_missing else {}),
         **({"wav": wav_info(head, source.size)} if head[:4] == b"RIFF" else {}),
     }
     if info.version_id:
@@ -187,6 +197,7 @@ def store_recording(
             metadata=metadata,
             claimed_by=worker,
             plaintext_hmac=(plaintext.mac.hexdigest(), fingerprint_key.key_id),
+            escrow_deks=[(ref, edk_to_bytes(edk)) for ref, edk in escrow],
             audit={
                 "action": "encrypt",
                 "user_id": user_id,
@@ -219,6 +230,41 @@ def store_recording(
         deleted,
         source_changed=bool(delete) and not deleted and content_changed(source) is not None,
     )
+
+
+def _escrow_copies(
+    services: Services, tenant: Tenant, data_key: bytes, context: dict[str, str]
+) -> tuple[list[tuple[str, esdk.EncryptedDataKey]], dict[str, str]]:
+    """One more EDK per escrow key, after the primary's (header and database alike).
+
+    An escrow key that cannot wrap right now (its region down, disabled,
+    access denied) does not stop the recording: it is stored with the
+    other keys, the row names what is missing (``escrow_missing``), ``verify
+    --escrow`` reports it and ``tenants set-keys`` (run again) adds the
+    database copy. A second way in must not become a second way to fail.
+    """
+    copies: list[tuple[str, esdk.EncryptedDataKey]] = []
+    missing: dict[str, str] = {}
+    for ref in tenant.escrow_key_ids:
+        try:
+            copies.append((ref, services.escrow.wrap(ref, data_key, context)))
+        except KeyAccessError as exc:
+            missing[ref] = exc.one_line()[:300]
+    return copies, missing
+
+
+def _object_stored(services: Services, key: str) -> bool:
+    """Does the stored row's object exist, before its plaintext goes?
+
+    A role that may write but not read objects (HeadObject needs
+    s3:GetObject, which the daemon's does not have: conf/iam/daemon.json)
+    cannot look; the row itself is then the proof, as it became ``stored``
+    only after the upload returned.
+    """
+    try:
+        return services.store.exists(key)
+    except ObjectAccessDenied:
+        return True
 
 
 def _repoint_grown(services: Services, claimed: Recording, source: SourceFile) -> Recording:

@@ -20,6 +20,7 @@ from fsrecrypt import format as esdk
 from fsrecrypt.errors import (
     FsrecryptError,
     InvalidState,
+    KeyAccessError,
     MalformedMessage,
     ObjectMismatch,
     RangeNotSatisfiable,
@@ -76,6 +77,9 @@ class OpenedRecording:
     data_key: bytes = field(repr=False)
     object_size: int
     plaintext_size: int
+    # The wrapping key that opened it (the primary, or an escrow key).
+    opened_with: str = ""
+    primary_error: str | None = None
 
 
 def check_readable(recording: Recording) -> str:
@@ -88,15 +92,38 @@ def check_readable(recording: Recording) -> str:
 
 
 def unwrap_data_key(services: Services, recording: Recording, header: esdk.Header) -> bytes:
-    """The data key from the database's copy, once the header is shown to be this recording's.
+    """The data key from the database's copy (see ``unwrap_data_key_from``)."""
+    return unwrap_data_key_from(services, recording, header).data_key
+
+
+@dataclass(frozen=True)
+class Unwrapped:
+    """A data key and the wrapping key that gave it up (for the audit row)."""
+
+    data_key: bytes = field(repr=False)
+    key_ref: str
+    escrow: bool = False
+    # Why the primary key did not open it, when an escrow key had to.
+    primary_error: str | None = None
+
+
+def unwrap_data_key_from(
+    services: Services, recording: Recording, header: esdk.Header
+) -> Unwrapped:
+    """The data key from the database's copies, once the header is shown to be this recording's.
 
     The header's context must be exactly the row's (tenant and recording):
     an object swapped between recordings or tenants is refused before any
     key is used. Both that and a wrapped key that does not authenticate
     under the recording's own context are integrity failures
     (``ObjectMismatch``), not key outages: retrying cannot help, and they
-    must be audited as tampering. A provider that cannot be reached still
-    raises its transient ``KeyProviderUnavailable``.
+    must be audited as tampering.
+
+    The primary copy is tried first. When its key cannot be used (disabled,
+    deleted, access denied, its region or KMS unreachable), the recording's
+    escrow copies are tried in the tenant's order; if none opens, the
+    primary's error is raised (a transient ``KeyProviderUnavailable`` stays
+    transient). Which key opened it is returned for the audit row.
     """
     context = encryption_context(recording.tenant_id, recording.id)
     if dict(header.encryption_context) != context:
@@ -106,12 +133,29 @@ def unwrap_data_key(services: Services, recording: Recording, header: esdk.Heade
         )
     edk = edk_from_bytes(recording.encrypted_dek_bytes())
     try:
-        return services.keys.decrypt_data_key([edk], context)
+        return Unwrapped(
+            services.keys.decrypt_data_key([edk], context), recording.kms_key_id or "primary"
+        )
     except DataKeyAuthenticationFailed:
-        raise ObjectMismatch(
-            f"the wrapped data key of recording {recording.id} does not authenticate "
-            "under its tenant/recording context"
-        ) from None
+        raise _not_authentic(recording) from None
+    except KeyAccessError as exc:
+        primary_error = exc
+    for ref, raw in services.db.escrow_deks(recording.id):
+        try:
+            data_key = services.escrow.unwrap(ref, edk_from_bytes(raw), context)
+        except DataKeyAuthenticationFailed:
+            raise _not_authentic(recording) from None
+        except KeyAccessError:
+            continue
+        return Unwrapped(data_key, ref, True, primary_error.one_line()[:300])
+    raise primary_error
+
+
+def _not_authentic(recording: Recording) -> ObjectMismatch:
+    return ObjectMismatch(
+        f"the wrapped data key of recording {recording.id} does not authenticate "
+        "under its tenant/recording context"
+    )
 
 
 def checked_plaintext_size(recording: Recording, header: esdk.Header, object_size: int) -> int:
@@ -140,7 +184,8 @@ def open_recording(services: Services, recording: Recording) -> OpenedRecording:
     try:
         if header is None:
             header = read_object_header(services.store, key, info.size)
-        data_key = unwrap_data_key(services, recording, header)
+        unwrapped = unwrap_data_key_from(services, recording, header)
+        data_key = unwrapped.data_key
         content_key = esdk.verify_header(header, data_key)
         size = checked_plaintext_size(recording, header, info.size)
     except FsrecryptError:
@@ -148,7 +193,16 @@ def open_recording(services: Services, recording: Recording) -> OpenedRecording:
         raise
     if not cached:
         services.headers.put(key, identity, header)
-    return OpenedRecording(recording, header, content_key, data_key, info.size, size)
+    return OpenedRecording(
+        recording,
+        header,
+        content_key,
+        data_key,
+        info.size,
+        size,
+        unwrapped.key_ref,
+        unwrapped.primary_error,
+    )
 
 
 def _dropping_on_failure(services: Services, key: str, chunks: Iterator[bytes]) -> Iterator[bytes]:
@@ -232,6 +286,22 @@ def fetch_recording(
         ip_address=ip_address,
         user_agent=user_agent,
         decryption_duration_ms=(time.monotonic() - started) * 1000,
-        details={"bytes": written},
+        details={"bytes": written, **opened_details(opened)},
     )
     return opened
+
+
+def opened_details(opened: OpenedRecording | Unwrapped) -> dict[str, Any]:
+    """What an audit row says about the key that opened a recording."""
+    if isinstance(opened, Unwrapped):
+        return {
+            "wrapping_key": opened.key_ref,
+            "escrow": opened.escrow,
+            **({"primary_error": opened.primary_error} if opened.escrow else {}),
+        }
+    escrow = opened.primary_error is not None
+    return {
+        "wrapping_key": opened.opened_with,
+        "escrow": escrow,
+        **({"primary_error": opened.primary_error} if escrow else {}),
+    }

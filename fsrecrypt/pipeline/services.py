@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from fsrecrypt.config import Config
 from fsrecrypt.db import Database
 from fsrecrypt.keys import KeyProvider, build_key_provider
+from fsrecrypt.keys.escrow import EscrowKeys
 from fsrecrypt.pipeline.headers import HeaderCache
 from fsrecrypt.store import ObjectStore, build_store
 
@@ -29,6 +30,7 @@ class Services:
     _keys: KeyProvider | None = field(default=None, repr=False)
     _store: ObjectStore | None = field(default=None, repr=False)
     headers: HeaderCache = field(default_factory=HeaderCache, repr=False)
+    _escrow: EscrowKeys | None = field(default=None, repr=False)
 
     @property
     def db(self) -> Database:
@@ -45,6 +47,13 @@ class Services:
         if self._keys is None:
             self._keys = build_key_provider(self.config.keys)
         return self._keys
+
+    @property
+    def escrow(self) -> EscrowKeys:
+        """A tenant's escrow keys (KMS in any region, raw AES in the escrow keyring)."""
+        if self._escrow is None:
+            self._escrow = EscrowKeys(self.config.keys)
+        return self._escrow
 
     @property
     def store(self) -> ObjectStore:

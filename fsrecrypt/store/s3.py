@@ -178,7 +178,7 @@ class S3Store(S3ObjectLock, ObjectStore):
                     if upload_id is None:
                         # Early out before sending gigabytes; CompleteMultipartUpload's
                         # If-None-Match is what makes the no-overwrite rule atomic.
-                        if self.exists(key):
+                        if _known_to_exist(self, key):
                             raise ObjectExists(f"object {key} already exists in s3://{self.bucket}")
                         upload_id = str(
                             self._call(
@@ -351,10 +351,23 @@ class S3Store(S3ObjectLock, ObjectStore):
             }
 
     def check(self) -> None:
-        self._call("head_bucket", "")
+        # No HeadBucket (it needs s3:ListBucket) nor version listing: the probe's
+        # PutObject and the DeleteObject(Version) of just what it wrote are all a
+        # writer's role needs (conf/iam/daemon.json).
         probe = f"{self.prefix}.fsrecrypt-check/{secrets.token_hex(8)}"
-        self.put_stream(probe, [b"ok"])
-        self.delete(probe)
+        info = self.put_stream(probe, [b"ok"])
+        version = {"VersionId": info.version_id} if info.version_id else {}
+        self._call("delete_object", probe, Key=probe, **version)
+
+
+def _known_to_exist(store: S3Store, key: str) -> bool:
+    """``exists``, but a writer that may not read (HeadObject needs s3:GetObject,
+    which the daemon's role does not have: conf/iam/daemon.json) answers False
+    and relies on If-None-Match at completion."""
+    try:
+        return store.exists(key)
+    except ObjectAccessDenied:
+        return False
 
 
 class _RangeNotSatisfiable(StorageError):

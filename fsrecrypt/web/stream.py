@@ -35,7 +35,9 @@ in the benchmark and only delay the first byte (a batch is read and verified
 before it goes out)."""
 
 
-def full_plaintext(services: Services, recording: Any) -> Iterator[bytes]:
+def full_plaintext(
+    services: Services, recording: Any, opened_with: dict[str, Any] | None = None
+) -> Iterator[bytes]:
     """The whole recording for ``/stream``: one GET, decryption overlapped with the sockets.
 
     Why not ``open_recording`` + ``iter_plaintext``: that costs a HEAD, a
@@ -56,6 +58,7 @@ def full_plaintext(services: Services, recording: Any) -> Iterator[bytes]:
     A batch is released only once every frame in it verified; the output is
     also held to exactly the row's size, so a body that changed under us
     ends the stream instead of overrunning the promised Content-Length.
+    ``opened_with`` receives which wrapping key opened the data key.
     """
     key = pipeline.check_readable(recording)
     store = services.store
@@ -74,7 +77,10 @@ def full_plaintext(services: Services, recording: Any) -> Iterator[bytes]:
         raise
 
     def data_key_for(header: Any) -> bytes:
-        data_key = pipeline.unwrap_data_key(services, recording, header)
+        unwrapped = pipeline.playback.unwrap_data_key_from(services, recording, header)
+        if opened_with is not None:  # which key opened it, for the audit row
+            opened_with.update(pipeline.playback.opened_details(unwrapped))
+        data_key = unwrapped.data_key
         info = sizing.get()
         if isinstance(info, FsrecryptError):
             raise info

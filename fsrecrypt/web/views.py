@@ -202,11 +202,13 @@ class Views(AdminViews):
         agent = user_agent()
         ip = client_ip()
         services = self.services
+        opened_with: dict[str, Any] = {}
         try:
             if wanted is None:
-                chunks = full_plaintext(services, recording)
+                chunks = full_plaintext(services, recording, opened_with)
             else:
                 opened = pipeline.open_recording(services, recording)
+                opened_with.update(pipeline.playback.opened_details(opened))
                 _plan, chunks = pipeline.iter_plaintext_range(services, opened, start, end)
             # The first frame is authenticated before the status line goes out,
             # so a bad header or first frame is a clean JSON error, not a cut stream.
@@ -241,6 +243,7 @@ class Views(AdminViews):
                     "bytes_sent": sent,
                     "completed": completed,
                     **principal.audit_details(),
+                    **opened_with,
                 },
             )
 

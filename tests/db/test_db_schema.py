@@ -6,6 +6,7 @@ import configparser
 import threading
 from pathlib import Path
 
+import psycopg2
 import pytest
 
 from fsrecrypt import db, errors
@@ -61,6 +62,27 @@ def test_an_unmigrated_database_is_refused_with_a_hint(fresh_dsn: str) -> None:
         assert "fsrecrypt migrate" in (caught.value.hint or "")
         with pytest.raises(errors.SchemaOutOfDate):
             database.tenants()
+    finally:
+        database.close()
+
+
+def test_a_database_lacking_a_lower_numbered_migration_is_refused(fresh_dsn: str) -> None:
+    """Branches reserve numbers, so a lower one can ship after a higher one: the highest
+    applied number says nothing; every shipped migration must be applied."""
+    db.migrate(fresh_dsn)
+    versions = [m.version for m in db.available_migrations()]
+    lower = versions[len(versions) // 2]
+    conn = psycopg2.connect(fresh_dsn)
+    try:
+        with conn, conn.cursor() as cur:
+            cur.execute("DELETE FROM schema_migrations WHERE version = %s", (lower,))
+    finally:
+        conn.close()
+    database = db.Database(fresh_dsn)
+    try:
+        with pytest.raises(errors.SchemaOutOfDate) as caught:
+            database.ping()
+        assert f"{lower:04d}" in caught.value.message
     finally:
         database.close()
 
