@@ -408,12 +408,12 @@ def test_a_slow_key_server_is_cut_off_at_the_timeout(jwks_server: JwksServer, mo
         started = time.monotonic()
         with pytest.raises(OSError, match="within"):
             fetch_bounded(jwks_server.url, timeout=1.0, max_bytes=262144)
-        assert time.monotonic() - started < 3.0
+        assert time.monotonic() - started < 6.0
         keys = _keyset(jwks_server.url)
         started = time.monotonic()
         with pytest.raises(KeySetUnavailable):
             keys.key("rsa-1")
-        assert time.monotonic() - started < 3.0
+        assert time.monotonic() - started < 6.0
     finally:
         jwks_server.mode = "ok"
 
