@@ -159,8 +159,10 @@ def fetch_bounded(url: str, *, timeout: float, max_bytes: int) -> bytes:
         if expired.is_set():  # the watchdog cut a response short mid-line
             raise OSError(f"response not complete within {timeout} s") from None
         raise OSError(f"bad HTTP response: {type(exc).__name__}") from None
-    except OSError:
-        if expired.is_set():
+    except OSError as exc:
+        # The socket's own timeout and the watchdog share the deadline; which
+        # one fires first is a race, and both mean the same thing.
+        if expired.is_set() or isinstance(exc, TimeoutError):
             raise OSError(f"response not complete within {timeout} s") from None
         raise
     finally:
