@@ -378,6 +378,26 @@ class Jobs(Pool):
                 _bump_counts(cur, job_id, "failed", n)
         return len(rows) - sum(failed.values()), sum(failed.values())
 
+    def job_item_holders(self, prefix: str) -> list[str]:
+        """Distinct lease holders of running items whose id starts with ``prefix``."""
+        with self.statement("listing job lease holders") as cur:
+            cur.execute(
+                "SELECT DISTINCT claimed_by FROM job_items WHERE state = 'running'"
+                " AND claimed_by LIKE %s",
+                (prefix.replace("%", r"\%").replace("_", r"\_") + "%",),
+            )
+            return [r[0] for r in cur.fetchall()]
+
+    def release_job_items(self, holders: list[str]) -> int:
+        """Re-queue every running item of these (dead) holders at once."""
+        with self.statement("releasing dead workers' job items") as cur:
+            cur.execute(
+                "UPDATE job_items SET state = 'queued', claimed_by = NULL, lease_until = NULL"
+                " WHERE state = 'running' AND claimed_by = ANY(%s)",
+                (holders,),
+            )
+            return cur.rowcount
+
     # --- finishing, cancelling, retrying ---------------------------------
     def claim_job_finish(self, job_id: int, worker: str, lease_seconds: float) -> Job | None:
         """The right to write a sealed job's summary, once nothing is queued or running."""

@@ -95,7 +95,10 @@ class JobKind:
     """One kind of bulk job.
 
     ``max_attempts`` (None: ``[jobs] max_attempts``) bounds how often an item
-    is tried after transient errors or lost leases before it fails.
+    is tried after transient errors or lost leases before it fails;
+    ``retry_transient`` False fails an item at its first error of any kind
+    (for operations whose summary names each failure for the operator to
+    fix, as ``rotate`` always did).
     """
 
     name: str
@@ -103,6 +106,7 @@ class JobKind:
     finish: Finisher = _no_summary
     description: str = ""
     max_attempts: int | None = None
+    retry_transient: bool = True
 
 
 def job_kind(name: str) -> JobKind:

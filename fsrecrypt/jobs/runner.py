@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
+import socket
 import threading
 import time
 from collections.abc import Callable, Iterable, Mapping
@@ -157,7 +159,7 @@ class JobWorker:
                 raise TypeError(f"{kind.name}.handle returned {type(outcome).__name__}")
         except FsrecryptError as exc:
             message = f"{type(exc).__name__}: {exc.message}"
-            if exc.transient and item.attempts < max_attempts:
+            if exc.transient and kind.retry_transient and item.attempts < max_attempts:
                 requeue_in = min(300.0, 2.0**item.attempts)
             outcome = Outcome("failed", message)
         except Exception as exc:  # noqa: BLE001 - contained: one bad item never stops the loop
@@ -242,23 +244,29 @@ def run_job(
     (or takes them over when their lease runs out) before the summary.
     """
     stop = stop or threading.Event()
-    worker = JobWorker(services, settings=settings)
     db = services.db
+    last: list[tuple[int, int]] = []
+
+    def report(_event: ItemEvent | None = None) -> None:
+        if progress is None:
+            return
+        counts = db.job_counts(job_id)
+        now = (counts["done"] + counts["failed"] + counts["skipped"], counts["total"])
+        if not last or now != last[0]:
+            last[:] = [now]
+            progress(*now)
+
+    worker = JobWorker(services, settings=settings, on_item=report)
+    with contextlib.suppress(DatabaseError):
+        reap_dead_local(services)
     beat = threading.Thread(target=_beat, args=(worker, stop), daemon=True, name="job-heartbeat")
     beat.start()
-
-    def report() -> None:
-        if progress is not None:
-            counts = db.job_counts(job_id)
-            progress(counts["done"] + counts["failed"] + counts["skipped"], counts["total"])
-
     try:
         report()
         while not stop.is_set():
-            handled = worker.work_batch([job_id], stop.is_set)
-            report()
-            if handled:
+            if worker.work_batch([job_id], stop.is_set):
                 continue
+            report()
             if not db.job(job_id).active:
                 break
             if worker.try_finish(job_id):
@@ -266,10 +274,37 @@ def run_job(
             stop.wait(min(worker.settings.poll_interval, 1.0))
             with contextlib.suppress(DatabaseError):
                 db.reap_job_leases(worker.settings.max_attempts)
+                reap_dead_local(services)
     finally:
         stop.set()
         beat.join(timeout=5)
+    report()
     return db.job(job_id)
+
+
+def reap_dead_local(services: Services) -> int:
+    """Re-queue items held by processes of THIS host that no longer exist.
+
+    A lease names ``host:pid:nonce``; a command killed and run again on the
+    same host need not wait a lease for its own dead items.
+    """
+    prefix = f"{socket.gethostname()}:"
+    dead = []
+    for holder in services.db.job_item_holders(prefix):
+        pid_text = holder[len(prefix) :].split(":", 1)[0]
+        if pid_text.isdigit() and not _alive(int(pid_text)):
+            dead.append(holder)
+    return services.db.release_job_items(dead) if dead else 0
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def _beat(worker: JobWorker, stop: threading.Event) -> None:
