@@ -159,7 +159,8 @@ class JobWorker:
                 raise TypeError(f"{kind.name}.handle returned {type(outcome).__name__}")
         except FsrecryptError as exc:
             message = f"{type(exc).__name__}: {exc.message}"
-            if exc.transient and kind.retry_transient and item.attempts < max_attempts:
+            retry = kind.retry_transient or isinstance(exc, DatabaseError)  # never the item's fault
+            if exc.transient and retry and item.attempts < max_attempts:
                 requeue_in = min(300.0, 2.0**item.attempts)
             outcome = Outcome("failed", message)
         except Exception as exc:  # noqa: BLE001 - contained: one bad item never stops the loop
