@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -66,12 +67,14 @@ def test_worker_logs_each_item_serves_metrics_anchors_and_drains_on_sigterm(
             ).read_text()
             time.sleep(0.1)
         lines = [json.loads(x) for x in (world.tmp / "worker.log").read_text().splitlines()]
-        items = [x for x in lines if x.get("event") == "job_item"]
+        # (The session's database may hold other tests' jobs: the worker takes those too.)
+        items = [x for x in lines if x.get("event") == "job_item" and x["job"] == small]
         assert sorted(x["seq"] for x in items) == [1, 2, 3, 4, 5]
-        assert {x["state"] for x in items} == {"skipped"} and all(x["job"] == small for x in items)
+        assert {x["state"] for x in items} == {"skipped"}
         body = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read()
         text = body.decode()
-        assert 'fsrecrypt_job_items_total{kind="verify",state="skipped"} 5.0' in text
+        found = re.search(r'fsrecrypt_job_items_total\{kind="verify",state="skipped"\} (\d+)', text)
+        assert found and int(found.group(1)) >= 5, text
         for name in ("fsrecrypt_job_items_in_flight", "fsrecrypt_job_lag_seconds"):
             assert name in text
         # Workers anchor the audit chains too (advisory-locked with the daemons).
