@@ -298,6 +298,9 @@ def run_job(
     finally:
         stop.set()
         beat.join(timeout=5)
+        # Interrupted (Ctrl-C, an error): hand back what this process still holds.
+        with contextlib.suppress(FsrecryptError):
+            db.release_job_items([worker.worker])
     report()
     return db.job(job_id)
 

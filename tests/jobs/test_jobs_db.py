@@ -187,3 +187,17 @@ def test_a_job_of_an_unknown_kind_is_left_alone(svc: Services) -> None:
     assert svc.db.job_counts(job.id)["queued"] == 3
     with pytest.raises(ConfigError):
         create_job(svc, "future-kind", {}, _items(1), user_id="t")
+
+
+def test_an_interrupted_command_hands_its_claimed_items_back(svc: Services) -> None:
+    job = _verify_job(svc, 30)
+
+    def interrupt(done: int, _total: int) -> None:
+        if done >= 3:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        run_job(svc, job.id, progress=interrupt)
+    counts = svc.db.job_counts(job.id)
+    assert counts["running"] == 0 and counts["queued"] == 30 - counts["skipped"]
+    assert run_job(svc, job.id).state == "done"
