@@ -22,7 +22,12 @@ from tests.support.factories import local_config
 @pytest.fixture
 def svc(tmp_path: Path, pg_dsn: str):
     services = Services(local_config(tmp_path, pg_dsn, jobs={"metrics_listen": ""}))
+    before = {j.id for j in services.db.jobs(limit=10000)}
     yield services
+    # Leave no active job behind: workers of later tests (same database) would work it.
+    for job in services.db.jobs(limit=10000, active_only=True):
+        if job.id not in before:
+            services.db.cancel_job(job.id)
     services.close()
 
 
