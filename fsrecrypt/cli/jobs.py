@@ -24,6 +24,7 @@ if TYPE_CHECKING:  # pragma: no cover
     from fsrecrypt.pipeline import Services
 
 F = Callable[..., Any]
+JOB_ID = click.IntRange(1, 2**63 - 1)  # a PostgreSQL bigserial
 
 detach_option: Callable[[F], F] = click.option(
     "--detach",
@@ -122,7 +123,7 @@ def jobs_list_command(ctx: click.Context, active: bool, limit: int) -> None:
 
 @jobs_group.command("show")
 @config_option
-@click.argument("job_id", type=click.IntRange(1))
+@click.argument("job_id", type=JOB_ID)
 @click.option("--json", "as_json", is_flag=True, help="Print JSON instead of text.")
 @click.pass_context
 def jobs_show_command(ctx: click.Context, job_id: int, as_json: bool) -> None:
@@ -154,7 +155,7 @@ def jobs_show_command(ctx: click.Context, job_id: int, as_json: bool) -> None:
 
 @jobs_group.command("cancel")
 @config_option
-@click.argument("job_id", type=click.IntRange(1))
+@click.argument("job_id", type=JOB_ID)
 @click.pass_context
 def jobs_cancel_command(ctx: click.Context, job_id: int) -> None:
     """Cancel a job: its queued items are no longer handed out (items in flight finish)."""
@@ -168,7 +169,7 @@ def jobs_cancel_command(ctx: click.Context, job_id: int) -> None:
 
 @jobs_group.command("retry")
 @config_option
-@click.argument("job_id", type=click.IntRange(1))
+@click.argument("job_id", type=JOB_ID)
 @click.pass_context
 def jobs_retry_command(ctx: click.Context, job_id: int) -> None:
     """Put a job's failed items back in the queue (a cancelled job resumes); workers take them."""

@@ -83,8 +83,10 @@ class JobWorker:
         settings: JobsConfig | None = None,
         worker: str | None = None,
         on_item: Callable[[ItemEvent], None] | None = None,
+        warn: Callable[[str], None] | None = None,
     ) -> None:
         self.services = services
+        self.warn = warn or _log.warning
         self.settings = settings or services.config.jobs
         self.worker = worker or worker_id()
         self.on_item = on_item
@@ -167,7 +169,7 @@ class JobWorker:
             self._context(job_id)
         except ConfigError as exc:
             self._unknown.add(job_id)
-            _log.warning("job %s skipped: %s", job_id, exc.message)
+            self.warn(f"job {job_id} skipped: {exc.message}")
             return False
         return True
 

@@ -149,5 +149,8 @@ def test_jobs_commands_list_show_cancel_retry_and_detach(world: World) -> None: 
     assert status["first_failures"][0]["payload"] == {"id": ids[0]}
     missing = cli("jobs", "show", "999999999")
     assert missing.exit_code != 0 and "no job with id 999999999" in missing.stderr
-    bad = cli("jobs", "show", "-1")
-    assert bad.exit_code == 2
+    for hostile in ("-1", "0", "9223372036854775808", "1e3", "1;DROP TABLE jobs"):
+        bad = cli("jobs", "show", hostile)
+        assert bad.exit_code == 2 and "Traceback" not in bad.output, hostile
+    biggest = cli("jobs", "cancel", "9223372036854775807")
+    assert biggest.exit_code != 0 and "no job with id" in biggest.stderr
