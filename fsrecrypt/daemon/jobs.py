@@ -41,8 +41,6 @@ from fsrecrypt.errors import (
 from fsrecrypt.pipeline import StoreOutcome, register_source, store_recording
 from fsrecrypt.plaintext import SourceFile, fingerprint_of, open_source
 
-LEASE_SECONDS = 600.0
-
 
 class UnexpectedJobError(FsrecryptError):
     """A job failed with an exception fsrecrypt does not map (a bug or an unknown library error).
@@ -208,7 +206,7 @@ class JobRunner:
                     source,
                     tenant,
                     worker=rt.worker,
-                    lease_seconds=LEASE_SECONDS,
+                    lease_seconds=rt.config.jobs.lease_seconds,
                     on_chunk=lambda _n: gevent.sleep(0),
                     claimed=claimed,
                 )
@@ -262,7 +260,9 @@ class JobRunner:
             return None, None, rt.tenant(job.tenant_name or "")
         # Fast path: claim the row and read its tenant (the key as of now, so
         # rotation still takes effect at once) in one statement.
-        pair = rt.services.db.claim_with_tenant(job.recording_id, rt.worker, LEASE_SECONDS)
+        pair = rt.services.db.claim_with_tenant(
+            job.recording_id, rt.worker, rt.config.jobs.lease_seconds
+        )
         if pair is not None:
             claimed, tenant = pair
             return claimed, claimed, tenant
@@ -485,3 +485,19 @@ def hold_for_tenant(rt: Runtime, job: Job, exc: UnknownTenant) -> None:
         # Not persisted: at least this process never adopts it.
         rt.refused_paths.add(job.path)
         rt.log.warning("job.unassigned_not_recorded", path=job.path, error=str(err))
+
+
+def renew_claims(rt: Runtime) -> bool:
+    """Renew this daemon's claims; True when another daemon's claims ran out.
+
+    Claims are ``[jobs] lease_seconds`` leases renewed every
+    ``heartbeat_interval`` (the ``leases`` loop). A daemon killed with
+    SIGKILL (or its host lost) stops renewing, so its rows' leases run out
+    within one lease; the caller then sweeps at once, and any daemon seeing
+    the same files takes them over.
+    """
+    rt.services.db.renew_claims(rt.worker, rt.config.jobs.lease_seconds)
+    expired = rt.services.db.expired_claims()
+    if expired:
+        rt.log.info("daemon.expired_claims", rows=expired)
+    return expired > 0

@@ -43,7 +43,7 @@ from fsrecrypt.config import Config, load_config
 from fsrecrypt.daemon.esl import EslSettings, EventSource
 from fsrecrypt.daemon.events import EventHandler
 from fsrecrypt.daemon.health import HEARTBEAT_INTERVAL, Heartbeat
-from fsrecrypt.daemon.jobs import JobQueue, JobRunner, backoff
+from fsrecrypt.daemon.jobs import JobQueue, JobRunner, backoff, renew_claims
 from fsrecrypt.daemon.logs import configure_logging, get_logger
 from fsrecrypt.daemon.metrics import start_metrics_server
 from fsrecrypt.daemon.runtime import Runtime
@@ -93,6 +93,21 @@ def pause(
         gevent.wait([stopping, wake], timeout=remaining, count=1)
 
 
+def interval_or_now(run_now: set[str], name: str, interval: float) -> float:
+    """``interval``, or 0 once after ``name`` was put in ``run_now`` (run its pass now)."""
+    if name in run_now:
+        run_now.discard(name)
+        return 0.0
+    return interval
+
+
+def lease_pass(rt: Runtime, run_now: set[str], wakes: dict[str, gevent.event.Event]) -> None:
+    """Renew this daemon's claims; sweep now when another daemon's claims ran out."""
+    if renew_claims(rt):
+        run_now.add("sweeper")
+        wakes.setdefault("sweeper", gevent.event.Event()).set()
+
+
 class Daemon:
     """Composes the parts (jobs, events, sweep, heartbeat) and supervises their greenlets."""
 
@@ -111,6 +126,7 @@ class Daemon:
         self._supervised: dict[str, Any] = {}
         # One per periodic loop, set by SIGHUP: the loop re-reads its interval at once.
         self._wakes: dict[str, gevent.event.Event] = {}
+        self._run_now: set[str] = set()
 
     @property
     def config(self) -> Config:
@@ -151,10 +167,19 @@ class Daemon:
         ]
         self._greenlets = [
             self._spawn_loop(
-                "sweeper", self.sweeper.sweep_pass, lambda: self.rt.config.pipeline.sweep_interval
+                "sweeper",
+                self.sweeper.sweep_pass,
+                lambda: interval_or_now(
+                    self._run_now, "sweeper", self.rt.config.pipeline.sweep_interval
+                ),
             ),
             self._spawn_loop(
                 "housekeeping", self.heartbeat.housekeeping_pass, lambda: HEARTBEAT_INTERVAL
+            ),
+            self._spawn_loop(
+                "leases",
+                lambda: lease_pass(self.rt, self._run_now, self._wakes),
+                lambda: self.rt.config.jobs.heartbeat_interval,
             ),
         ]
         watchdog = watchdog_interval()
