@@ -7,7 +7,7 @@ import json
 import click
 
 from fsrecrypt.cli import config_option
-from fsrecrypt.cli.helpers import operator, services_for, user_option
+from fsrecrypt.cli.helpers import ProgressBar, operator, services_for, user_option
 from fsrecrypt.cli.jobs import detach_option, work_or_detach
 
 
