@@ -161,7 +161,8 @@ class World:
     def cli(self, monkeypatch: pytest.MonkeyPatch, role: str, *args: str) -> tuple[int, str]:
         self.as_role(monkeypatch, role)
         run = CliRunner().invoke(main, ["-c", str(self.cfg), *args])
-        return run.exit_code, run.output
+        # On success the JSON on stdout (a job's progress lines go to stderr); else everything.
+        return run.exit_code, run.stdout if run.exit_code == 0 else run.output
 
     def client(self, monkeypatch: pytest.MonkeyPatch, role: str, service: str) -> Any:
         self.as_role(monkeypatch, role)
