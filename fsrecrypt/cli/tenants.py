@@ -18,15 +18,24 @@ def tenants_group() -> None:
 @tenants_group.command("add")
 @config_option
 @click.argument("name")
-@click.option("--key", "key_id", required=True, help="Key id (local) or KMS key id/ARN/alias.")
+@click.option("--key", "key_id", help="Key id (local) or KMS key id/ARN/alias.")
+@click.option(
+    "--branch-key",
+    help="aws-kms-hierarchy: 'new' (create a branch key) or an existing branch key id.",
+)
 @click.pass_context
-def tenants_add(ctx: click.Context, name: str, key_id: str) -> None:
-    """Add tenant NAME whose recordings are wrapped by KEY."""
-    from fsrecrypt.pipeline import add_tenant
+def tenants_add(ctx: click.Context, name: str, key_id: str | None, branch_key: str | None) -> None:
+    """Add tenant NAME whose recordings are wrapped by KEY (or a branch key)."""
+    from fsrecrypt.pipeline import add_branch_key_tenant, add_tenant
 
+    if (key_id is None) == (branch_key is None):
+        raise click.UsageError("give exactly one of --key and --branch-key")
     services = services_for(ctx)
     try:
-        tenant = add_tenant(services, name, key_id)
+        if branch_key is not None:
+            tenant = add_branch_key_tenant(services, name, branch_key)
+        else:
+            tenant = add_tenant(services, name, str(key_id))
     finally:
         services.close()
     click.echo(json.dumps({"id": tenant.id, "name": tenant.name, "key": tenant.kms_key_id}))

@@ -64,6 +64,7 @@ from botocore.config import Config
 from botocore.exceptions import BotoCoreError, ClientError
 
 from fsrecrypt.errors import (
+    FsrecryptError,
     KeyAccessError,
     KeyNotFound,
     KeyProviderUnavailable,
@@ -406,14 +407,14 @@ class AwsKmsHierarchyProvider(_BranchKeyAdmin, KeyProvider):
         """Run ``use(keyring)``; a branch key moved to another KMS key is looked up again once."""
         try:
             return use(self.keyring(branch_key_id))
-        except KeyAccessError:
-            raise
+        except FsrecryptError:
+            raise  # ours already (a database lookup of the KMS key, a key error)
         except Exception as exc:  # noqa: BLE001 - the MPL raises its own unrelated types
             if not _mentions(exc, _ARN_MISMATCH) or self._branch_key_kms is None:
                 raise map_mpl_error(exc, where) from None
         try:
             return use(self.keyring(branch_key_id, refresh=True))
-        except KeyAccessError:
+        except FsrecryptError:
             raise
         except Exception as exc:  # noqa: BLE001
             raise map_mpl_error(exc, where) from None

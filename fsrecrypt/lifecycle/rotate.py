@@ -15,6 +15,11 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from fsrecrypt.errors import FsrecryptError, InvalidState
+from fsrecrypt.lifecycle.branch_keys import (
+    BranchKeyMoveSummary,
+    move_tenant_branch_key,
+    uses_branch_keys,
+)
 from fsrecrypt.lifecycle.common import PAGE, ProgressCallback, crash_point, insert_audit
 from fsrecrypt.lifecycle.rewrite import finish_header_leftovers, rewrite_header
 from fsrecrypt.pipeline import Services, edk_from_bytes, edk_to_bytes, encryption_context
@@ -119,8 +124,12 @@ def rotate_tenant(
     rewrite_headers: bool = False,
     user_id: str,
     progress: ProgressCallback | None = None,
-) -> RotationSummary:
+) -> RotationSummary | BranchKeyMoveSummary:
     """Switch a tenant to ``to_key`` and re-wrap (optionally re-header) all its recordings.
+
+    With branch keys (``aws-kms-hierarchy``) ``to_key`` is a KMS key and only
+    the tenant's branch key moves to it (``lifecycle.branch_keys``): a
+    handful of KMS calls, no recording touched.
 
     The tenant's key is switched first, so everything stored from now on
     (also by a running daemon) uses the new key. Then every stored recording
@@ -135,6 +144,10 @@ def rotate_tenant(
     """
     started = time.monotonic()
     tenant = services.db.tenant_by_name(tenant_name)
+    if uses_branch_keys(services.config):
+        return move_tenant_branch_key(
+            services, tenant, to_key, rewrite_headers=rewrite_headers, user_id=user_id
+        )
     summary = RotationSummary(tenant.name, to_key, tenant.kms_key_id, rewrite_headers)
     try:
         target = _canonical_key_id(services, to_key)
