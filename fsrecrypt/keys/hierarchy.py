@@ -335,16 +335,20 @@ class AwsKmsHierarchyProvider(_BranchKeyAdmin, KeyProvider):
         with self._lock:
             if self._mpl is None:
                 mpl = AwsCryptographicMaterialProviders(MaterialProvidersConfig())
+                # The MPL's default storm settings (refresh in the last 10 s of
+                # an entry, one fetch per key per second, waiters give up after
+                # 10 s), shrunk for a short TTL so an entry is not always "due".
+                grace = min(10, max(1, self.cache_ttl // 10))
                 self._cache = mpl.create_cryptographic_materials_cache(
                     CreateCryptographicMaterialsCacheInput(
                         cache=CacheTypeStormTracking(
                             StormTrackingCache(
                                 entry_capacity=1000,
                                 entry_pruning_tail_size=1,
-                                grace_period=10,
+                                grace_period=grace,
                                 grace_interval=1,
                                 fan_out=20,
-                                in_flight_ttl=10,
+                                in_flight_ttl=grace,
                                 sleep_milli=20,
                             )
                         )
