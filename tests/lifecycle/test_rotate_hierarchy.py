@@ -152,6 +152,26 @@ def test_a_running_process_follows_the_move_after_its_cache_expires(
     daemon_like.close()
 
 
+def test_a_version_first_read_after_a_move_finds_the_new_kms_key(
+    config, key_store: KeyStoreEnv, tmp_path: Path
+) -> None:
+    """The process still believes the old KMS key (its lookup is cached for the TTL) when it
+    first needs a branch key version: the key store refuses it, the process asks again."""
+    reader = Services(config)
+    tenant = add_branch_key_tenant(reader, unique("acme"), "new")
+    _ingest(reader, tmp_path, tenant.name, 1)  # the reader now knows "old KMS key"
+    writer = Services(config)
+    wav = tmp_path / "recordings" / "by-writer.wav"
+    data = make_wav(wav, 0.05, seed=7)
+    rec_id = ingest_file(writer, str(wav), tenant.name).recording.id
+    rotate_tenant(writer, tenant.name, key_store.new_kms_key(), user_id="ops")
+    writer.close()
+    out = io.BytesIO()
+    fetch_recording(reader, rec_id, out, user_id="t")  # version not cached: fetched now
+    assert out.getvalue() == data
+    reader.close()
+
+
 def test_rotate_refuses_a_disabled_or_unknown_target(config, key_store: KeyStoreEnv) -> None:
     services = Services(config)
     tenant = add_branch_key_tenant(services, unique("acme"), "new")
