@@ -27,6 +27,7 @@ from fsrecrypt.config import KeysConfig
 from fsrecrypt.errors import KeyAccessError
 from fsrecrypt.keys.base import (
     DATA_KEY_BYTES,
+    DIRECT_KMS_PREFIXES,
     KMS_PROVIDER_ID,
     LOCAL_PROVIDER_ID,
     DataKey,
@@ -43,6 +44,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "DATA_KEY_BYTES",
+    "DIRECT_KMS_PREFIXES",
     "KMS_PROVIDER_ID",
     "LOCAL_PROVIDER_ID",
     "AwsKmsHierarchyProvider",

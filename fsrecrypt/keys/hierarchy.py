@@ -66,105 +66,35 @@ from botocore.exceptions import BotoCoreError, ClientError
 from fsrecrypt.errors import (
     FsrecryptError,
     KeyAccessError,
-    KeyNotFound,
     KeyProviderUnavailable,
     NoUsableDataKey,
 )
 from fsrecrypt.format import EncryptedDataKey
 from fsrecrypt.keys import branch_items
-from fsrecrypt.keys.awserrors import aws_error
+from fsrecrypt.keys.awserrors import ARN_MISMATCH, aws_error, map_mpl_error, mentions
 from fsrecrypt.keys.base import (
     DATA_KEY_BYTES,
+    DIRECT_KMS_PREFIXES,
+    KMS_PROVIDER_ID,
     DataKey,
     DataKeyAuthenticationFailed,
     KeyInfo,
     KeyProvider,
     validate_key_id,
 )
-from fsrecrypt.keys.kms import kms_key_ref
+from fsrecrypt.keys.kms import AwsKmsProvider, kms_key_ref
 
 HIERARCHY_PROVIDER_ID = "aws-kms-hierarchy"
 # salt 16 + IV 12 + branch key version 16 + wrapped data key 32 + tag 16.
 EDK_CIPHERTEXT_BYTES = 92
 _PARTITION = "fsrecrypt"
 _ESDK_COMMIT_KEY_SUITE = b"\x04\x78"
-# What the key store says (GetActiveBranchKey, GetBranchKeyVersion) when an
-# item is wrapped by another KMS key than the one it is configured with.
-_ARN_MISMATCH = (
-    "does not match Key Store's configured KMS Key ARN",
-    "AWS KMS Key ARN does not match configured value",
-)
-_NOT_FOUND = "No item found"
 
 BranchKeyKms = Callable[[str], str | None]
 
 
-def _walk(exc: BaseException) -> list[Any]:
-    """``exc`` and everything the MPL wrapped inside it (args, ``list``, causes)."""
-    seen: list[Any] = []
-    todo: list[Any] = [exc]
-    while todo and len(seen) < 50:
-        item = todo.pop()
-        if any(item is s for s in seen):
-            continue
-        seen.append(item)
-        if isinstance(item, BaseException):
-            todo.extend(a for a in item.args if isinstance(a, BaseException))
-            todo.extend(e for e in (item.__cause__, item.__context__) if e is not None)
-        for attr in ("list", "message", "obj"):
-            inner = getattr(item, attr, None)
-            if isinstance(inner, list):
-                todo.extend(inner)
-            elif isinstance(inner, BaseException):
-                todo.append(inner)
-    return seen
-
-
-def _is_auth_failure(errors: list[Any]) -> bool:
-    """Every nested error is the primitives' AES-GCM tag failure (wrong context, tampering)."""
-    leaves = [e for e in errors if type(e).__name__ == "AwsCryptographicPrimitives"]
-    return bool(leaves) and type(errors[0]).__name__ in (
-        "CollectionOfErrors",
-        "AwsCryptographicPrimitives",
-    )
-
-
-def _detail(errors: list[Any]) -> str:
-    """The innermost message the MPL wrapped (a collection's own text says nothing)."""
-    for e in reversed(errors):
-        if type(e).__name__ != "CollectionOfErrors" and str(e):
-            return f"{type(e).__name__}: {str(e)[:300]}"
-    return f"{type(errors[0]).__name__}: {str(errors[0])[:300]}"
-
-
-def _mentions(exc: BaseException, texts: tuple[str, ...]) -> bool:
-    return any(t in str(e) for e in _walk(exc) for t in texts)
-
-
-def map_mpl_error(exc: BaseException, where: str) -> KeyAccessError:
-    """An MPL or botocore failure as our typed error; identifiers and codes only."""
-    errors = _walk(exc)
-    for e in errors:
-        if isinstance(e, ClientError | BotoCoreError):
-            return aws_error(e, where)
-    if _is_auth_failure(errors):
-        return DataKeyAuthenticationFailed(f"{where}: the wrapped data key did not authenticate")
-    detail = _detail(errors)
-    if _NOT_FOUND in detail:
-        return KeyNotFound(f"{where}: branch key not in the key store")
-    if "InFlightTTLExceeded" in detail or "inFlightTTL exceeded" in detail:
-        return KeyProviderUnavailable(f"{where}: branch key fetch still in flight")
-    if any(t in detail for t in _ARN_MISMATCH):
-        return KeyAccessError(
-            f"{where}: the branch key is protected by another KMS key than the one expected",
-            hint="If it was moved with 'fsrecrypt rotate', run it again to finish; otherwise "
-            "check [keys] key_store_kms_key and who wrote to the key store table.",
-        )
-    return KeyAccessError(f"{where}: {detail}")
-
-
 class _BranchKeyAdmin:
-    """What operators do to the key store itself: create it, list, version and move branch keys.
+    """What operators do with branch keys: create, check, list, version, re-wrap, move.
 
     Kept apart from the per-recording wrapping (``AwsKmsHierarchyProvider``)
     so each class stays about one job; it relies on the provider's clients,
@@ -175,10 +105,14 @@ class _BranchKeyAdmin:
     table: str
     _lock: threading.RLock
     _kms_for: dict[str, tuple[str, float]]
+    direct: AwsKmsProvider
     kms_client: BaseClient
     ddb_client: BaseClient
     key_store: Callable[..., KeyStore]
     kms_arn_for: Callable[..., str]
+    key_for_edk: Callable[[EncryptedDataKey], str | None]
+    decrypt_data_key: Callable[..., bytes]
+    _wrap: Callable[..., EncryptedDataKey]
 
     def version_branch_key(self, branch_key_id: str) -> None:
         """A new active version of ``branch_key_id``; older versions keep decrypting."""
@@ -219,6 +153,68 @@ class _BranchKeyAdmin:
             if not page.get("LastEvaluatedKey"):
                 return sorted(out, key=lambda k: k.key_id)
             kwargs["ExclusiveStartKey"] = page["LastEvaluatedKey"]
+
+    def create_key(self, key_id: str) -> str:
+        """A new branch key under ``key_store_kms_key``; ``new`` lets the MPL pick a UUID."""
+        if key_id == "new":
+            request = CreateKeyInput()
+        else:
+            validate_key_id(key_id)
+            if key_id.startswith(DIRECT_KMS_PREFIXES):
+                raise KeyAccessError(
+                    f"branch key id {key_id!r} looks like a KMS key",
+                    hint="Branch key ids must not start with 'arn:' or 'alias/'; use 'new'.",
+                )
+            # The MPL requires a custom context with a caller-chosen id; it is
+            # bound to the branch key (aws-crypto-ec:fsrecrypt in its items).
+            request = CreateKeyInput(
+                branch_key_identifier=key_id, encryption_context={"fsrecrypt": "branch-key"}
+            )
+        try:
+            out = self.key_store().create_key(request)
+        except Exception as exc:  # noqa: BLE001
+            raise map_mpl_error(exc, f"creating a branch key in {self.table}") from None
+        return str(out.branch_key_identifier)
+
+    def check_key(self, key_id: str) -> None:
+        """Wrap a throw-away data key: proves the branch key and its KMS key work (cached)."""
+        if key_id.startswith(DIRECT_KMS_PREFIXES):
+            self.direct.check_key(key_id)
+            return
+        validate_key_id(key_id)
+        self._wrap(key_id, os.urandom(DATA_KEY_BYTES), {"fsrecrypt-purpose": "key-check"})
+
+    def rewrap(
+        self, edk: EncryptedDataKey, context: Mapping[str, str], new_key_id: str
+    ) -> EncryptedDataKey:
+        """The same data key under ``new_key_id``: a branch key, or a KMS key used directly.
+
+        From a direct KMS EDK to a KMS key this is KMS ReEncrypt, as with
+        ``aws-kms``; every other way unwraps and wraps in memory.
+        """
+        if self.key_for_edk(edk) is None:
+            raise NoUsableDataKey(f"cannot rewrap a {edk.provider_id!r} data key with branch keys")
+        if new_key_id.startswith(DIRECT_KMS_PREFIXES):
+            if self.direct.key_for_edk(edk) is not None:
+                return self.direct.rewrap(edk, context, new_key_id)
+            data_key = self.decrypt_data_key([edk], context)
+            return self._kms_encrypt(new_key_id, data_key, context)
+        validate_key_id(new_key_id)
+        data_key = self.decrypt_data_key([edk], context)
+        return self._wrap(new_key_id, data_key, context)
+
+    def _kms_encrypt(
+        self, key_id: str, data_key: bytes, context: Mapping[str, str]
+    ) -> EncryptedDataKey:
+        ref = kms_key_ref(key_id)
+        resp = self.direct._call(
+            "encrypt", ref, KeyId=ref, Plaintext=data_key, EncryptionContext=dict(context)
+        )
+        return EncryptedDataKey(
+            provider_id=KMS_PROVIDER_ID,
+            provider_info=str(resp["KeyId"]).encode("utf-8"),
+            ciphertext=bytes(resp["CiphertextBlob"]),
+        )
 
     # -- moving branch keys between KMS keys ----------------------------------------
 
@@ -289,6 +285,15 @@ class AwsKmsHierarchyProvider(_BranchKeyAdmin, KeyProvider):
         self.endpoint_url = endpoint_url or None
         self.cache_ttl = cache_ttl
         self._branch_key_kms = branch_key_kms
+        # Tenant keys that are KMS keys (from before the switch to branch keys)
+        # and their recordings go to KMS directly, one call each, as before.
+        self.direct = AwsKmsProvider(
+            region,
+            self.endpoint_url,
+            connect_timeout=connect_timeout,
+            read_timeout=read_timeout,
+            max_attempts=max_attempts,
+        )
         self._client_config = Config(
             connect_timeout=connect_timeout,
             read_timeout=read_timeout,
@@ -414,7 +419,7 @@ class AwsKmsHierarchyProvider(_BranchKeyAdmin, KeyProvider):
         except FsrecryptError:
             raise  # ours already (a database lookup of the KMS key, a key error)
         except Exception as exc:  # noqa: BLE001 - the MPL raises its own unrelated types
-            if not _mentions(exc, _ARN_MISMATCH) or self._branch_key_kms is None:
+            if not mentions(exc, ARN_MISMATCH) or self._branch_key_kms is None:
                 raise map_mpl_error(exc, where) from None
         try:
             return use(self.keyring(branch_key_id, refresh=True))
@@ -447,6 +452,8 @@ class AwsKmsHierarchyProvider(_BranchKeyAdmin, KeyProvider):
         )
 
     def generate_data_key(self, key_id: str, context: Mapping[str, str]) -> DataKey:
+        if key_id.startswith(DIRECT_KMS_PREFIXES):
+            return self.direct.generate_data_key(key_id, context)
         validate_key_id(key_id)
         data_key = os.urandom(DATA_KEY_BYTES)
         return DataKey(
@@ -460,7 +467,7 @@ class AwsKmsHierarchyProvider(_BranchKeyAdmin, KeyProvider):
         failed: KeyAccessError | None = None
         seen = False
         for edk in edks:
-            branch_key_id = self.key_for_edk(edk)
+            branch_key_id = self._branch_key_of(edk)
             if branch_key_id is None:
                 continue
             seen = True
@@ -499,44 +506,21 @@ class AwsKmsHierarchyProvider(_BranchKeyAdmin, KeyProvider):
             if len(plaintext) != DATA_KEY_BYTES:
                 raise KeyAccessError(f"branch key {branch_key_id} unwrapped a wrong-size data key")
             return plaintext
+        direct = [e for e in edks if self.direct.key_for_edk(e) is not None]
+        if direct:
+            return self.direct.decrypt_data_key(direct, context)
         if failed is not None:
             raise failed
         if seen:
             raise NoUsableDataKey("no usable branch key data key in this message")
         raise NoUsableDataKey("no encrypted data key from the branch key store in this message")
 
-    def rewrap(
-        self, edk: EncryptedDataKey, context: Mapping[str, str], new_key_id: str
-    ) -> EncryptedDataKey:
-        validate_key_id(new_key_id)
-        if self.key_for_edk(edk) is None:
-            raise NoUsableDataKey(f"cannot rewrap a {edk.provider_id!r} data key with branch keys")
-        data_key = self.decrypt_data_key([edk], context)
-        return self._wrap(new_key_id, data_key, context)
-
-    def create_key(self, key_id: str) -> str:
-        """A new branch key under ``key_store_kms_key``; ``new`` lets the MPL pick a UUID."""
-        if key_id == "new":
-            request = CreateKeyInput()
-        else:
-            validate_key_id(key_id)
-            # The MPL requires a custom context with a caller-chosen id; it is
-            # bound to the branch key (aws-crypto-ec:fsrecrypt in its items).
-            request = CreateKeyInput(
-                branch_key_identifier=key_id, encryption_context={"fsrecrypt": "branch-key"}
-            )
-        try:
-            out = self.key_store().create_key(request)
-        except Exception as exc:  # noqa: BLE001
-            raise map_mpl_error(exc, f"creating a branch key in {self.table}") from None
-        return str(out.branch_key_identifier)
-
-    def check_key(self, key_id: str) -> None:
-        """Wrap a throw-away data key: proves the branch key and its KMS key work (cached)."""
-        validate_key_id(key_id)
-        self._wrap(key_id, os.urandom(DATA_KEY_BYTES), {"fsrecrypt-purpose": "key-check"})
-
     def key_for_edk(self, edk: EncryptedDataKey) -> str | None:
+        """The branch key id, or the KMS key ARN of a direct KMS EDK; None if neither."""
+        return self._branch_key_of(edk) or self.direct.key_for_edk(edk)
+
+    @staticmethod
+    def _branch_key_of(edk: EncryptedDataKey) -> str | None:
         if edk.provider_id != HIERARCHY_PROVIDER_ID:
             return None
         try:

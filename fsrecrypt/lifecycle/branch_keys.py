@@ -20,6 +20,7 @@ from typing import Any
 from fsrecrypt.config import Config
 from fsrecrypt.db import Tenant
 from fsrecrypt.errors import ConfigError, FsrecryptError
+from fsrecrypt.keys import DIRECT_KMS_PREFIXES
 from fsrecrypt.pipeline import Services
 
 HIERARCHY = "aws-kms-hierarchy"
@@ -28,6 +29,11 @@ HIERARCHY = "aws-kms-hierarchy"
 def uses_branch_keys(config: Config) -> bool:
     """True when tenants' keys are branch keys (``[keys] provider = "aws-kms-hierarchy"``)."""
     return config.keys.provider == HIERARCHY
+
+
+def on_branch_key(config: Config, tenant: Tenant) -> bool:
+    """The tenant's key is a branch key (not a KMS key it used before the switch)."""
+    return uses_branch_keys(config) and not tenant.kms_key_id.startswith(DIRECT_KMS_PREFIXES)
 
 
 def _provider(services: Services) -> Any:

@@ -18,7 +18,7 @@ from fsrecrypt.errors import FsrecryptError, InvalidState
 from fsrecrypt.lifecycle.branch_keys import (
     BranchKeyMoveSummary,
     move_tenant_branch_key,
-    uses_branch_keys,
+    on_branch_key,
 )
 from fsrecrypt.lifecycle.common import PAGE, ProgressCallback, crash_point, insert_audit
 from fsrecrypt.lifecycle.rewrite import finish_header_leftovers, rewrite_header
@@ -127,9 +127,11 @@ def rotate_tenant(
 ) -> RotationSummary | BranchKeyMoveSummary:
     """Switch a tenant to ``to_key`` and re-wrap (optionally re-header) all its recordings.
 
-    With branch keys (``aws-kms-hierarchy``) ``to_key`` is a KMS key and only
-    the tenant's branch key moves to it (``lifecycle.branch_keys``): a
-    handful of KMS calls, no recording touched.
+    For a tenant on a branch key (``aws-kms-hierarchy``) ``to_key`` is a KMS
+    key and only the branch key moves to it (``lifecycle.branch_keys``): a
+    handful of KMS calls, no recording touched. A tenant still on a KMS key
+    moves to a branch key (``to_key`` its id) the usual way, recording by
+    recording.
 
     The tenant's key is switched first, so everything stored from now on
     (also by a running daemon) uses the new key. Then every stored recording
@@ -144,7 +146,7 @@ def rotate_tenant(
     """
     started = time.monotonic()
     tenant = services.db.tenant_by_name(tenant_name)
-    if uses_branch_keys(services.config):
+    if on_branch_key(services.config, tenant):
         return move_tenant_branch_key(
             services, tenant, to_key, rewrite_headers=rewrite_headers, user_id=user_id
         )

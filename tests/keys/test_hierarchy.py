@@ -150,15 +150,43 @@ def test_wrong_context_and_tampering_fail_authentication(provider, branch) -> No
         esdk.EncryptedDataKey("aws-kms-hierarchy", b"\xff\xfe", b"\0" * 92),
         esdk.EncryptedDataKey("aws-kms-hierarchy", b"x" * 4000, b"\0" * 92),
         esdk.EncryptedDataKey("aws-kms-hierarchy", b"a b", b"\0" * 92),
-        esdk.EncryptedDataKey("aws-kms", b"arn:aws:kms:us-east-1:1:key/x", b"\0" * 92),
         esdk.EncryptedDataKey("fsrecrypt-local", b"k", b""),
     ],
-    ids=["non-utf8-id", "huge-id", "bad-id-chars", "kms-edk", "local-edk"],
+    ids=["non-utf8-id", "huge-id", "bad-id-chars", "local-edk"],
 )
 def test_hostile_or_foreign_edks_are_not_ours(provider, edk) -> None:
     assert provider.key_for_edk(edk) is None
     with pytest.raises(errors.NoUsableDataKey):
         provider.decrypt_data_key([edk], {"tenant_id": "t"})
+
+
+def test_kms_tenant_keys_from_before_the_switch_keep_working_and_can_move(
+    store, branch, provider
+) -> None:
+    """A tenant whose key is a KMS ARN (stored with aws-kms) is served by KMS directly, and
+    rotate's re-wrap moves its data keys to a branch key (or back) without the audio."""
+    arn = store.new_kms_key()
+    context = {"tenant_id": "old", "recording_id": "r"}
+    provider.check_key(arn)
+    legacy = provider.generate_data_key(arn, context)
+    assert legacy.encrypted.provider_id == "aws-kms" and legacy.key_id == arn
+    assert provider.key_for_edk(legacy.encrypted) == arn
+    assert provider.decrypt_data_key([legacy.encrypted], context) == legacy.plaintext
+    on_branch = provider.rewrap(legacy.encrypted, context, branch)
+    assert provider.key_for_edk(on_branch) == branch
+    assert provider.decrypt_data_key([on_branch], context) == legacy.plaintext
+    back = provider.rewrap(on_branch, context, arn)
+    assert back.provider_id == "aws-kms"
+    assert provider.decrypt_data_key([back], context) == legacy.plaintext
+    other = store.new_kms_key()
+    moved = provider.rewrap(legacy.encrypted, context, other)
+    assert provider.key_for_edk(moved) == other
+    assert provider.decrypt_data_key([moved], context) == legacy.plaintext
+    with pytest.raises(DataKeyAuthenticationFailed):
+        provider.decrypt_data_key([legacy.encrypted], {**context, "recording_id": "x"})
+    for name in ("alias/acme", "arn:aws:kms:us-east-1:111122223333:key/x"):
+        with pytest.raises(errors.KeyAccessError, match="looks like a KMS key"):
+            provider.create_key(name)
 
 
 def test_an_unknown_branch_key_is_not_found(provider) -> None:

@@ -172,6 +172,35 @@ def test_a_version_first_read_after_a_move_finds_the_new_kms_key(
     reader.close()
 
 
+def test_a_tenant_still_on_a_kms_key_moves_to_a_branch_key_recording_by_recording(
+    config, key_store: KeyStoreEnv, tmp_path: Path
+) -> None:
+    """Switching the provider keeps old tenants working (KMS directly); rotate --to BRANCH
+    then re-wraps each of their data keys once, after which KMS leaves their path too."""
+    services = Services(config)
+    old_arn = key_store.new_kms_key()
+    tenant = services.db.add_tenant(unique("legacy"), old_arn)
+    stored = _ingest(services, tmp_path, tenant.name, 6)
+    assert services.db.recording(stored[0][0]).kms_key_id == old_arn
+    branch = services.keys.create_key("new")
+    summary = rotate_tenant(services, tenant.name, branch, user_id="ops")
+    assert summary.rewrapped == 6 and not summary.failures
+    assert services.db.tenant_by_name(tenant.name).kms_key_id == branch
+    fresh = Services(config)
+    key_ids = _kms_key_ids(fresh.keys.kms_client)
+    direct_ids = _kms_key_ids(fresh.keys.direct.client)
+    try:
+        for rec_id, data in stored:
+            assert fresh.db.recording(rec_id).kms_key_id == branch
+            out = io.BytesIO()
+            fetch_recording(fresh, rec_id, out, user_id="listener")
+            assert out.getvalue() == data
+        assert len(key_ids) == 1 and direct_ids == []  # one branch key fetch, no per-recording KMS
+    finally:
+        fresh.close()
+        services.close()
+
+
 def test_rotate_refuses_a_disabled_or_unknown_target(config, key_store: KeyStoreEnv) -> None:
     services = Services(config)
     tenant = add_branch_key_tenant(services, unique("acme"), "new")
