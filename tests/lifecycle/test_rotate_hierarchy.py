@@ -263,3 +263,28 @@ def test_the_command_line_end_to_end(tmp_path: Path, pg_dsn: str, moto_server) -
     fetch_recording(services, rec.id, out, user_id="t")
     assert out.getvalue() == data
     services.close()
+
+
+def test_the_command_line_refuses_what_does_not_fit(tmp_path: Path, pg_dsn: str) -> None:
+    local = write_config(tmp_path / "local.toml", local_config(tmp_path, pg_dsn))
+
+    def run(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [sys.executable, "-m", "fsrecrypt.cli", "-c", str(local), *args],
+            capture_output=True,
+            text=True,
+            env=dict(os.environ),
+            cwd=ROOT,
+            timeout=120,
+        )
+
+    for args, why in (
+        (("keys", "create-store"), "aws-kms-hierarchy"),
+        (("tenants", "add", unique("t"), "--branch-key", "new"), "aws-kms-hierarchy"),
+        (("tenants", "add", unique("t"), "--key", "k", "--branch-key", "new"), "exactly one"),
+        (("tenants", "add", unique("t")), "exactly one"),
+        (("keys", "rotate-branch", "--tenant", "nobody"), "aws-kms-hierarchy"),
+    ):
+        proc = run(*args)
+        assert proc.returncode != 0 and why in proc.stderr, (args, proc.stderr)
+        assert "Traceback" not in proc.stderr
