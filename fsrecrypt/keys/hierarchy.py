@@ -21,8 +21,13 @@ Which KMS key protects a branch key: the one ``branch_key_kms(branch_id)``
 names (fsrecrypt's database, after ``rotate`` moved it), else
 ``key_store_kms_key``. The key store is used in its strict mode with that
 key, so a branch key item planted in the table under another KMS key is
-refused. The MPL and boto3 are imported at the top: :mod:`fsrecrypt.keys`
-imports this module only when this provider is configured.
+refused.
+
+Tenant keys starting ``arn:`` or ``alias/`` are KMS keys used directly, as
+``aws-kms`` does (tenants from before the switch keep working, and
+``rotate`` can move them to a branch key). The MPL and boto3 are imported at
+the top: :mod:`fsrecrypt.keys` imports this module only when this provider
+is configured.
 """
 
 from __future__ import annotations
@@ -259,9 +264,10 @@ class _BranchKeyAdmin:
 class AwsKmsHierarchyProvider(_BranchKeyAdmin, KeyProvider):
     """Branch keys in a DynamoDB key store, the MPL Hierarchical keyring, one shared cache.
 
-    ``key_id`` everywhere in the :class:`KeyProvider` interface is a branch
-    key id. Clients, key stores and keyrings are built on first use and kept
-    (one key store per KMS key, one keyring per branch key), under a lock.
+    ``key_id`` in the :class:`KeyProvider` interface is a branch key id, or a
+    KMS key ARN/alias used directly (``self.direct``). Clients, key stores and
+    keyrings are built on first use and kept (one key store per KMS key, one
+    keyring per branch key), under a lock.
     """
 
     name = "aws-kms-hierarchy"
