@@ -128,6 +128,10 @@ def test_rotate_moves_the_branch_key_not_the_recordings(
     # Idempotent: a second run finds every item on the new key.
     again = rotate_tenant(services, acme.name, new_arn, user_id="ops")
     assert again.items_rewrapped == [] and len(again.items_already_current) == 4
+    # A moved branch key is versioned under its new KMS key.
+    services.keys.version_branch_key(acme.kms_key_id)
+    listed = {k.key_id: k.description for k in services.keys.list_keys()}
+    assert new_arn in listed[acme.kms_key_id]
     services.close()
 
 
