@@ -348,8 +348,10 @@ class AwsKmsHierarchyProvider(_BranchKeyAdmin, KeyProvider):
                 mpl = AwsCryptographicMaterialProviders(MaterialProvidersConfig())
                 # The MPL's default storm settings (refresh in the last 10 s of
                 # an entry, one fetch per key per second, waiters give up after
-                # 10 s), shrunk for a short TTL so an entry is not always "due".
-                grace = min(10, max(1, self.cache_ttl // 10))
+                # 10 s), shrunk for a short TTL so an entry is not always "due",
+                # but never below 2 s: a waiter must outlast one grace interval
+                # (1 s) to take over a slow fetch instead of failing.
+                grace = min(10, max(2, self.cache_ttl // 10))
                 self._cache = mpl.create_cryptographic_materials_cache(
                     CreateCryptographicMaterialsCacheInput(
                         cache=CacheTypeStormTracking(
