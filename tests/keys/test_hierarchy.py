@@ -292,3 +292,35 @@ def test_hierarchy_config_needs_a_table_and_a_key_arn(values, message) -> None:
         KeysConfig(provider="aws-kms-hierarchy", **values).validate()
     with pytest.raises(ValueError, match="cache_ttl"):
         KeysConfig(cache_ttl=0).validate()
+
+
+def test_concurrent_callers_wait_for_a_slow_branch_key_fetch_instead_of_failing(store) -> None:
+    """Eight workers miss the cache at once while KMS takes 1.5 s: one fetches, the others
+    wait for it (or take over), none fails, and KMS sees one call, not eight."""
+    import threading
+
+    provider = store.provider(cache_ttl=60)
+    branch = provider.create_key("new")
+    calls: list[str] = []
+
+    def slow_kms(model, **_kw) -> None:
+        calls.append(model.name)
+        time.sleep(1.5)
+
+    provider.kms_client.meta.events.register("before-call.kms.Decrypt", slow_kms)
+    failures: list[Exception] = []
+
+    def worker(n: int) -> None:
+        try:
+            for i in range(3):
+                provider.generate_data_key(branch, {"recording_id": f"{n}-{i}"})
+        except Exception as exc:  # collected for the assertion
+            failures.append(exc)
+
+    threads = [threading.Thread(target=worker, args=(n,)) for n in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=60)
+    assert failures == []
+    assert 1 <= len(calls) <= 2, calls
