@@ -89,6 +89,11 @@ class DatabaseConfig:
             raise ValueError("dsn must not be empty")
 
 
+KEY_PROVIDERS = ("local", "aws-kms", "aws-kms-hierarchy")
+_KMS_KEY_ARN = re.compile(r"arn:aws[a-z-]*:kms:[a-z0-9-]+:[0-9]{12}:key/[A-Za-z0-9-]{1,128}")
+_DDB_TABLE = re.compile(r"[A-Za-z0-9_.-]{3,255}")
+
+
 @dataclass(frozen=True)
 class KeysConfig:
     provider: str = "local"
@@ -98,10 +103,32 @@ class KeysConfig:
     escrow_keyring: str = ""
     region: str = "us-east-1"
     endpoint_url: str = ""
+    # provider = "aws-kms-hierarchy": branch keys in a DynamoDB key store, each
+    # protected by a KMS key and cached for cache_ttl seconds (see README.rst).
+    key_store_table: str = ""
+    key_store_kms_key: str = ""
+    cache_ttl: int = 900
 
     def validate(self) -> None:
-        if self.provider not in ("local", "aws-kms"):
-            raise ValueError(f"provider must be 'local' or 'aws-kms', not {self.provider!r}")
+        if self.provider not in KEY_PROVIDERS:
+            raise ValueError(
+                f"provider must be 'local', 'aws-kms' or 'aws-kms-hierarchy', "
+                f"not {self.provider[:40]!r}"
+            )
+        if not 1 <= self.cache_ttl <= 86400:
+            raise ValueError("cache_ttl must be between 1 and 86400 seconds")
+        if self.provider != "aws-kms-hierarchy":
+            return
+        if not _DDB_TABLE.fullmatch(self.key_store_table):
+            raise ValueError(
+                "key_store_table must name the DynamoDB key store table "
+                "(3-255 characters of A-Z a-z 0-9 _ . -) when provider = 'aws-kms-hierarchy'"
+            )
+        if not _KMS_KEY_ARN.fullmatch(self.key_store_kms_key):
+            raise ValueError(
+                "key_store_kms_key must be the ARN of the KMS key that protects branch keys "
+                "(arn:aws:kms:REGION:ACCOUNT:key/ID; aliases are not accepted by the key store)"
+            )
 
 
 OBJECT_LOCK_MODES = ("", "governance", "compliance")

@@ -3,6 +3,7 @@
 pytest_plugins = [
     "tests.support.pg",
     "tests.support.moto",
+    "tests.support.keystore",
     "tests.support.eslserver",
     "tests.support.daemon",
     "tests.support.jwks",

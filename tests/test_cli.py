@@ -57,6 +57,8 @@ LIGHT_PATH_FORBIDDEN = (
     "fsrecrypt.pipeline",
     "fsrecrypt.store.s3",
     "fsrecrypt.keys.kms",
+    "fsrecrypt.keys.hierarchy",
+    "aws_cryptographic_material_providers",
 )
 
 

@@ -256,16 +256,36 @@ def test_cli_command_modules_load_their_domain_only_inside_commands(module: str)
 # ``encrypt``): the modules that use them import them at their top, and the
 # command line defers them by loading command modules lazily. A function-local
 # import of one anywhere in the domain would hide a dependency instead.
-HEAVY_LIBRARIES = ("boto3", "botocore", "psycopg2", "psycogreen", "gevent", "flask", "werkzeug")
+HEAVY_LIBRARIES = (
+    "boto3",
+    "botocore",
+    "psycopg2",
+    "psycogreen",
+    "gevent",
+    "flask",
+    "werkzeug",
+    "aws_cryptographic_material_providers",
+)
 # Our own adapters that import a heavy library at their top.
-HEAVY_ADAPTERS = ("fsrecrypt.store.s3", "fsrecrypt.keys.kms")
+HEAVY_ADAPTERS = (
+    "fsrecrypt.store.s3",
+    "fsrecrypt.keys.kms",
+    "fsrecrypt.keys.hierarchy",
+    "fsrecrypt.keys.branch_items",
+    "fsrecrypt.keys.awserrors",
+)
 
 # The documented deferral points outside fsrecrypt/cli/: (module, function) -> why.
 LAZY_IMPORT_POINTS = {
     ("fsrecrypt.store", "build_store"): "boto3 is loaded only when [storage] backend = s3",
     ("fsrecrypt.store", "__getattr__"): "S3Store and the part sizes are re-exported lazily",
-    ("fsrecrypt.keys", "build_key_provider"): "boto3 is loaded only when [keys] provider = aws-kms",
-    ("fsrecrypt.keys", "__getattr__"): "AwsKmsProvider and kms_key_ref are re-exported lazily",
+    ("fsrecrypt.keys", "build_key_provider"): (
+        "boto3 is loaded only when [keys] provider = aws-kms, the Material Providers "
+        "Library only for aws-kms-hierarchy"
+    ),
+    ("fsrecrypt.keys", "__getattr__"): (
+        "AwsKmsProvider, kms_key_ref and AwsKmsHierarchyProvider are re-exported lazily"
+    ),
     ("fsrecrypt.db.pool", "enable_gevent"): "psycogreen brings gevent: only a gevent process pays",
 }
 

@@ -143,7 +143,7 @@ COMMAND_SUMMARIES: dict[str, str] = {
     "verify": "Prove stored recordings are intact and readable.",
     "config": "Inspect the configuration.",
     "migrate": "Create or upgrade the database schema (idempotent, transactional).",
-    "keys": "Manage tenant keys (local keyring or AWS KMS).",
+    "keys": "Manage tenant keys (local keyring, AWS KMS or KMS-protected branch keys).",
     "tenants": "Manage tenants and their keys.",
     "encrypt": "Encrypt IN to OUT as an AWS Encryption SDK message (no database needed).",
     "decrypt": (

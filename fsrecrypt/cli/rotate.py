@@ -56,10 +56,25 @@ def rotate_command(
     resumes the unfinished job); rows already on KEY are skipped. Prints a
     JSON summary; exits non-zero if any recording could not be rotated.
     """
-    from fsrecrypt.lifecycle.rotate import RotationIncomplete, rotation_summary, start_rotation
+    from fsrecrypt.lifecycle.rotate import (
+        RotationIncomplete,
+        move_if_on_branch_key,
+        rotation_summary,
+        start_rotation,
+    )
 
     services = services_for(ctx)
     try:
+        moved = move_if_on_branch_key(
+            services,
+            tenant_name,
+            to_key,
+            rewrite_headers=rewrite_headers,
+            user_id=operator(user_id),
+        )
+        if moved is not None:
+            echo_json(moved.as_dict())
+            return
         job = start_rotation(
             services,
             tenant_name,

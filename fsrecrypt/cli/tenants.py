@@ -18,7 +18,11 @@ def tenants_group() -> None:
 @tenants_group.command("add")
 @config_option
 @click.argument("name")
-@click.option("--key", "key_id", required=True, help="Key id (local) or KMS key id/ARN/alias.")
+@click.option("--key", "key_id", help="Key id (local) or KMS key id/ARN/alias.")
+@click.option(
+    "--branch-key",
+    help="aws-kms-hierarchy: 'new' (create a branch key) or an existing branch key id.",
+)
 @click.option(
     "--escrow-key",
     "escrow_keys",
@@ -26,17 +30,32 @@ def tenants_group() -> None:
     help="Also wrap every recording with this key (KMS key ARN or raw-aes:ID); repeatable.",
 )
 @click.pass_context
-def tenants_add(ctx: click.Context, name: str, key_id: str, escrow_keys: tuple[str, ...]) -> None:
-    """Add tenant NAME whose recordings are wrapped by KEY (and each escrow key)."""
-    from fsrecrypt.pipeline import add_tenant
+def tenants_add(
+    ctx: click.Context,
+    name: str,
+    key_id: str | None,
+    branch_key: str | None,
+    escrow_keys: tuple[str, ...],
+) -> None:
+    """Add tenant NAME whose recordings are wrapped by KEY or a branch key (and escrow keys)."""
+    from fsrecrypt.pipeline import add_branch_key_tenant, add_tenant
     from fsrecrypt.pipeline.escrow import add_tenant_with_escrow
 
+    if (key_id is None) == (branch_key is None):
+        raise click.UsageError("give exactly one of --key and --branch-key")
+    if branch_key is not None and escrow_keys:
+        raise click.UsageError(
+            "--escrow-key goes with --key: a branch key tenant's recovery is the branch key "
+            "store's KMS key (see the README's key hierarchy section)"
+        )
     services = services_for(ctx)
     try:
-        if escrow_keys:
-            tenant = add_tenant_with_escrow(services, name, key_id, escrow_keys)
+        if branch_key is not None:
+            tenant = add_branch_key_tenant(services, name, branch_key)
+        elif escrow_keys:
+            tenant = add_tenant_with_escrow(services, name, str(key_id), escrow_keys)
         else:
-            tenant = add_tenant(services, name, key_id)
+            tenant = add_tenant(services, name, str(key_id))
     finally:
         services.close()
     click.echo(

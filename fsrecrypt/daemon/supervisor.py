@@ -235,6 +235,10 @@ class Daemon:
             return False
         if released:
             rt.log.info("daemon.released_stale_claims", rows=released)
+        # Build the key provider before events are taken: for aws-kms-hierarchy
+        # that imports the Material Providers Library (~0.7 s of CPU), which
+        # would otherwise stall the loop under the first recordings. No I/O.
+        _ = rt.services.keys
         return True
 
     def request_stop(self, signame: str = "SIGTERM") -> None:

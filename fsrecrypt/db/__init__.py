@@ -8,7 +8,8 @@ and tenants, not cursors. One module per responsibility:
 - ``rows``: the ``Tenant`` and ``Recording`` rows
 - ``tenants``, ``recordings``, ``queue`` (leases and attempts),
   ``unassigned`` (files whose tenant does not exist yet), ``audit`` (the
-  hash-chained access log, bounded text, counted refusals)
+  hash-chained access log, bounded text, counted refusals), ``branch_keys``
+  (the KMS key each hierarchy branch key was moved to)
 - ``database``: ``Database``, composed from those parts
 
 Importing this package imports psycopg2 (``pool`` does, at its top): the

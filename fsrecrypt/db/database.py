@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from fsrecrypt.db.audit import AuditLog
+from fsrecrypt.db.branch_keys import BranchKeys
 from fsrecrypt.db.custody import Custody
 from fsrecrypt.db.jobs import Jobs
 from fsrecrypt.db.pool import translate_errors
@@ -13,7 +14,9 @@ from fsrecrypt.db.tenants import Tenants
 from fsrecrypt.db.unassigned import UnassignedFiles
 
 
-class Database(WorkQueue, Recordings, Tenants, UnassignedFiles, AuditLog, Custody, Jobs):
+class Database(
+    WorkQueue, Recordings, Tenants, UnassignedFiles, AuditLog, Custody, Jobs, BranchKeys
+):
     """A small connection pool plus the queries; safe to share across greenlets/threads.
 
     Each base holds one responsibility's SQL (see its module); callers use one

@@ -20,6 +20,10 @@ from fsrecrypt.format import EncryptedDataKey
 LOCAL_PROVIDER_ID = "fsrecrypt-local"
 KMS_PROVIDER_ID = "aws-kms"
 DATA_KEY_BYTES = 32
+# With branch keys (aws-kms-hierarchy), a tenant key id starting with one of
+# these is a KMS key used directly (tenants from before the switch); any other
+# id names a branch key, and no branch key id may start with them.
+DIRECT_KMS_PREFIXES = ("arn:", "alias/")
 _KEY_ID_RE = re.compile(r"[A-Za-z0-9._:/-]{1,128}")
 
 

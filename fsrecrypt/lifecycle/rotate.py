@@ -25,6 +25,11 @@ from fsrecrypt.jobs import (
     run_job,
     skipped,
 )
+from fsrecrypt.lifecycle.branch_keys import (
+    BranchKeyMoveSummary,
+    move_tenant_branch_key,
+    on_branch_key,
+)
 from fsrecrypt.lifecycle.common import ProgressCallback, crash_point, insert_audit, utc_now
 from fsrecrypt.lifecycle.rewrite import finish_header_leftovers, rewrite_header
 from fsrecrypt.pipeline import Services, edk_from_bytes, edk_to_bytes, encryption_context
@@ -178,6 +183,29 @@ def start_rotation(
         raise
 
 
+def move_if_on_branch_key(
+    services: Services,
+    tenant_name: str,
+    to_key: str,
+    *,
+    rewrite_headers: bool = False,
+    user_id: str,
+) -> BranchKeyMoveSummary | None:
+    """For a tenant on a branch key (``aws-kms-hierarchy``): move the branch key, else None.
+
+    ``to_key`` is then a KMS key and only the branch key is re-wrapped under
+    it (``lifecycle.branch_keys``): a handful of KMS calls, no recording
+    touched, so no job. A tenant still on a KMS key moving to a branch key
+    (``to_key`` its id) goes the usual way, recording by recording.
+    """
+    tenant = services.db.tenant_by_name(tenant_name)
+    if not on_branch_key(services.config, tenant):
+        return None
+    return move_tenant_branch_key(
+        services, tenant, to_key, rewrite_headers=rewrite_headers, user_id=user_id
+    )
+
+
 def rotate_tenant(
     services: Services,
     tenant_name: str,
@@ -186,7 +214,7 @@ def rotate_tenant(
     rewrite_headers: bool = False,
     user_id: str,
     progress: ProgressCallback | None = None,
-) -> RotationSummary:
+) -> RotationSummary | BranchKeyMoveSummary:
     """Switch a tenant to ``to_key`` and re-wrap (optionally re-header) all its recordings.
 
     Creates the rotation job (``start_rotation``) and works it in this
@@ -199,6 +227,11 @@ def rotate_tenant(
 
     ``progress(done, total)`` hears about every recording handled.
     """
+    moved = move_if_on_branch_key(
+        services, tenant_name, to_key, rewrite_headers=rewrite_headers, user_id=user_id
+    )
+    if moved is not None:
+        return moved
     job = start_rotation(
         services, tenant_name, to_key, rewrite_headers=rewrite_headers, user_id=user_id
     )

@@ -48,7 +48,7 @@ from fsrecrypt.pipeline.playback import (
     unwrap_data_key,
 )
 from fsrecrypt.pipeline.services import Services, host_worker_prefix, worker_id
-from fsrecrypt.pipeline.tenants import add_tenant
+from fsrecrypt.pipeline.tenants import add_branch_key_tenant, add_tenant
 from fsrecrypt.plaintext import fingerprint_of, is_inside, open_source, vet_path
 
 __all__ = [
@@ -59,6 +59,7 @@ __all__ = [
     "OpenedRecording",
     "Services",
     "StoreOutcome",
+    "add_branch_key_tenant",
     "add_tenant",
     "check_readable",
     "checked_plaintext_size",

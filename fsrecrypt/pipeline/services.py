@@ -48,8 +48,12 @@ class Services:
     @property
     def keys(self) -> KeyProvider:
         if self._keys is None:
-            self._keys = build_key_provider(self.config.keys)
+            self._keys = build_key_provider(self.config.keys, branch_key_kms=self._branch_key_kms)
         return self._keys
+
+    def _branch_key_kms(self, branch_key_id: str) -> str | None:
+        """The KMS key a hierarchy branch key was moved to (asked once per cache TTL)."""
+        return self.db.branch_key_kms(branch_key_id)
 
     @property
     def escrow(self) -> EscrowKeys:

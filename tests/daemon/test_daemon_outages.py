@@ -5,9 +5,7 @@ of 1000 events with bounded memory. Nothing may be lost; the daemon stays up.
 
 from __future__ import annotations
 
-import contextlib
 import re
-import socket
 import subprocess
 import threading
 import time
@@ -18,7 +16,7 @@ from typing import Any
 import pytest
 
 from tests.support.daemon import DaemonEnv
-from tests.support.moto import free_port
+from tests.support.tcpproxy import TcpProxy
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]
 
@@ -28,72 +26,6 @@ def metric(env: DaemonEnv, name: str) -> float:
         text = r.read().decode()
     m = re.search(rf"^{re.escape(name)} ([0-9.e+]+)$", text, re.M)
     return float(m.group(1)) if m else 0.0
-
-
-class TcpProxy:
-    """A loopback TCP forwarder that can go dark (refuse and cut connections) and come back.
-
-    It stands between the daemon and moto, so "S3 and KMS unreachable" is a real
-    network failure while moto keeps its buckets and keys.
-    """
-
-    def __init__(self, target_port: int) -> None:
-        self.target = ("127.0.0.1", target_port)
-        self.port = free_port()
-        self._listener: socket.socket | None = None
-        self._conns: list[socket.socket] = []
-        self._lock = threading.Lock()
-
-    def up(self) -> None:
-        lsock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-        lsock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        lsock.bind(("127.0.0.1", self.port))
-        lsock.listen(64)
-        self._listener = lsock
-        threading.Thread(target=self._accept, args=(lsock,), daemon=True).start()
-
-    def down(self) -> None:
-        lsock, self._listener = self._listener, None
-        if lsock is not None:
-            with contextlib.suppress(OSError):
-                lsock.shutdown(socket.SHUT_RDWR)
-            lsock.close()
-        with self._lock:
-            conns, self._conns = self._conns, []
-        for c in conns:
-            with contextlib.suppress(OSError):
-                c.shutdown(socket.SHUT_RDWR)
-            c.close()
-
-    def _accept(self, lsock: socket.socket) -> None:
-        while True:
-            try:
-                client, _ = lsock.accept()
-            except OSError:
-                return
-            try:
-                upstream = socket.create_connection(self.target, timeout=5)
-            except OSError:
-                client.close()
-                continue
-            with self._lock:
-                self._conns += [client, upstream]
-            for a, b in ((client, upstream), (upstream, client)):
-                threading.Thread(target=self._pipe, args=(a, b), daemon=True).start()
-
-    @staticmethod
-    def _pipe(src: socket.socket, dst: socket.socket) -> None:
-        try:
-            while True:
-                data = src.recv(65536)
-                if not data:
-                    break
-                dst.sendall(data)
-        except OSError:
-            pass
-        finally:
-            with contextlib.suppress(OSError):
-                dst.shutdown(socket.SHUT_WR)
 
 
 def test_s3_and_kms_unreachable_for_30s_retries_and_loses_nothing(

@@ -317,8 +317,28 @@ def _new_db() -> tuple[str, str]:
     return name, dsn
 
 
-def make_env(tmp: Path, *, s3: Any = None) -> Iterator[DaemonEnv]:
-    """Build a DaemonEnv (local store and keyring, or moto S3 + KMS when ``s3`` is given)."""
+def _aws_env() -> dict[str, str]:
+    return {
+        k: os.environ[k]
+        for k in (
+            "AWS_ACCESS_KEY_ID",
+            "AWS_SECRET_ACCESS_KEY",
+            "AWS_SESSION_TOKEN",
+            "AWS_DEFAULT_REGION",
+            "AWS_CONFIG_FILE",
+            "AWS_SHARED_CREDENTIALS_FILE",
+            "AWS_EC2_METADATA_DISABLED",
+        )
+        if k in os.environ
+    }
+
+
+def make_env(tmp: Path, *, s3: Any = None, key_store: Any = None) -> Iterator[DaemonEnv]:
+    """Build a DaemonEnv (local store and keyring, or moto S3 + KMS when ``s3`` is given).
+
+    ``key_store`` (a ``tests.support.keystore.KeyStoreEnv``) makes the tenant's
+    key a new branch key in that store (``aws-kms-hierarchy``), whatever the store.
+    """
     name, dsn = _new_db()
     esl = EslServerProcess()
     recordings = tmp / "recordings"
@@ -349,19 +369,11 @@ def make_env(tmp: Path, *, s3: Any = None) -> Iterator[DaemonEnv]:
             "region": moto_server.region,
             "endpoint_url": moto_server.endpoint_url,
         }
-        extra_env = {
-            k: os.environ[k]
-            for k in (
-                "AWS_ACCESS_KEY_ID",
-                "AWS_SECRET_ACCESS_KEY",
-                "AWS_SESSION_TOKEN",
-                "AWS_DEFAULT_REGION",
-                "AWS_CONFIG_FILE",
-                "AWS_SHARED_CREDENTIALS_FILE",
-                "AWS_EC2_METADATA_DISABLED",
-            )
-            if k in os.environ
-        }
+        extra_env = _aws_env()
+    if key_store is not None:
+        keys = key_store.keys_section()
+        key_id = key_store.provider().create_key("new")
+        extra_env = _aws_env()
     env = DaemonEnv(
         tmp=tmp,
         dsn=dsn,

@@ -1,4 +1,4 @@
-"""A real moto server, in its own process, for the S3 and KMS tests.
+"""A real moto server, in its own process, for the S3, KMS and DynamoDB tests.
 
 Why a separate process and not ``mock_aws``: the code under test must talk to
 an endpoint over HTTP exactly as it talks to AWS (botocore's retries,
