@@ -93,7 +93,7 @@ def test_the_cache_ttl_is_honoured(hierarchy_config, key_store, tmp_path: Path) 
 
     from fsrecrypt.config import with_overrides
 
-    config = with_overrides(hierarchy_config, keys={"cache_ttl": 2})
+    config = with_overrides(hierarchy_config, keys={"cache_ttl": 8})  # room for a loaded machine
     admin = Services(config)
     tenant = add_branch_key_tenant(admin, unique("tenant"), "new")
     admin.close()
@@ -105,7 +105,7 @@ def test_the_cache_ttl_is_honoured(hierarchy_config, key_store, tmp_path: Path) 
             make_wav(wav, 0.02, seed=i)
             ingest_file(services, str(wav), tenant.name)
         assert len(kms.calls) == 1
-        time.sleep(2.5)
+        time.sleep(8.5)
         wav = tmp_path / "recordings" / "ttl-late.wav"
         make_wav(wav, 0.02, seed=9)
         ingest_file(services, str(wav), tenant.name)
