@@ -144,7 +144,7 @@ class Daemon:
         rt.notifier.notify("STATUS=starting")
         gevent.signal_handler(signal.SIGTERM, self.request_stop, "SIGTERM")
         gevent.signal_handler(signal.SIGINT, self.request_stop, "SIGINT")
-        if not self._startup_checks():
+        if not startup_checks(self.rt):
             rt.services.close()
             return 0
         fs = cfg.freeswitch
@@ -206,40 +206,6 @@ class Daemon:
         )
         rt.stopping.wait()
         return self._drain()
-
-    def _startup_checks(self) -> bool:
-        """Fail fast on what cannot heal by waiting (schema, config), then release stale claims.
-
-        A database that is merely down is waited for (with backoff), because
-        systemd restarting us in a loop helps nobody. Returns False when a
-        stop was requested while waiting.
-        """
-        rt = self.rt
-        attempt = 0
-        while not rt.stopping.is_set():
-            try:
-                rt.services.db.ping()
-                released = rt.services.db.release_claims(rt.worker_prefix)
-                break
-            except DatabaseError as exc:
-                if not exc.transient:
-                    raise
-                delay = backoff(attempt, 1.0, 30.0)
-                attempt += 1
-                rt.log.warning(
-                    "daemon.database_unavailable", error=str(exc), retry_in=round(delay, 2)
-                )
-                rt.notifier.notify(f"STATUS=waiting for PostgreSQL: {exc}")
-                rt.stopping.wait(delay)
-        else:
-            return False
-        if released:
-            rt.log.info("daemon.released_stale_claims", rows=released)
-        # Build the key provider before events are taken: for aws-kms-hierarchy
-        # that imports the Material Providers Library (~0.7 s of CPU), which
-        # would otherwise stall the loop under the first recordings. No I/O.
-        _ = rt.services.keys
-        return True
 
     def request_stop(self, signame: str = "SIGTERM") -> None:
         """Stop taking events; the main greenlet drains and exits."""
@@ -412,6 +378,38 @@ class Daemon:
                 "daemon.watchdog_withheld",
                 stalled_for=round(time.monotonic() - self.jobs.last_progress, 1),
             )
+
+
+def startup_checks(rt: Runtime) -> bool:
+    """Fail fast on what cannot heal by waiting (schema, config), then release stale claims.
+
+    A database that is merely down is waited for (with backoff), because
+    systemd restarting us in a loop helps nobody. Returns False when a
+    stop was requested while waiting.
+    """
+    attempt = 0
+    while not rt.stopping.is_set():
+        try:
+            rt.services.db.ping()
+            released = rt.services.db.release_claims(rt.worker_prefix)
+            break
+        except DatabaseError as exc:
+            if not exc.transient:
+                raise
+            delay = backoff(attempt, 1.0, 30.0)
+            attempt += 1
+            rt.log.warning("daemon.database_unavailable", error=str(exc), retry_in=round(delay, 2))
+            rt.notifier.notify(f"STATUS=waiting for PostgreSQL: {exc}")
+            rt.stopping.wait(delay)
+    else:
+        return False
+    if released:
+        rt.log.info("daemon.released_stale_claims", rows=released)
+    # Build the key provider before events are taken: for aws-kms-hierarchy
+    # that imports the Material Providers Library (~0.7 s of CPU), which
+    # would otherwise stall the loop under the first recordings. No I/O.
+    _ = rt.services.keys
+    return True
 
 
 def run_daemon(config: Config, config_path: str | None = None) -> int:
