@@ -17,6 +17,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import difflib
+import ipaddress
 import math
 import os
 import re
@@ -179,9 +180,37 @@ class PlaybackConfig:
     max_connections_per_client: int = 64
     header_timeout: float = 10.0
     idle_timeout: float = 30.0
+    # Uploads (POST /v1/recordings): the largest body taken (413 above it) and
+    # how long one upload may take in all; a gap of idle_timeout without a
+    # byte ends it too.
+    max_upload_bytes: int = 2 * 1024**3
+    upload_timeout: float = 3600.0
+    # Proxies whose X-Forwarded-For/-Proto are believed (CIDRs); from any
+    # other peer those headers are ignored.
+    trusted_proxies: tuple[str, ...] = ()
+    # Native TLS (both or neither): PEM certificate chain and its key.
+    tls_cert_file: str = ""
+    tls_key_file: str = ""
+    # Prometheus /metrics of `fsrecrypt serve` ("" = none); not the daemon's port.
+    metrics_listen: str = "127.0.0.1:9465"
 
     def validate(self) -> None:
         _check_listen("playback.listen", self.listen)
+        if self.metrics_listen:
+            _check_listen("playback.metrics_listen", self.metrics_listen)
+        if not 1 <= self.max_upload_bytes <= 1 << 40:
+            raise ValueError("max_upload_bytes must be between 1 and 2**40")
+        if not 1 <= self.upload_timeout <= 86400:
+            raise ValueError("upload_timeout must be between 1 second and 1 day")
+        for cidr in self.trusted_proxies:
+            try:
+                ipaddress.ip_network(cidr, strict=False)
+            except ValueError:
+                raise ValueError(
+                    f"trusted_proxies: {cidr[:60]!r} is not an IP address or CIDR"
+                ) from None
+        if bool(self.tls_cert_file) != bool(self.tls_key_file):
+            raise ValueError("tls_cert_file and tls_key_file go together: set both or neither")
         if self.url_ttl <= 0:
             raise ValueError("url_ttl must be positive")
         if not 1 <= self.max_connections <= 100_000:

@@ -26,6 +26,7 @@ from fsrecrypt.web.errors import ApiError, classify
 from fsrecrypt.web.openapi import openapi_document
 from fsrecrypt.web.routes import ROUTES, Param, Route
 from fsrecrypt.web.signing import UrlSigner, load_signing_key
+from fsrecrypt.web.upload import DROP_BODY
 from fsrecrypt.web.views import Views
 
 if TYPE_CHECKING:
@@ -171,6 +172,8 @@ def create_app(services: Services, *, now: Callable[[], float] = time.time) -> F
         response.headers.setdefault("Referrer-Policy", "no-referrer")
         response.headers.setdefault("Cache-Control", "no-store")
         response.headers.setdefault("X-Frame-Options", "DENY")
+        if request.environ.get(DROP_BODY):
+            response.headers["Connection"] = "close"
         return response
 
     return app

@@ -23,9 +23,14 @@ ERROR_DESCRIPTIONS = {
     401: "Missing or invalid API key",
     403: "Invalid or expired signed URL",
     404: "No such recording for this tenant",
-    409: "The recording is not stored yet",
+    409: "The recording is not stored yet (upload: the first upload with this key still runs)",
     410: "The recording was erased",
+    411: "An upload without Content-Length or chunked transfer coding",
+    413: "The upload exceeds [playback] max_upload_bytes",
+    415: "Not an accepted upload type, or content that is not audio of the declared type",
     416: "Range not satisfiable, malformed or multiple",
+    422: "A WAV whose header does not match its length (incomplete)",
+    431: "Multipart part headers too large",
     500: "Integrity or internal failure (no details)",
     503: "A backing service is unavailable; retry",
 }
@@ -136,6 +141,24 @@ def _answer(answer: Answer) -> dict[str, Any]:
     return {"description": answer.description, "content": {answer.media_type: {"schema": schema}}}
 
 
+def _body(media_type: str) -> dict[str, Any]:
+    if media_type != "multipart/form-data":
+        return {"schema": {"type": "string", "format": "binary"}}
+    text = {"type": "string"}
+    return {
+        "schema": {
+            "type": "object",
+            "required": ["call_uuid", "file"],
+            "properties": {
+                "call_uuid": text,
+                "consent": text,
+                "metadata": {**text, "description": "a flat JSON object"},
+                "file": {"type": "string", "format": "binary"},
+            },
+        }
+    }
+
+
 def _operation(route: Route) -> dict[str, Any]:
     op: dict[str, Any] = {"operationId": route.operation_id, "summary": route.summary}
     if route.description:
@@ -144,6 +167,8 @@ def _operation(route: Route) -> dict[str, Any]:
         op["security"] = _SECURITY[route.security]
     if route.params:
         op["parameters"] = [_parameter(p) for p in route.params]
+    if route.body:
+        op["requestBody"] = {"required": True, "content": {t: _body(t) for t in route.body}}
     responses = {str(a.status): _answer(a) for a in route.answers}
     error_ref = {"application/json": {"schema": _ref(schemas.Error)}}
     for status in route.errors:

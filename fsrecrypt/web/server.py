@@ -31,6 +31,7 @@ from fsrecrypt.config import Config, with_overrides
 from fsrecrypt.errors import ConfigError, FsrecryptError
 from fsrecrypt.pipeline import Services
 from fsrecrypt.web.app import create_app
+from fsrecrypt.web.upload import DROP_BODY
 
 log = logging.getLogger("fsrecrypt.web")
 
@@ -216,6 +217,20 @@ class Handler(WSGIHandler):  # type: ignore[misc]
 
     def format_request(self) -> str:
         return redact(super().format_request())
+
+    def run_application(self) -> None:
+        try:
+            super().run_application()
+        finally:
+            if self.environ.get(DROP_BODY):
+                # An upload answered before its body ended (refused, too large,
+                # cut short): never read the rest (gevent would, without a
+                # deadline), close the connection after the answer.
+                self.close_connection = True
+                body = self.wsgi_input
+                if body is not None:
+                    body.content_length = body.position
+                    body.chunked_input = False
 
 
 class LimitedServer(WSGIServer):  # type: ignore[misc]

@@ -18,7 +18,7 @@ from flask import Response, g, jsonify, request
 from fsrecrypt import pipeline
 from fsrecrypt.db import bounded
 from fsrecrypt.errors import FsrecryptError
-from fsrecrypt.web import schemas
+from fsrecrypt.web import schemas, upload
 from fsrecrypt.web.access import Access, client_ip, user_agent
 from fsrecrypt.web.auth import API_KEY_HEADER, Principal
 from fsrecrypt.web.errors import classify
@@ -120,6 +120,13 @@ class Views:
             "playback_url", True, recording=recording, details={"expires_at": expires_at}
         )
         return _json(schemas.PlaybackUrl(url, expires_at, ttl))
+
+    def upload_recording(self, params: Params) -> Response:
+        g.action = "upload"
+        principal = self.access.require_key()
+        return upload.upload_recording(
+            self.services, self.access, params, principal, time.monotonic
+        )
 
     def stream(self, params: Params) -> Response:
         g.action = "stream"

@@ -10,6 +10,7 @@ bodies the API sends have exactly the documented properties.
 from __future__ import annotations
 
 import re
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -21,7 +22,7 @@ from flask import g
 from fsrecrypt.web import create_app, openapi_document
 from fsrecrypt.web.app import Params
 from fsrecrypt.web.routes import ROUTES
-from tests.web.test_web_app import World, build_world, hdr
+from tests.web.test_web_app import World, build_world, hdr, wav_bytes
 
 AUTOMATIC_METHODS = {"HEAD", "OPTIONS"}  # added by Flask/werkzeug to every GET rule
 
@@ -63,6 +64,8 @@ def _values(world: World) -> dict[str, str]:
         "limit": "10",
         "ttl": "60",
         "Range": "bytes=0-99",
+        "consent": "announced",
+        "Idempotency-Key": f"openapi-{uuid.uuid4()}",
     }
 
 
@@ -93,7 +96,8 @@ def test_each_documented_parameter_is_read_by_its_view(world: World, route: Any)
         read.clear()
     else:
         headers.update(hdr(world))
-    response = client.get(path, query_string=query, headers=headers)
+    body = {"data": wav_bytes(0.5), "content_type": "audio/wav"} if route.method == "POST" else {}
+    response = client.open(path, method=route.method, query_string=query, headers=headers, **body)
     assert response.status_code < 400, response.data[:300]
     assert read == [{p["name"] for p in params}]
 
