@@ -83,6 +83,15 @@ def incomplete(detail: str) -> ApiError:
     )
 
 
+def _headers_too_large() -> ApiError:
+    return _bad(
+        f"a part's headers (or the preamble) exceed {MAX_PART_HEADER_BYTES} bytes",
+        "part_headers_too_large",
+        "Send ordinary multipart/form-data.",
+        status=431,
+    )
+
+
 def too_large(limit: int) -> ApiError:
     return _bad(
         f"the upload is larger than this server accepts ({limit} bytes)",
@@ -160,6 +169,7 @@ class FormReader:
     def _event(self) -> Any:
         decoder = self._decoder
         while True:
+            headers_at = len(decoder.buffer) if decoder.state in (State.PREAMBLE, State.PART) else 0
             try:
                 event = decoder.next_event()
             except ValueError:  # malformed (also undecodable part headers)
@@ -173,16 +183,14 @@ class FormReader:
                     ) from None
                 raise
             if event is not NEED_DATA:
+                # what a part's headers (or the preamble) took, also when they came in one read
+                if headers_at - len(decoder.buffer) > MAX_PART_HEADER_BYTES:
+                    raise _headers_too_large()
                 return event
             if decoder.state in (State.PREAMBLE, State.PART) and (
                 len(decoder.buffer) > MAX_PART_HEADER_BYTES
             ):
-                raise _bad(
-                    f"a part's headers (or the preamble) exceed {MAX_PART_HEADER_BYTES} bytes",
-                    "part_headers_too_large",
-                    "Send ordinary multipart/form-data.",
-                    status=431,
-                )
+                raise _headers_too_large()
             chunk = next(self._chunks, None)
             if chunk is None:
                 if self._ended:
