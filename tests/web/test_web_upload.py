@@ -393,7 +393,7 @@ def test_hostile_multipart(server: Server) -> None:
     body, ctype = multipart([*many, ("file", audio, {"filename": "a.wav"})])
     status, _h, doc = server.post(body, ctype)
     assert status == 400 and doc["error"]["code"] in ("too_many_parts", "duplicate_field")
-    body, ctype = multipart([("call_uuid", call.encode(), {})] + [("zz", b"1", {})])
+    body, ctype = multipart([("call_uuid", call.encode(), {}), ("zz", b"1", {})])
     assert server.post(body, ctype)[2]["error"]["code"] == "unexpected_part"
     # fields after the file
     body, ctype = multipart(
