@@ -26,7 +26,7 @@ from fsrecrypt.web.errors import ApiError, classify
 from fsrecrypt.web.openapi import openapi_document
 from fsrecrypt.web.routes import ROUTES, Param, Route
 from fsrecrypt.web.signing import UrlSigner, load_signing_key
-from fsrecrypt.web.upload import DROP_BODY
+from fsrecrypt.web.upload import body_left_unread
 from fsrecrypt.web.views import Views
 
 if TYPE_CHECKING:
@@ -44,7 +44,7 @@ class Params:
     """
 
     def __init__(self, route: Route, path_values: Mapping[str, str]) -> None:
-        self._declared = {(p.location, p.name): p for p in route.params}
+        self._declared = {(p.location, p.name): p for p in route.all_params}
         self._path = path_values
         self.read: set[str] = set()
 
@@ -118,9 +118,15 @@ def error_response(
     return response
 
 
-def _endpoint(route: Route, view: Callable[[Params], Response]) -> Callable[..., Response]:
+def _endpoint(
+    route: Route, view: Callable[[Params], Response], access: Access
+) -> Callable[..., Response]:
+    """The view behind its route's checks: the caller authenticated and holding a role first."""
+
     def endpoint(**path_values: str) -> Response:
         g.params = Params(route, path_values)
+        if route.security != "public":
+            access.authorize(route, g.params)
         return view(g.params)
 
     endpoint.__name__ = route.view
@@ -138,7 +144,7 @@ def create_app(services: Services, *, now: Callable[[], float] = time.time) -> F
         app.add_url_rule(
             route.rule,
             endpoint=route.operation_id,
-            view_func=_endpoint(route, getattr(views, route.view)),
+            view_func=_endpoint(route, getattr(views, route.view), access),
             methods=[route.method],
         )
 
@@ -155,7 +161,10 @@ def create_app(services: Services, *, now: Callable[[], float] = time.time) -> F
         if status >= 500:
             log.error("%s %s failed: %s", request.method, request_path(), exc.one_line())
         if status == 401:
-            headers.setdefault("WWW-Authenticate", f'ApiKey header="{API_KEY_HEADER}"')
+            challenge = f'ApiKey header="{API_KEY_HEADER}"'
+            if access.tokens is not None:
+                challenge += ', Bearer realm="fsrecrypt"'
+            headers.setdefault("WWW-Authenticate", challenge)
         access.audit_unaudited_refusal(status, code)
         return error_response(status, code, message, hint, headers)
 
@@ -172,7 +181,7 @@ def create_app(services: Services, *, now: Callable[[], float] = time.time) -> F
         response.headers.setdefault("Referrer-Policy", "no-referrer")
         response.headers.setdefault("Cache-Control", "no-store")
         response.headers.setdefault("X-Frame-Options", "DENY")
-        if request.environ.get(DROP_BODY):
+        if body_left_unread(request.environ):
             response.headers["Connection"] = "close"
         return response
 

@@ -8,6 +8,14 @@ URL rule per route and hands the view only the parameters declared here
 :func:`fsrecrypt.web.openapi.openapi_document` writes the same table out as
 OpenAPI 3.0. Written here rather than with apispec: the table is small, and
 apispec would still need the schemas and parameters spelled out by hand.
+
+Who may call a route is part of the table too: ``security`` says how the
+caller authenticates (``public``: nobody needs to), ``roles`` which roles of
+:data:`fsrecrypt.web.auth.ROLES` it must hold (any one of them; empty: any
+authenticated caller). ``create_app`` authenticates and checks the roles
+*before* the view runs (``Access.authorize``): a caller without the role gets
+403 ``forbidden_role`` and an access-log row, and the view reads the caller
+from ``Access.principal()``. See ``notes`` in DEVELOPERS.md for adding a route.
 """
 
 from __future__ import annotations
@@ -17,12 +25,17 @@ from dataclasses import dataclass
 from typing import Literal
 
 from fsrecrypt.web import schemas
+from fsrecrypt.web.auth import Role
 
 MAX_LIST_LIMIT = 1000
 DEFAULT_LIST_LIMIT = 100
 
-Kind = Literal["string", "uuid", "integer", "date-time"]
+Kind = Literal["string", "uuid", "integer", "date-time", "boolean"]
 Security = Literal["api_key", "api_key_or_signed_url", "public"]
+"""``api_key``: X-API-Key or a bearer token (the name predates tokens); ``..._or_signed_url``:
+either of those or a signed URL from /playback; ``public``: no credentials."""
+Method = Literal["GET", "POST", "DELETE"]
+ON_BEHALF_OF_HEADER = "X-On-Behalf-Of"
 
 
 @dataclass(frozen=True)
@@ -49,8 +62,22 @@ class Answer:
 
 
 @dataclass(frozen=True)
+class Body:
+    """A request body: a typed JSON object (a dataclass of :mod:`.schemas`) or raw media.
+
+    ``schema`` describes ``application/json`` (or ``multipart/form-data``)
+    bodies field by field; for raw media (``audio/*``) leave it None.
+    """
+
+    description: str
+    schema: type | None = None
+    media_types: tuple[str, ...] = ("application/json",)
+    required: bool = True
+
+
+@dataclass(frozen=True)
 class Route:
-    method: Literal["GET", "POST"]
+    method: Method
     path: str
     operation_id: str
     summary: str
@@ -60,20 +87,49 @@ class Route:
     errors: tuple[int, ...] = ()
     security: Security = "api_key"
     description: str | None = None
-    # Request body media types (POST): each described as a binary or form body.
-    body: tuple[str, ...] = ()
+    roles: tuple[Role, ...] = ()
+    """Any one of these roles is required (checked before the view); empty: any caller."""
+    body: Body | None = None
 
     @property
     def rule(self) -> str:
         """The Flask URL rule: ``{id}`` becomes ``<id>``."""
         return re.sub(r"\{(\w+)\}", r"<\1>", self.path)
 
+    @property
+    def all_params(self) -> tuple[Param, ...]:
+        """The declared parameters plus ``X-On-Behalf-Of`` (read by every authenticated route)."""
+        if self.security == "public":
+            return self.params
+        return (*self.params, ON_BEHALF_OF)
 
+    @property
+    def statuses(self) -> tuple[int, ...]:
+        """The error statuses: the declared ones, plus 401/403 that authentication can give."""
+        extra = () if self.security == "public" else (401, 403)
+        return tuple(sorted({*self.errors, *extra}))
+
+
+ON_BEHALF_OF = Param(
+    ON_BEHALF_OF_HEADER,
+    "header",
+    description=(
+        "The end user a service key acts for (only keys created with --on-behalf-of); "
+        "the access log records both"
+    ),
+)
+READ_ROLES: tuple[Role, ...] = ("listen", "download", "admin")
+"""Who may list recordings and read their metadata."""
 RECORDING_ID = Param("id", "path", "uuid")
 SIGNED_URL = (
-    Param("kid", "query", description="Signed URL: the issuing API key id"),
+    Param("kid", "query", description="Signed URL: the issuing API key id ('jwt' for a token)"),
     Param("exp", "query", description="Signed URL: expiry (Unix seconds)"),
     Param("sig", "query", description="Signed URL: HMAC-SHA256 signature"),
+    Param(
+        "who",
+        "query",
+        description="Signed URL: the principal (bearer token or end user of a service key)",
+    ),
 )
 AUDIO = "audio/wav"
 
@@ -133,6 +189,7 @@ ROUTES: tuple[Route, ...] = (
         ),
         answers=(Answer(200, "Matching recordings", schemas.RecordingList),),
         errors=(400, 401, 503),
+        roles=READ_ROLES,
     ),
     Route(
         "GET",
@@ -143,6 +200,7 @@ ROUTES: tuple[Route, ...] = (
         params=(RECORDING_ID,),
         answers=(Answer(200, "The recording", schemas.Recording),),
         errors=(401, 404, 503),
+        roles=(*READ_ROLES, "ingest"),
     ),
     Route(
         "GET",
@@ -167,6 +225,7 @@ ROUTES: tuple[Route, ...] = (
             Answer(206, "The requested range (Content-Range)", media_type=AUDIO),
         ),
         errors=(401, 403, 404, 409, 410, 416, 500, 503),
+        roles=("listen",),
     ),
     Route(
         "GET",
@@ -186,6 +245,7 @@ ROUTES: tuple[Route, ...] = (
         ),
         answers=(Answer(200, "The signed URL", schemas.PlaybackUrl),),
         errors=(400, 401, 404, 409, 410, 503),
+        roles=("listen",),
     ),
     Route(
         "POST",
@@ -208,8 +268,13 @@ ROUTES: tuple[Route, ...] = (
             Param("consent", "query", description="Raw body: how consent was given"),
             Param("Idempotency-Key", "header", description="1-255 printable ASCII characters"),
         ),
-        body=("multipart/form-data", "audio/wav", "audio/mpeg", "audio/ogg", "audio/flac"),
+        body=Body(
+            "The fields, then the audio (multipart), or the audio itself",
+            schemas.UploadForm,
+            ("multipart/form-data", "audio/wav", "audio/mpeg", "audio/ogg", "audio/flac"),
+        ),
         answers=(Answer(201, "The stored recording", schemas.Recording),),
-        errors=(400, 401, 403, 409, 411, 413, 415, 422, 431, 503),
+        errors=(400, 409, 411, 413, 415, 422, 431, 503),
+        roles=("ingest",),
     ),
 )

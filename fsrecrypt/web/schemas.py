@@ -37,14 +37,26 @@ class Error:
     error: ErrorDetail
 
 
+Role = Literal["listen", "download", "ingest", "admin"]
+Via = Literal["api_key", "jwt", "signed_url"]
+
+
 @dataclass(frozen=True)
 class Principal:
-    """The tenant and user behind the API key (``GET /v1/me``); cf. ``auth.Principal``."""
+    """The caller (``GET /v1/me``): tenant, user, roles, how they signed in (``auth.Principal``).
+
+    ``key_id`` for an API key, ``issuer`` for a bearer token, ``service_user``
+    when a service key acts for ``user`` (``X-On-Behalf-Of``).
+    """
 
     tenant: str
     tenant_id: str = fmt("uuid")
     user: str
-    key_id: str
+    roles: list[Role]
+    via: Via
+    key_id: str | None = None
+    issuer: str | None = None
+    service_user: str | None = None
 
 
 @dataclass(frozen=True)
@@ -66,6 +78,16 @@ class Recording:
 @dataclass(frozen=True)
 class RecordingList:
     recordings: list[Recording]
+
+
+@dataclass(frozen=True)
+class UploadForm:
+    """The multipart/form-data of ``POST /v1/recordings``: the text fields first, then ``file``."""
+
+    call_uuid: str
+    file: str = fmt("binary")
+    consent: str | None = None
+    metadata: str | None = None
 
 
 @dataclass(frozen=True)

@@ -31,7 +31,7 @@ from fsrecrypt.config import Config, with_overrides
 from fsrecrypt.errors import ConfigError, FsrecryptError
 from fsrecrypt.pipeline import Services
 from fsrecrypt.web.app import create_app
-from fsrecrypt.web.upload import DROP_BODY
+from fsrecrypt.web.upload import body_left_unread
 
 log = logging.getLogger("fsrecrypt.web")
 
@@ -222,8 +222,8 @@ class Handler(WSGIHandler):  # type: ignore[misc]
         try:
             super().run_application()
         finally:
-            if self.environ.get(DROP_BODY):
-                # An upload answered before its body ended (refused, too large,
+            if self.environ is not None and body_left_unread(self.environ):
+                # A body the app did not read to its end (refused, too large,
                 # cut short): never read the rest (gevent would, without a
                 # deadline), close the connection after the answer.
                 self.close_connection = True

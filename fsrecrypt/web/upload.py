@@ -55,9 +55,19 @@ MAX_PART_HEADER_BYTES = 8 * 1024
 MAX_FIELD_BYTES = {"call_uuid": 128, "consent": 64, "metadata": 4096}
 MAX_METADATA_KEYS = 32
 MAX_METADATA_VALUE = 256
-DROP_BODY = "fsrecrypt.drop_body"
-"""WSGI environ flag: the body was not read to its end; the server must not read
-the rest (it may never come) and closes the connection after the answer."""
+BODY_READ = "fsrecrypt.body_read"
+"""WSGI environ flag: the app read the request body to its end. A body left
+unread (refused before or while reading it: 401, 413, 415, a cut upload) is
+never read by the server (it may never come, and gevent would wait for it
+without a deadline): the connection is closed after the answer instead."""
+
+
+def body_left_unread(environ: Mapping[str, Any]) -> bool:
+    """True when the request has a body the app did not read to its end."""
+    if environ.get(BODY_READ):
+        return False
+    chunked = "chunked" in str(environ.get("HTTP_TRANSFER_ENCODING", "")).lower()
+    return chunked or str(environ.get("CONTENT_LENGTH") or "0").strip() not in ("", "0")
 
 _CALL_UUID_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:-]{0,127}", re.ASCII)
 _CONSENT_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9 ._:-]{0,63}", re.ASCII)
@@ -426,13 +436,6 @@ def finished_checks(head: bytes, kind: str) -> Callable[[int], Mapping[str, Any]
     return check
 
 
-def _drop_body_answer(response: Response) -> Response:
-    """An answer given before the body was read: close the connection, leave the body unread."""
-    request.environ[DROP_BODY] = True
-    response.headers["Connection"] = "close"
-    return response
-
-
 def upload_recording(
     services: Services,
     access: Access,
@@ -441,7 +444,6 @@ def upload_recording(
     clock: Callable[[], float],
 ) -> Response:
     """``POST /v1/recordings`` for an authenticated ``principal`` (see the module doc)."""
-    request.environ[DROP_BODY] = True  # until the body was read to its end
     playback = services.config.playback
     content_type = request.headers.get("Content-Type", "")
     boundary = boundary_of(content_type)
@@ -495,7 +497,7 @@ def upload_recording(
     row_metadata: dict[str, Any] = {"consent": consent}
     if metadata:
         row_metadata["client_metadata"] = metadata
-    who = {"key_id": principal.key_id, "via": principal.via}
+    who = principal.audit_details()
     outcome = pipeline.store_upload(
         services,
         pipeline.UploadRequest(
@@ -514,7 +516,7 @@ def upload_recording(
     g.audited = True
     if outcome.replayed:  # a concurrent upload with the same key won the race
         return _replayed(access, outcome.recording)
-    request.environ.pop(DROP_BODY, None)
+    request.environ[BODY_READ] = True
     response = jsonify(schemas.to_json(schemas.recording_of(outcome.recording)))
     response.status_code = 201
     response.headers["Location"] = f"/v1/recordings/{outcome.recording.id}"
@@ -537,4 +539,4 @@ def _replayed(access: Access, earlier: Any) -> Response:
     response.status_code = 201
     response.headers["Location"] = f"/v1/recordings/{earlier.id}"
     response.headers["Idempotent-Replayed"] = "true"
-    return _drop_body_answer(response)
+    return response

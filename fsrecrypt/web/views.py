@@ -20,7 +20,7 @@ from fsrecrypt.db import bounded
 from fsrecrypt.errors import FsrecryptError
 from fsrecrypt.web import schemas, upload
 from fsrecrypt.web.access import Access, client_ip, user_agent
-from fsrecrypt.web.auth import API_KEY_HEADER, Principal
+from fsrecrypt.web.auth import Principal
 from fsrecrypt.web.errors import classify
 from fsrecrypt.web.ranges import BadRange, parse_range
 from fsrecrypt.web.routes import DEFAULT_LIST_LIMIT
@@ -81,12 +81,23 @@ class Views:
     # -- API -------------------------------------------------------------------------------
 
     def me(self, _params: Params) -> Response:
-        p = self.access.require_key()
-        return _json(schemas.Principal(p.tenant_name, p.tenant_id, p.user_id, p.key_id))
+        p = self.access.principal()
+        return _json(
+            schemas.Principal(
+                p.tenant_name,
+                p.tenant_id,
+                p.user_id,
+                list(p.roles),
+                p.via,
+                p.key_id,
+                p.issuer,
+                p.service_user,
+            )
+        )
 
     def list_recordings(self, params: Params) -> Response:
         g.action = "list"
-        principal = self.access.require_key()
+        principal = self.access.principal()
         limit = params.integer("limit", default=DEFAULT_LIST_LIMIT)
         rows = self.services.db.recordings(
             tenant_id=principal.tenant_id,
@@ -99,13 +110,13 @@ class Views:
 
     def get_recording(self, params: Params) -> Response:
         g.action = "metadata"
-        principal = self.access.require_key()
+        principal = self.access.principal()
         recording = self.access.tenant_recording(principal, params.path("id"), "metadata")
         return _json(schemas.recording_of(recording))
 
     def playback_url(self, params: Params) -> Response:
         g.action = "playback_url"
-        principal = self.access.require_key()
+        principal = self.access.principal()
         recording = self.access.tenant_recording(principal, params.path("id"), "playback_url")
         self.access.usable(recording, "playback_url")
         url_ttl = self.services.config.playback.url_ttl
@@ -123,7 +134,7 @@ class Views:
 
     def upload_recording(self, params: Params) -> Response:
         g.action = "upload"
-        principal = self.access.require_key()
+        principal = self.access.principal()
         return upload.upload_recording(
             self.services, self.access, params, principal, time.monotonic
         )
@@ -132,11 +143,7 @@ class Views:
         g.action = "stream"
         started = time.monotonic()
         recording_id = params.path("id")
-        signed = {name: params.text(name) or "" for name in ("kid", "exp", "sig")}
-        if params.has("sig") and not request.headers.get(API_KEY_HEADER):
-            principal = self.access.signed_url(recording_id, signed)
-        else:
-            principal = self.access.require_key()
+        principal = self.access.principal()
         recording = self.access.tenant_recording(principal, recording_id, "stream")
         self.access.usable(recording, "stream")
         size = recording.file_size_bytes or 0
@@ -226,8 +233,7 @@ class Views:
                     **range_details,
                     "bytes_sent": sent,
                     "completed": completed,
-                    "key_id": principal.key_id,
-                    "via": principal.via,
+                    **principal.audit_details(),
                 },
             )
 

@@ -25,6 +25,7 @@ import pytest
 
 from fsrecrypt import pipeline
 from fsrecrypt.lifecycle.custody import recording_custody
+from fsrecrypt.web import create_api_key
 from tests.support.serve import serve_process
 from tests.web.test_web_app import wav_bytes
 from tests.web.test_web_server import make_setup
@@ -42,6 +43,7 @@ class Server:
     key: str
     tenant: str
     tmpdir: Path
+    listen_key: str
 
     def objects(self) -> set[str]:
         store = self.root / "objects"
@@ -87,11 +89,13 @@ def server(pg_dsn: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Se
             "metrics_listen": "",
         },
     )
+    # the setup's key may only listen: uploads need a key with the role 'ingest'
+    _row, ingest_key = create_api_key(services, tenant, "uploader@example.com", roles=("ingest",))
     saved = os.environ.get("TMPDIR")
     os.environ["TMPDIR"] = str(tmpdir)  # where werkzeug/tempfile would spool plaintext
     try:
         with serve_process(cfg, root / "serve.log") as (port, pid):
-            yield Server(services, root, port, pid, key, tenant, tmpdir)
+            yield Server(services, root, port, pid, ingest_key, tenant, tmpdir, key)
     finally:
         if saved is None:
             os.environ.pop("TMPDIR", None)
@@ -208,7 +212,7 @@ def test_multipart_upload_stores_like_the_daemon(server: Server) -> None:
     assert plain(server, rec) == audio
     # the same encrypt audit row as the daemon writes, naming the uploader and its address
     (row,) = server.services.db.audit_rows(recording_id=rec.id, action="encrypt")
-    assert row["success"] and row["user_id"] == "supervisor@example.com"
+    assert row["success"] and row["user_id"] == "uploader@example.com"
     assert str(row["ip_address"]) == "127.0.0.1"
     assert row["details"]["origin"] == "upload" and row["details"]["bytes"] == len(audio)
     # custody: a keyed fingerprint computed while encrypting, and the origin
@@ -488,14 +492,32 @@ def test_call_uuid_injection_is_refused(server: Server, call_uuid: str) -> None:
     assert not server.rows(call_uuid.replace("\x00", ""))
 
 
-def test_upload_needs_an_api_key_and_is_audited(server: Server) -> None:
+def test_upload_needs_a_key_with_the_ingest_role(server: Server) -> None:
     audio = wav_bytes(0.5, seed=41)
     call = str(uuid.uuid4())
     body, ctype = form(call, audio)
-    conn = server.conn()
-    conn.request("POST", "/v1/recordings", body=body, headers={"Content-Type": ctype})
-    resp = conn.getresponse()
-    assert resp.status == 401
-    resp.read()
-    conn.close()
+    for headers, status, code in (
+        ({}, 401, "auth_required"),
+        ({"X-API-Key": server.listen_key}, 403, "forbidden_role"),
+    ):
+        conn = server.conn()
+        conn.request(
+            "POST", "/v1/recordings", body=body, headers={"Content-Type": ctype, **headers}
+        )
+        resp = conn.getresponse()
+        assert resp.status == status
+        assert json.loads(resp.read())["error"]["code"] == code
+        assert resp.headers["Connection"] == "close"  # the body is not read
+        conn.close()
     assert not server.rows(call)
+    # a refused client announcing a huge body and sending none is answered at once
+    sock = raw_socket(
+        server,
+        request_head(server, "audio/wav", 10**12, f"?call_uuid={call}").replace(
+            server.key.encode(), server.listen_key.encode()
+        ),
+    )
+    started = time.monotonic()
+    status, _body = read_answer(sock)
+    sock.close()
+    assert status == 403 and time.monotonic() - started < GAP
