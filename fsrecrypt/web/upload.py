@@ -69,6 +69,7 @@ def body_left_unread(environ: Mapping[str, Any]) -> bool:
     chunked = "chunked" in str(environ.get("HTTP_TRANSFER_ENCODING", "")).lower()
     return chunked or str(environ.get("CONTENT_LENGTH") or "0").strip() not in ("", "0")
 
+
 _CALL_UUID_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:-]{0,127}", re.ASCII)
 _CONSENT_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9 ._:-]{0,63}", re.ASCII)
 _METADATA_KEY_RE = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,63}", re.ASCII)
