@@ -24,6 +24,7 @@ from fsrecrypt.web.access import Access, request_path
 from fsrecrypt.web.auth import API_KEY_HEADER
 from fsrecrypt.web.errors import ApiError, classify
 from fsrecrypt.web.openapi import openapi_document
+from fsrecrypt.web.proxies import TrustedProxies
 from fsrecrypt.web.routes import ROUTES, Param, Route
 from fsrecrypt.web.signing import UrlSigner, load_signing_key
 from fsrecrypt.web.upload import body_left_unread
@@ -33,6 +34,7 @@ if TYPE_CHECKING:
     from fsrecrypt.pipeline import Services
 
 log = logging.getLogger("fsrecrypt.web")
+HSTS = "max-age=63072000; includeSubDomains"
 
 
 class Params:
@@ -140,6 +142,9 @@ def create_app(services: Services, *, now: Callable[[], float] = time.time) -> F
     signer = UrlSigner(load_signing_key(services.config.playback.signing_key_file))
     access = Access(services, signer, now)
     views = Views(services, access, openapi_document(), now)
+    app.wsgi_app = TrustedProxies(  # type: ignore[method-assign]
+        app.wsgi_app, services.config.playback.trusted_proxies
+    )
     for route in ROUTES:
         app.add_url_rule(
             route.rule,
@@ -181,6 +186,8 @@ def create_app(services: Services, *, now: Callable[[], float] = time.time) -> F
         response.headers.setdefault("Referrer-Policy", "no-referrer")
         response.headers.setdefault("Cache-Control", "no-store")
         response.headers.setdefault("X-Frame-Options", "DENY")
+        if request.scheme == "https":
+            response.headers.setdefault("Strict-Transport-Security", HSTS)
         if body_left_unread(request.environ):
             response.headers["Connection"] = "close"
         return response

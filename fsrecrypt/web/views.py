@@ -7,6 +7,7 @@ built from :mod:`.schemas`, or, for ``/stream``, an audited audio stream.
 
 from __future__ import annotations
 
+import re
 import time
 from collections.abc import Callable
 from datetime import UTC, datetime
@@ -126,6 +127,7 @@ class Views:
         url = f"/v1/recordings/{recording.id}/stream?" + "&".join(
             f"{k}={v}" for k, v in query.items()
         )
+        url = https_url(url)
         expires_at = datetime.fromtimestamp(expires, UTC).isoformat()
         self.access.audit(
             "playback_url", True, recording=recording, details={"expires_at": expires_at}
@@ -238,6 +240,21 @@ class Views:
             )
 
         return AuditedStream(first, chunks, expected=end - start, on_close=on_close)
+
+
+_HOST_RE = re.compile(r"(?:[A-Za-z0-9-]{1,63}\.)*[A-Za-z0-9-]{1,63}(?::[0-9]{1,5})?", re.ASCII)
+
+
+def https_url(path: str) -> str:
+    """``path`` as an absolute https URL when the request came over https (TLS or a trusted
+    proxy), so a signed URL never sends its signature in the clear; else as it is.
+    A Host header that is not a plain host name (or IPv6 literal) keeps the path relative."""
+    host = request.host
+    if request.scheme != "https" or not (
+        _HOST_RE.fullmatch(host) or re.fullmatch(r"\[[0-9A-Fa-f:.]{2,45}\](?::[0-9]{1,5})?", host)
+    ):
+        return path
+    return f"https://{host}{path}"
 
 
 def bounded_range(header: str | None) -> str | None:
