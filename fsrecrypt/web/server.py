@@ -31,6 +31,7 @@ from fsrecrypt.config import Config, with_overrides
 from fsrecrypt.errors import ConfigError, FsrecryptError
 from fsrecrypt.pipeline import Services
 from fsrecrypt.web.app import create_app
+from fsrecrypt.web.tls import handshake, server_context
 from fsrecrypt.web.upload import body_left_unread
 
 log = logging.getLogger("fsrecrypt.web")
@@ -245,7 +246,10 @@ class LimitedServer(WSGIServer):  # type: ignore[misc]
     handler's header and idle deadlines anyway.
     """
 
-    def __init__(self, *args: Any, limits: ConnectionLimits, **kwargs: Any) -> None:
+    def __init__(
+        self, *args: Any, limits: ConnectionLimits, tls: Any = None, **kwargs: Any
+    ) -> None:
+        self.tls = tls  # before gevent's __init__, which reads ssl_enabled
         super().__init__(*args, **kwargs)
         self.limits = limits
         self._live: dict[Any, str] = {}  # greenlet -> client address
@@ -254,6 +258,11 @@ class LimitedServer(WSGIServer):  # type: ignore[misc]
         self.refused = 0
         self.evicted = 0
         self._last_warning = 0.0
+
+    @property
+    def ssl_enabled(self) -> bool:
+        """True with native TLS (gevent then sets ``wsgi.url_scheme`` to https)."""
+        return self.tls is not None
 
     @property
     def open_connections(self) -> int:
@@ -335,6 +344,14 @@ class LimitedServer(WSGIServer):  # type: ignore[misc]
         self._live[me] = client
         self._per_client[client] = self._per_client.get(client, 0) + 1
         try:
+            if self.tls is not None:
+                # The handshake counts as waiting for a request: evictable, and
+                # bounded by the header deadline.
+                self.connection_waiting(True)
+                secured = handshake(self.tls, sock, self.limits.header_timeout)
+                if secured is None:
+                    return
+                sock = secured
             super().handle(sock, address)
         finally:
             self._forget(me)
@@ -353,6 +370,12 @@ def make_server(app: Any, config: Any, listen: str | None = None) -> LimitedServ
     for logger in (access, errors):
         if not any(isinstance(f, RedactingFilter) for f in logger.filters):
             logger.addFilter(RedactingFilter())
+    playback = config.playback
+    tls = (
+        server_context(playback.tls_cert_file, playback.tls_key_file)
+        if playback.tls_cert_file
+        else None
+    )
     return LimitedServer(
         (host, port),
         app,
@@ -360,6 +383,7 @@ def make_server(app: Any, config: Any, listen: str | None = None) -> LimitedServ
         log=access,
         error_log=errors,
         limits=limits,
+        tls=tls,
     )
 
 
@@ -416,7 +440,8 @@ def run_server(
         server = make_server(create_app(services), config)
         server.start()
         bound_host, bound_port = server.address[:2]
-        listening(f"http://{bound_host}:{bound_port}/")
+        scheme = "https" if server.ssl_enabled else "http"
+        listening(f"{scheme}://{bound_host}:{bound_port}/")
 
         def stop() -> None:
             log.info("stopping")
