@@ -23,6 +23,7 @@ from fsrecrypt.web import schemas
 from fsrecrypt.web.access import Access, request_path
 from fsrecrypt.web.auth import API_KEY_HEADER
 from fsrecrypt.web.errors import ApiError, classify
+from fsrecrypt.web.metrics import AUTH_FAILURE, ROUTE, MetricsMiddleware, ServeMetrics
 from fsrecrypt.web.openapi import openapi_document
 from fsrecrypt.web.proxies import TrustedProxies
 from fsrecrypt.web.routes import ROUTES, Param, Route
@@ -126,6 +127,7 @@ def _endpoint(
     """The view behind its route's checks: the caller authenticated and holding a role first."""
 
     def endpoint(**path_values: str) -> Response:
+        request.environ[ROUTE] = route.operation_id
         g.params = Params(route, path_values)
         if route.security != "public":
             access.authorize(route, g.params)
@@ -135,13 +137,23 @@ def _endpoint(
     return endpoint
 
 
-def create_app(services: Services, *, now: Callable[[], float] = time.time) -> Flask:
-    """The Flask application over the daemon's key provider, store and database."""
+def create_app(
+    services: Services,
+    *,
+    now: Callable[[], float] = time.time,
+    metrics: ServeMetrics | None = None,
+) -> Flask:
+    """The Flask application over the daemon's key provider, store and database.
+
+    ``metrics``: fed by every request (``fsrecrypt serve`` passes its series).
+    """
     app = Flask("fsrecrypt.web", static_folder=None)
     app.json.sort_keys = False  # type: ignore[attr-defined]
     signer = UrlSigner(load_signing_key(services.config.playback.signing_key_file))
     access = Access(services, signer, now)
     views = Views(services, access, openapi_document(), now)
+    if metrics is not None:
+        app.wsgi_app = MetricsMiddleware(app.wsgi_app, metrics)  # type: ignore[method-assign]
     app.wsgi_app = TrustedProxies(  # type: ignore[method-assign]
         app.wsgi_app, services.config.playback.trusted_proxies
     )
@@ -165,6 +177,8 @@ def create_app(services: Services, *, now: Callable[[], float] = time.time) -> F
         headers = dict(getattr(exc, "headers", {}) or {})
         if status >= 500:
             log.error("%s %s failed: %s", request.method, request_path(), exc.one_line())
+        if status in (401, 403):
+            request.environ[AUTH_FAILURE] = code
         if status == 401:
             challenge = f'ApiKey header="{API_KEY_HEADER}"'
             if access.tokens is not None:

@@ -31,6 +31,8 @@ from fsrecrypt.config import Config, with_overrides
 from fsrecrypt.errors import ConfigError, FsrecryptError
 from fsrecrypt.pipeline import Services
 from fsrecrypt.web.app import create_app
+from fsrecrypt.web.housekeeping import Housekeeping
+from fsrecrypt.web.metrics import ServeMetrics, start_metrics_listener
 from fsrecrypt.web.tls import handshake, server_context
 from fsrecrypt.web.upload import body_left_unread
 
@@ -437,14 +439,20 @@ def run_server(
     services = Services(config)
     try:
         services.db.ping()
-        server = make_server(create_app(services), config)
+        metrics = ServeMetrics()
+        server = make_server(create_app(services, metrics=metrics), config)
+        metrics.watch_connections(lambda: server.open_connections)
+        start_metrics_listener(metrics, config.playback.metrics_listen, log)
         server.start()
+        housekeeping = Housekeeping(services)
+        housekeeping.start()
         bound_host, bound_port = server.address[:2]
         scheme = "https" if server.ssl_enabled else "http"
         listening(f"{scheme}://{bound_host}:{bound_port}/")
 
         def stop() -> None:
             log.info("stopping")
+            housekeeping.stop()
             server.stop(timeout=config.pipeline.shutdown_grace)
 
         gevent.signal_handler(signal.SIGTERM, stop)
