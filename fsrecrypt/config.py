@@ -242,7 +242,7 @@ class RetentionConfig:
             raise ValueError("days must be >= 0 (0 = keep forever)")
 
 
-ANCHOR_SIGNATURES = ("hmac-sha256", "ed25519")
+ANCHOR_SIGNATURES = ("hmac-sha256", "ed25519", "kms-ecdsa-p256")
 
 
 @dataclass(frozen=True)
@@ -262,6 +262,9 @@ class AuditConfig:
     anchor_key_file: str = "/var/lib/fsrecrypt/audit-anchor.key"
     anchor_signature: str = "hmac-sha256"
     anchor_interval: float = 3600.0
+    anchor_kms_key: str = ""
+    anchor_kms_region: str = ""
+    anchor_kms_endpoint_url: str = ""
     fingerprint_key_file: str = ""
 
     def validate(self) -> None:
@@ -278,8 +281,13 @@ class AuditConfig:
             )
         if self.anchor_signature not in ANCHOR_SIGNATURES:
             raise ValueError(
-                f"anchor_signature must be 'hmac-sha256' or 'ed25519', "
+                f"anchor_signature must be 'hmac-sha256', 'ed25519' or 'kms-ecdsa-p256', "
                 f"not {self.anchor_signature[:40]!r}"
+            )
+        if self.anchor_signature == "kms-ecdsa-p256" and not self.anchor_kms_key:
+            raise ValueError(
+                "anchor_signature = 'kms-ecdsa-p256' needs anchor_kms_key "
+                "(an ECC_NIST_P256 SIGN_VERIFY key: ARN, key id or alias)"
             )
         if not self.anchor_key_file or not os.path.isabs(self.anchor_key_file):
             raise ValueError("anchor_key_file must be an absolute path")
@@ -292,6 +300,67 @@ class AuditConfig:
     def anchoring(self) -> bool:
         """True if anchors have somewhere to go."""
         return bool(self.anchor_dir or self.anchor_bucket)
+
+
+TOKEN_ALGORITHMS = ("RS256", "RS384", "RS512", "PS256", "PS384", "PS512", "ES256", "ES384", "EdDSA")
+"""Asymmetric JWS algorithms only: 'none' and HMAC (HS*) are never accepted."""
+
+
+@dataclass(frozen=True)
+class AuthConfig:
+    """Bearer tokens (JWT) from the platform's identity provider, beside API keys.
+
+    Off unless ``jwks_url`` or ``jwks_file`` is set; then ``issuer`` and
+    ``audience`` are required, so a token minted for another service or by
+    another issuer is never accepted (see conf/fsrecrypt.toml).
+    """
+
+    jwks_url: str = ""
+    jwks_file: str = ""
+    issuer: str = ""
+    audience: str = ""
+    leeway: float = 30.0
+    algorithms: tuple[str, ...] = ("RS256", "ES256", "EdDSA")
+    tenant_claim: str = "tenant"
+    roles_claim: str = "roles"
+    jwks_timeout: float = 5.0
+    jwks_max_bytes: int = 262144
+    jwks_min_refresh: float = 30.0
+    jwks_cache_ttl: float = 3600.0
+
+    def validate(self) -> None:
+        if self.jwks_url and self.jwks_file:
+            raise ValueError("set jwks_url or jwks_file, not both")
+        if self.jwks_url:
+            host = re.match(r"^https?://(\[[^\]]*\]|[^/:?#]*)", self.jwks_url)
+            local = host is not None and host[1] in ("127.0.0.1", "localhost", "[::1]")
+            if not self.jwks_url.startswith("https://") and not local:
+                raise ValueError("jwks_url must be an https:// URL (http only on loopback)")
+        if self.jwks_file and not os.path.isabs(self.jwks_file):
+            raise ValueError("jwks_file must be an absolute path")
+        if self.enabled and not (self.issuer and self.audience):
+            raise ValueError("bearer tokens need both issuer and audience")
+        refused = [a for a in self.algorithms if a not in TOKEN_ALGORITHMS]
+        if refused or not self.algorithms:
+            raise ValueError(
+                f"algorithms may only name {', '.join(TOKEN_ALGORITHMS)} "
+                f"(never none or HS*), got {', '.join(a[:20] for a in refused) or 'none'}"
+            )
+        if not 0 <= self.leeway <= 600:
+            raise ValueError("leeway must be between 0 and 600 seconds")
+        if not (self.tenant_claim and self.roles_claim):
+            raise ValueError("tenant_claim and roles_claim must not be empty")
+        if not 0.1 <= self.jwks_timeout <= 60:
+            raise ValueError("jwks_timeout must be between 0.1 and 60 seconds")
+        if not 1024 <= self.jwks_max_bytes <= 16 * 1024 * 1024:
+            raise ValueError("jwks_max_bytes must be between 1 KiB and 16 MiB")
+        if not 0 <= self.jwks_min_refresh <= self.jwks_cache_ttl <= 7 * 86400:
+            raise ValueError("need 0 <= jwks_min_refresh <= jwks_cache_ttl <= 7 days")
+
+    @property
+    def enabled(self) -> bool:
+        """True if bearer tokens are accepted (a key set is configured)."""
+        return bool(self.jwks_url or self.jwks_file)
 
 
 @dataclass(frozen=True)
@@ -317,6 +386,7 @@ class Config:
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
     retention: RetentionConfig = field(default_factory=RetentionConfig)
     audit: AuditConfig = field(default_factory=AuditConfig)
+    auth: AuthConfig = field(default_factory=AuthConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     source: str = "<defaults>"
 

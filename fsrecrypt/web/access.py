@@ -279,7 +279,7 @@ class Access:
             "user_agent": user_agent(),
             "error_message": "not_found",
         }
-        via = {"key_id": principal.key_id, "via": principal.via}
+        via = principal.audit_details()
         rows: list[dict[str, Any]] = [
             {
                 **common,

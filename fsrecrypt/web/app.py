@@ -8,19 +8,21 @@ a parameter the document does not list, so the document and the code agree.
 
 from __future__ import annotations
 
+import json
 import logging
 import time
 from collections.abc import Callable, Mapping
 from datetime import UTC, datetime
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from flask import Flask, Response, g, jsonify, request
 from werkzeug.exceptions import HTTPException
 
+from fsrecrypt.db import audit_context
 from fsrecrypt.errors import FsrecryptError
 from fsrecrypt.numbers import NumberError, parse_int
 from fsrecrypt.web import schemas
-from fsrecrypt.web.access import Access, request_path
+from fsrecrypt.web.access import Access, client_ip, request_path, user_agent
 from fsrecrypt.web.auth import API_KEY_HEADER
 from fsrecrypt.web.errors import ApiError, classify
 from fsrecrypt.web.metrics import AUTH_FAILURE, ROUTE, MetricsMiddleware, ServeMetrics
@@ -28,6 +30,7 @@ from fsrecrypt.web.openapi import openapi_document
 from fsrecrypt.web.proxies import TrustedProxies
 from fsrecrypt.web.routes import ROUTES, Param, Route
 from fsrecrypt.web.signing import UrlSigner, load_signing_key
+from fsrecrypt.web.tokens import TokenVerifier
 from fsrecrypt.web.upload import body_left_unread
 from fsrecrypt.web.views import Views
 
@@ -36,6 +39,8 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("fsrecrypt.web")
 HSTS = "max-age=63072000; includeSubDomains"
+MAX_JSON_BODY = 65536
+"""Bytes a JSON request body may have (a reason and a flag need a few hundred)."""
 
 
 class Params:
@@ -47,6 +52,7 @@ class Params:
     """
 
     def __init__(self, route: Route, path_values: Mapping[str, str]) -> None:
+        self._route = route
         self._declared = {(p.location, p.name): p for p in route.all_params}
         self._path = path_values
         self.read: set[str] = set()
@@ -109,6 +115,37 @@ class Params:
             ) from None
         return parsed if parsed.tzinfo is not None else parsed.replace(tzinfo=UTC)
 
+    def body(self) -> Any:
+        """The JSON request body as the route's declared ``Body.schema``, or 400 ``invalid_body``.
+
+        At most MAX_JSON_BODY bytes are read; the media type must be
+        application/json; fields are checked by :func:`.schemas.from_json`.
+        """
+        declared = self._route.body
+        if declared is None or declared.schema is None:
+            raise LookupError("this route declares no JSON body")
+
+        def refused(why: str) -> ApiError:
+            return ApiError(
+                f"the request body is not valid: {why}",
+                code="invalid_body",
+                hint=f"Send a JSON object ({declared.description}).",
+            )
+
+        if request.mimetype != "application/json":
+            raise refused("the media type must be application/json")
+        if (request.content_length or 0) > MAX_JSON_BODY:
+            raise refused(f"it exceeds {MAX_JSON_BODY} bytes")
+        raw = request.stream.read(MAX_JSON_BODY + 1)
+        if len(raw) > MAX_JSON_BODY:
+            raise refused(f"it exceeds {MAX_JSON_BODY} bytes")
+        try:
+            return schemas.from_json(declared.schema, json.loads(raw))
+        except RecursionError:
+            raise refused("it is nested too deeply") from None
+        except ValueError as exc:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+            raise refused(str(exc)[:200]) from None
+
 
 def error_response(
     status: int, code: str, message: str, hint: str | None, headers: Mapping[str, str]
@@ -129,9 +166,14 @@ def _endpoint(
     def endpoint(**path_values: str) -> Response:
         request.environ[ROUTE] = route.operation_id
         g.params = Params(route, path_values)
-        if route.security != "public":
-            access.authorize(route, g.params)
-        return view(g.params)
+        if route.security == "public":
+            return view(g.params)
+        principal = access.authorize(route, g.params)
+        # Rows the view's domain calls write (holds, erasure, custody) name the credential too.
+        with audit_context(
+            principal.audit_details(), ip_address=client_ip(), user_agent=user_agent()
+        ):
+            return view(g.params)
 
     endpoint.__name__ = route.view
     return endpoint
@@ -141,16 +183,21 @@ def create_app(
     services: Services,
     *,
     now: Callable[[], float] = time.time,
+    tokens: TokenVerifier | None = None,
     metrics: ServeMetrics | None = None,
 ) -> Flask:
     """The Flask application over the daemon's key provider, store and database.
 
-    ``metrics``: fed by every request (``fsrecrypt serve`` passes its series).
+    Bearer tokens are accepted when ``[auth]`` names a key set (or ``tokens``
+    is given); otherwise only API keys and signed URLs. ``metrics``: fed by
+    every request (``fsrecrypt serve`` passes its series).
     """
     app = Flask("fsrecrypt.web", static_folder=None)
     app.json.sort_keys = False  # type: ignore[attr-defined]
     signer = UrlSigner(load_signing_key(services.config.playback.signing_key_file))
-    access = Access(services, signer, now)
+    if tokens is None and services.config.auth.enabled:
+        tokens = TokenVerifier(services)
+    access = Access(services, signer, now, tokens)
     views = Views(services, access, openapi_document(), now)
     if metrics is not None:
         app.wsgi_app = MetricsMiddleware(app.wsgi_app, metrics)  # type: ignore[method-assign]

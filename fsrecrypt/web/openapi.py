@@ -173,8 +173,10 @@ def _operation(route: Route) -> dict[str, Any]:
         op["requestBody"] = _request_body(route.body)
     responses = {str(a.status): _answer(a) for a in route.answers}
     error_ref = {"application/json": {"schema": _ref(schemas.Error)}}
+    notes = dict(route.error_notes)
     for status in route.statuses:
-        responses[str(status)] = {"description": ERROR_DESCRIPTIONS[status], "content": error_ref}
+        description = notes.get(status, ERROR_DESCRIPTIONS[status])
+        responses[str(status)] = {"description": description, "content": error_ref}
     op["responses"] = responses
     return op
 

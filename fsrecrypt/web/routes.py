@@ -90,6 +90,8 @@ class Route:
     roles: tuple[Role, ...] = ()
     """Any one of these roles is required (checked before the view); empty: any caller."""
     body: Body | None = None
+    error_notes: tuple[tuple[int, str], ...] = ()
+    """What an error status means for this route, where the general description does not fit."""
 
     @property
     def rule(self) -> str:
@@ -145,6 +147,78 @@ def _page(path: str, operation_id: str, summary: str, view: str, media_type: str
         security="public",
     )
 
+
+REASON = Body("Why: a case, matter or ticket number", schemas.HoldRequest)
+ADMIN_ROUTES: tuple[Route, ...] = (
+    Route(
+        "GET",
+        "/v1/recordings/{id}/custody",
+        "recordingCustody",
+        "The recording's chain of custody (what 'fsrecrypt custody ID' prints)",
+        "custody",
+        description=(
+            "Creation, storage, keyed fingerprint, plaintext deletion, and every access, "
+            "rotation, hold and erasure with its audit row id and covering anchor. "
+            "Logged as action 'custody'."
+        ),
+        params=(RECORDING_ID,),
+        answers=(Answer(200, "The custody document (as 'fsrecrypt custody' prints it)"),),
+        errors=(404, 503),
+        roles=("admin",),
+    ),
+    Route(
+        "POST",
+        "/v1/recordings/{id}/holds",
+        "addLegalHold",
+        "Place a legal hold (as 'fsrecrypt hold add'): the recording cannot be erased",
+        "hold_add",
+        description="Idempotent: a recording already on hold keeps its hold. Logged as hold_add.",
+        params=(RECORDING_ID,),
+        body=REASON,
+        answers=(Answer(200, "Per recording: held, already held", schemas.HoldResults),),
+        errors=(400, 404, 409, 503),
+        error_notes=((409, "The recording was erased: nothing is left to hold"),),
+        roles=("admin",),
+    ),
+    Route(
+        "POST",
+        "/v1/recordings/{id}/holds/release",
+        "releaseLegalHold",
+        "Release the legal hold (as 'fsrecrypt hold remove'); the hold stays as history",
+        "hold_release",
+        description="409 no_active_hold if the recording is not on hold. Logged as hold_remove.",
+        params=(RECORDING_ID,),
+        body=Body("Why the hold ends", schemas.HoldRequest),
+        answers=(Answer(200, "Per recording: released", schemas.HoldResults),),
+        errors=(400, 404, 409, 503),
+        error_notes=((409, "The recording is not on hold (no_active_hold)"),),
+        roles=("admin",),
+    ),
+    Route(
+        "POST",
+        "/v1/recordings/{id}/erase",
+        "eraseRecording",
+        "Erase the recording for good (crypto-shredding, as 'fsrecrypt erase')",
+        "erase",
+        description=(
+            "Destroys the wrapped data key and every version of the object and answers the "
+            "deletion receipt. Refused (409, nothing destroyed) under a legal hold "
+            "(legal_hold_active), inside the retention period unless override_retention "
+            "(retention_active), or under S3 Object Lock retention "
+            "(storage_retention_locked). Logged as erase."
+        ),
+        params=(RECORDING_ID,),
+        body=Body("Why, and whether to erase inside retention", schemas.EraseRequest),
+        answers=(Answer(200, "The deletion receipt (as 'fsrecrypt erase' prints it)"),),
+        errors=(400, 404, 409, 503),
+        error_notes=(
+            (409, "Refused, nothing destroyed: legal hold, retention, storage lock, or pending"),
+            (503, "A backing service is unavailable, or erasure_incomplete: retry the same call"),
+        ),
+        roles=("admin",),
+    ),
+)
+"""The ``admin`` role's routes (:mod:`fsrecrypt.web.admin`): the CLI's rules, rows and receipts."""
 
 ROUTES: tuple[Route, ...] = (
     _page("/", "playerPage", "The playback page", "index", "text/html"),
@@ -227,6 +301,23 @@ ROUTES: tuple[Route, ...] = (
         errors=(401, 403, 404, 409, 410, 416, 500, 503),
         roles=("listen",),
     ),
+    Route(
+        "GET",
+        "/v1/recordings/{id}/download",
+        "downloadRecording",
+        "The whole decrypted recording as a file (Content-Disposition: attachment)",
+        "download",
+        description=(
+            "The whole file, for saving (no Range). Each frame is authenticated before its "
+            "bytes are sent; an integrity failure mid-file aborts the connection. Audited as "
+            "action 'download' (not 'stream'). HEAD answers the headers without decrypting."
+        ),
+        params=(RECORDING_ID,),
+        answers=(Answer(200, "The whole recording", media_type=AUDIO),),
+        errors=(404, 409, 410, 500, 503),
+        roles=("download",),
+    ),
+    *ADMIN_ROUTES,
     Route(
         "GET",
         "/v1/recordings/{id}/playback",

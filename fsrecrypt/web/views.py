@@ -21,6 +21,7 @@ from fsrecrypt.db import bounded
 from fsrecrypt.errors import FsrecryptError
 from fsrecrypt.web import schemas, upload
 from fsrecrypt.web.access import Access, client_ip, user_agent
+from fsrecrypt.web.admin import AdminViews
 from fsrecrypt.web.auth import Principal
 from fsrecrypt.web.errors import classify
 from fsrecrypt.web.ranges import BadRange, parse_range
@@ -52,8 +53,11 @@ def _static_file(name: str, mimetype: str) -> Response:
     return response
 
 
-class Views:
-    """The route handlers over one set of services (key provider, store, database)."""
+class Views(AdminViews):
+    """The route handlers over one set of services (key provider, store, database).
+
+    The admin routes' handlers are mixed in from :mod:`.admin`.
+    """
 
     def __init__(
         self, services: Services, access: Access, spec: dict[str, Any], now: Callable[[], float]
@@ -142,19 +146,27 @@ class Views:
         )
 
     def stream(self, params: Params) -> Response:
-        g.action = "stream"
+        return self._audio(params, "stream", "inline", params.header("Range"))
+
+    def download(self, params: Params) -> Response:
+        return self._audio(params, "download", "attachment", None)
+
+    def _audio(
+        self, params: Params, action: str, disposition: str, range_header: str | None
+    ) -> Response:
+        """The recording's audio: ``stream`` (inline, Range) or ``download`` (attachment, whole)."""
+        g.action = action
         started = time.monotonic()
         recording_id = params.path("id")
         principal = self.access.principal()
-        recording = self.access.tenant_recording(principal, recording_id, "stream")
-        self.access.usable(recording, "stream")
+        recording = self.access.tenant_recording(principal, recording_id, action)
+        self.access.usable(recording, action)
         size = recording.file_size_bytes or 0
-        range_header = params.header("Range")
         try:
             wanted = parse_range(range_header, size)
         except BadRange as exc:
             self.access.audit(
-                "stream",
+                action,
                 False,
                 recording=recording,
                 error="range_not_satisfiable",
@@ -163,16 +175,17 @@ class Views:
             exc.headers = {"Content-Range": f"bytes */{size}"}  # type: ignore[attr-defined]
             raise
         headers = {
-            "Accept-Ranges": "bytes",
-            "Content-Disposition": f'inline; filename="{recording.id}.wav"',
+            "Content-Disposition": f'{disposition}; filename="{recording.id}.wav"',
             "Cache-Control": "private, no-store",
         }
+        if action == "stream":
+            headers["Accept-Ranges"] = "bytes"
         if request.method == "HEAD":
             response = Response(b"", mimetype="audio/wav", headers=headers)
             response.headers["Content-Length"] = str(size)
             return response
         start, end = (0, size) if wanted is None else wanted
-        body = self._audited_body(principal, recording, wanted, start, end, started)
+        body = self._audited_body(principal, recording, wanted, (start, end), started, action)
         status = 200 if wanted is None else 206
         response = Response(
             body, status=status, mimetype="audio/wav", headers=headers, direct_passthrough=True
@@ -187,11 +200,12 @@ class Views:
         principal: Principal,
         recording: Any,
         wanted: tuple[int, int] | None,
-        start: int,
-        end: int,
+        span: tuple[int, int],
         started: float,
+        action: str,
     ) -> AuditedStream:
         """The plaintext of ``[start, end)``, its first frame verified, audited when it ends."""
+        start, end = span
         size = recording.file_size_bytes or 0
         range_details = {"range": {"start": start, "end": end - 1 if end else None, "size": size}}
         agent = user_agent()
@@ -211,7 +225,7 @@ class Views:
             # (integrity_error, key_unavailable, ...), so tampering and a
             # swapped object are told apart from outages in the audit log.
             self.access.audit(
-                "stream",
+                action,
                 False,
                 recording=recording,
                 error=f"{type(exc).__name__}: {exc.message}",
@@ -222,7 +236,7 @@ class Views:
 
         def on_close(sent: int, error: str | None, completed: bool) -> None:
             services.db.audit(
-                action="stream",
+                action=action,
                 user_id=principal.user_id,
                 success=error is None,
                 recording_id=recording.id,

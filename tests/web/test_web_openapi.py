@@ -19,8 +19,9 @@ from urllib.parse import parse_qsl, urlsplit
 import pytest
 from flask import g
 
-from fsrecrypt.web import create_api_key, create_app, openapi_document
+from fsrecrypt.web import create_api_key, create_app, openapi_document, schemas
 from fsrecrypt.web.app import Params
+from fsrecrypt.web.auth import ROLES
 from fsrecrypt.web.routes import ROUTES
 from tests.web.test_web_app import World, build_world, hdr, wav_bytes
 
@@ -30,6 +31,10 @@ AUTOMATIC_METHODS = {"HEAD", "OPTIONS"}  # added by Flask/werkzeug to every GET 
 @pytest.fixture(scope="module")
 def world(pg_dsn: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[World]:
     w = build_world(Path(tmp_path_factory.mktemp("web-openapi")), pg_dsn, "local")
+    # One key holding every role, so each route's view runs.
+    _row, w.keys["all"] = create_api_key(
+        w.services, w.tenants["a"], "root@example.com", roles=ROLES
+    )
     yield w
     w.services.close()
 
@@ -81,6 +86,8 @@ def test_each_documented_parameter_is_read_by_its_view(world: World, route: Any)
 
     client = app.test_client()
     values = _values(world)
+    if route.operation_id == "eraseRecording":  # the others keep a1
+        values["id"] = world.recordings["a2"].id
     operation = openapi_document()["paths"][route.path][route.method.lower()]
     params = operation.get("parameters", [])
     path = route.path.replace("{id}", values["id"])
@@ -97,13 +104,25 @@ def test_each_documented_parameter_is_read_by_its_view(world: World, route: Any)
         query.update(parse_qsl(urlsplit(signed.get_json()["url"]).query))
         read.clear()
     else:
-        headers.update(hdr(world))
-    if route.roles and "listen" not in route.roles:
-        _row, headers["X-API-Key"] = create_api_key(
-            world.services, world.tenants["a"], "roles@example.com", roles=route.roles
+        headers.update(hdr(world, "all"))
+    if route.method == "POST" and route.body and route.body.schema is schemas.UploadForm:
+        response = client.open(
+            path,
+            method=route.method,
+            query_string=query,
+            headers=headers,
+            data=wav_bytes(0.5),
+            content_type="audio/wav",
         )
-    body = {"data": wav_bytes(0.5), "content_type": "audio/wav"} if route.method == "POST" else {}
-    response = client.open(path, method=route.method, query_string=query, headers=headers, **body)
+        assert response.status_code < 400, response.data[:300]
+        assert read == [{p["name"] for p in params}]
+        return
+    body = {"reason": "case 42", "override_retention": True} if route.body else None
+    if route.body and route.operation_id != "eraseRecording":
+        body = {"reason": "case 42"}
+    response = client.open(
+        path, method=route.method, query_string=query, headers=headers, json=body
+    )
     assert response.status_code < 400, response.data[:300]
     assert read == [{p["name"] for p in params}]
 
