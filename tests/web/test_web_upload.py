@@ -521,3 +521,23 @@ def test_upload_needs_a_key_with_the_ingest_role(server: Server) -> None:
     status, _body = read_answer(sock)
     sock.close()
     assert status == 403 and time.monotonic() - started < GAP
+
+
+def test_the_whole_upload_has_a_deadline_even_when_bytes_keep_coming() -> None:
+    """A client trickling bytes (each within the gap) still meets upload_timeout."""
+    from fsrecrypt.web.errors import ApiError
+    from fsrecrypt.web.upload import Body
+
+    now = [0.0]
+
+    class Trickle:
+        def read(self, _size: int) -> bytes:
+            now[0] += 1.0  # one second per read: never a gap of 2 s
+            return b"x"
+
+    body = Body(Trickle(), limit=10**9, deadline=5.0, gap=2.0, clock=lambda: now[0])
+    with pytest.raises(ApiError) as info:
+        for _ in body.chunks():
+            pass
+    assert info.value.code == "upload_incomplete" and "upload_timeout" in info.value.message
+    assert 4.0 <= now[0] <= 6.0
