@@ -93,6 +93,7 @@ def client_main(spec: dict[str, Any]) -> None:
     raw_ttfb: list[float] = []
     errors: list[str] = []
     seeks = [0]
+    requests = [0]
     start_at = time.monotonic() + 2.0
     stop_at = start_at + spec["seconds"]
 
@@ -113,6 +114,7 @@ def client_main(spec: dict[str, Any]) -> None:
                 first = resp.read(1)
                 ttfb = time.perf_counter() - t0
                 rest = resp.read()
+                requests[0] += 1
                 if resp.status != 206 or len(first) + len(rest) != end - start + 1:
                     errors.append(f"status {resp.status}, {len(first) + len(rest)} bytes")
                     conn.close()
@@ -146,7 +148,13 @@ def client_main(spec: dict[str, Any]) -> None:
     gevent.joinall(greenlets, timeout=spec["seconds"] + 120)
     print(
         json.dumps(
-            {"stream_ttfb": stream_ttfb, "raw_ttfb": raw_ttfb, "errors": errors, "seeks": seeks[0]}
+            {
+                "stream_ttfb": stream_ttfb,
+                "raw_ttfb": raw_ttfb,
+                "errors": errors,
+                "seeks": seeks[0],
+                "requests": requests[0],
+            }
         )
     )
 
@@ -186,7 +194,7 @@ def _ingest_all(services: Any, tenant: str, root: Path, count: int) -> list[dict
 
 
 def run() -> dict[str, Any]:
-    from bench.bench_stream import _answers, database, free_port, process
+    from bench.bench_stream import _answers, cpu_seconds, database, free_port, process
     from fsrecrypt import pipeline
     from fsrecrypt.config import Config, with_overrides
     from fsrecrypt.web.auth import create_api_key
@@ -280,6 +288,7 @@ def run() -> dict[str, Any]:
             sampler = threading.Thread(target=sample, daemon=True)
             sampler.start()
             load_started = time.monotonic()
+            cpu_before = cpu_seconds(serve_proc.pid)
             client = subprocess.run(
                 [sys.executable, str(Path(__file__).resolve()), "--client", str(spec_path)],
                 capture_output=True,
@@ -288,6 +297,7 @@ def run() -> dict[str, Any]:
                 timeout=SECONDS + 300,
             )
             load_s = time.monotonic() - load_started
+            serve_cpu = cpu_seconds(serve_proc.pid) - cpu_before
             done.set()
             sampler.join()
     if client.returncode != 0:
@@ -318,6 +328,9 @@ def run() -> dict[str, Any]:
             "last_10s": round(statistics.mean(last) / 1024, 1) if last else None,
             "max": round(max(kb for _t, kb in rss) / 1024, 1) if rss else None,
         },
+        # what one seek costs the server, and how much of a core it got
+        "serve_cpu_ms_per_request": round(serve_cpu / max(1, out["requests"]) * 1000, 1),
+        "serve_cpu_share_of_one_core": round(serve_cpu / load_s, 2),
         "load_average_1m_at_end": os.getloadavg()[0],
         "cpus": os.cpu_count(),
     }
@@ -339,7 +352,9 @@ def run() -> dict[str, Any]:
         f"{result['stream_seek_ttfb_ms']['p50']}/{result['stream_seek_ttfb_ms']['p99']} ms vs raw "
         f"ranged GET {result['raw_ranged_get_ttfb_ms']['p50']}/"
         f"{result['raw_ranged_get_ttfb_ms']['p99']} ms = p99 {result['p99_ratio']}x | serve RSS "
-        f"{rss_mb['after_warmup']} -> {rss_mb['last_10s']} MB (max {rss_mb['max']}) | load "
+        f"{rss_mb['after_warmup']} -> {rss_mb['last_10s']} MB (max {rss_mb['max']}) | serve CPU "
+        f"{result['serve_cpu_ms_per_request']} ms/request, "
+        f"{result['serve_cpu_share_of_one_core']:.0%} of a core | load "
         f"{result['load_average_1m_at_end']:.1f} on {result['cpus']} CPUs"
     )
     print("targets:", json.dumps(result["targets"]))
