@@ -189,6 +189,11 @@ def _ingest_all(services: Any, tenant: str, root: Path, count: int) -> list[dict
         return {"id": rec.id, "key": rec.s3_path, "size": len(data), "seeks": seeks}
 
     (root / "recordings").mkdir(exist_ok=True)
+    # Create the custody fingerprint key before the threads do: load_key_file's
+    # create-then-write lets a concurrent first reader see an empty file.
+    from fsrecrypt.pipeline.custody import FingerprintKey
+
+    FingerprintKey.from_config(services.config)
     with ThreadPoolExecutor(max_workers=4) as pool:
         return list(pool.map(one, range(count)))
 

@@ -117,8 +117,14 @@ class StorageConfig:
     part_size: int = 8 * 1024 * 1024
     object_lock: str = ""
     governance_bypass: bool = False
+    # Connections the S3 client keeps for reuse (botocore's default is 10). A
+    # request beyond them opens (and then drops) a new connection; `fsrecrypt
+    # serve` raises this to its number of concurrent requests.
+    max_pool_connections: int = 10
 
     def validate(self) -> None:
+        if not 1 <= self.max_pool_connections <= 10_000:
+            raise ValueError("max_pool_connections must be between 1 and 10000")
         if self.backend not in ("local", "s3"):
             raise ValueError(f"backend must be 'local' or 's3', not {self.backend!r}")
         if self.object_lock not in OBJECT_LOCK_MODES:

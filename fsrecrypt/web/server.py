@@ -361,11 +361,28 @@ class LimitedServer(WSGIServer):  # type: ignore[misc]
                 sock.close()
 
 
+S3_POOL_CAP = 512
+
+
+def with_s3_pool_for_listeners(config: Config) -> Config:
+    """``config`` with the S3 client's pool as large as the requests served at once (capped).
+
+    Why: botocore keeps 10 connections; with hundreds of listeners seeking at
+    once every S3 request beyond them opened a new TCP connection and dropped
+    it afterwards, and the connection set-up, not the server, made a seek slow.
+    """
+    wanted = min(config.playback.max_connections, S3_POOL_CAP)
+    if config.storage.backend != "s3" or config.storage.max_pool_connections >= wanted:
+        return config
+    return with_overrides(config, storage={"max_pool_connections": wanted})
+
+
 def make_server(app: Any, config: Any, listen: str | None = None) -> LimitedServer:
     """The playback server (not started) on ``listen`` or [playback] listen, limits applied."""
     nofile = raise_nofile_limit()
     db_pool = max(4, config.pipeline.concurrency + 2)  # as pipeline.Services sizes it
-    limits = connection_limits(config.playback, nofile=nofile, reserved=db_pool)
+    s3_pool = config.storage.max_pool_connections if config.storage.backend == "s3" else 0
+    limits = connection_limits(config.playback, nofile=nofile, reserved=db_pool + s3_pool)
     host, port = split_listen(listen or config.playback.listen)
     access = logging.getLogger("fsrecrypt.web.access")
     errors = logging.getLogger("fsrecrypt.web.error")
@@ -434,6 +451,7 @@ def run_server(
     """
     if listen:
         config = with_overrides(config, playback={"listen": listen})
+    config = with_s3_pool_for_listeners(config)
     configure_logging(config.logging.level, config.logging.format)
     dbmod.enable_gevent()
     services = Services(config)

@@ -134,3 +134,24 @@ def test_metrics_anchoring_and_abandoned_uploads(pg_dsn: str, tmp_path: Path) ->
         # the series are not on the API's own port
         assert _get(port, "/metrics")[0] == 404
     services.close()
+
+
+def test_serve_sizes_the_s3_pool_for_its_listeners() -> None:
+    """botocore keeps 10 connections: beyond them every seek paid a new TCP connection."""
+    from fsrecrypt.config import Config
+    from fsrecrypt.store import build_store
+    from fsrecrypt.web.server import S3_POOL_CAP, with_s3_pool_for_listeners
+
+    s3 = with_overrides(
+        Config(),
+        storage={"backend": "s3", "bucket": "b", "endpoint_url": "http://127.0.0.1:1"},
+        playback={"max_connections": 300},
+    )
+    raised = with_s3_pool_for_listeners(s3)
+    assert raised.storage.max_pool_connections == 300
+    store = build_store(raised.storage)
+    assert store.client.meta.config.max_pool_connections == 300  # type: ignore[attr-defined]
+    big = with_overrides(s3, playback={"max_connections": 5000})
+    assert with_s3_pool_for_listeners(big).storage.max_pool_connections == S3_POOL_CAP
+    local = with_overrides(Config(), playback={"max_connections": 300})
+    assert with_s3_pool_for_listeners(local).storage.max_pool_connections == 10
