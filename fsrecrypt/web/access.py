@@ -176,8 +176,11 @@ class Access:
             )
         return principal
 
-    def _refuse(self, code: str, message: str, hint: str, status: int = 401) -> ApiAuthError:
-        self.audit("auth", False, error=code, details={"path": request_path()})
+    def _refuse(
+        self, code: str, message: str, hint: str, status: int = 401, reason: str | None = None
+    ) -> ApiAuthError:
+        """The refusal to raise, audited first (``reason``: the row's text if not the code)."""
+        self.audit("auth", False, error=reason or code, details={"path": request_path()})
         return ApiAuthError(message, code=code, status=status, hint=hint)
 
     def _api_key(self, key: str | None) -> Principal:
@@ -188,6 +191,7 @@ class Access:
                 "an API key or a bearer token is required",
                 f"Send the key in the {API_KEY_HEADER} header, or a token as "
                 "'Authorization: Bearer <token>'.",
+                reason="missing API key",  # the refusal buckets' reason since before tokens
             )
         try:
             return authenticate_api_key(self.services, key)

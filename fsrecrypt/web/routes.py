@@ -15,7 +15,7 @@ caller authenticates (``public``: nobody needs to), ``roles`` which roles of
 authenticated caller). ``create_app`` authenticates and checks the roles
 *before* the view runs (``Access.authorize``): a caller without the role gets
 403 ``forbidden_role`` and an access-log row, and the view reads the caller
-from ``Access.principal()``. See ``notes`` in DEVELOPERS.md for adding a route.
+from ``Access.principal()`` (DEVELOPERS.md: "A new API route").
 """
 
 from __future__ import annotations

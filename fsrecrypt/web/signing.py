@@ -35,7 +35,7 @@ SIGNING_KEY_BYTES = KEY_BYTES
 EXPIRY_DIGITS = 12
 """A signed URL's exp has at most 12 digits (Unix seconds up to the year 33658)."""
 _SIGNATURE_RE = re.compile(r"^[A-Za-z0-9_-]{43}\Z")
-_WHO_RE = re.compile(r"^[A-Za-z0-9_-]{1,1400}\Z")
+_WHO_RE = re.compile(r"^[A-Za-z0-9_-]{1,4096}\Z")
 TOKEN_KID = "jwt"  # noqa: S105 (a marker, not a secret)
 """The ``kid`` of a URL issued to a bearer token's principal (no API key behind it)."""
 

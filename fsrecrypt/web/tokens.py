@@ -36,7 +36,7 @@ from urllib.parse import urlsplit
 
 import jwt
 
-from fsrecrypt.config import TOKEN_ALGORITHMS, AuthConfig
+from fsrecrypt.config_auth import TOKEN_ALGORITHMS, AuthConfig
 from fsrecrypt.errors import NotFound
 from fsrecrypt.web.auth import ROLES, Principal, Role
 from fsrecrypt.web.errors import ApiAuthError, ApiError
@@ -302,8 +302,12 @@ class TokenVerifier:
         """The principal a token speaks for, or ApiAuthError with the reason's code."""
         claims = self.claims(token)
         subject = claims.get("sub")
-        if not isinstance(subject, str) or not 0 < len(subject.strip()) <= MAX_SUBJECT_CHARS:
-            raise _refused("token_missing_claim", "the token's sub is not a user id")
+        if (
+            not isinstance(subject, str)
+            or not 0 < len(subject.strip()) <= MAX_SUBJECT_CHARS
+            or not subject.isprintable()
+        ):
+            raise _refused("token_missing_claim", "the token's sub is not a printable user id")
         tenant_value = _claim(claims, self.config.tenant_claim)
         if not isinstance(tenant_value, str) or not tenant_value:
             raise _refused(

@@ -207,3 +207,12 @@ def test_apikeys_cli_roles_and_on_behalf_of(pg_dsn: str, tmp_path: Path) -> None
     bad = cli("apikeys", "create", "--tenant", name, "--user", "x", "--role", "root")
     assert bad.returncode == 2 and "root" in bad.stderr
     services.close()
+
+
+def test_the_server_log_keeps_no_principal_from_a_signed_url() -> None:
+    """``who`` names the end user (an e-mail, often): the request log keeps its name only."""
+    from fsrecrypt.web import redact
+
+    who = base64.urlsafe_b64encode(b'{"u":"dana@example.com"}').decode().rstrip("=")
+    line = redact(f"GET /v1/recordings/x/stream?kid=jwt&exp=9&sig=abc&who={who} HTTP/1.1")
+    assert who not in line and "who=[redacted]" in line and "kid=jwt" in line

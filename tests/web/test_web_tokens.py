@@ -158,6 +158,10 @@ def test_the_signed_url_binds_the_tokens_principal(world: World, issuer: Issuer,
         ({"sub": None}, "token_missing_claim"),
         ({"tenant": None}, "token_missing_claim"),
         ({"tenant": "no-such-tenant"}, "unknown_tenant"),
+        ({"tenant": str(uuid.uuid4())}, "unknown_tenant"),
+        ({"tenant": ["a", "b"]}, "token_missing_claim"),
+        ({"sub": "eve\nforged log line"}, "token_missing_claim"),
+        ({"sub": "x" * 201}, "token_missing_claim"),
     ],
     ids=lambda v: v if isinstance(v, str) else ",".join(v),
 )
@@ -171,6 +175,12 @@ def test_a_wrong_token_is_refused_with_its_reason_and_counted(
     assert_json_error(r, 401, code)
     assert "Bearer" in r.headers["WWW-Authenticate"]
     assert refusal_reasons(world, where["REMOTE_ADDR"]) == [code]
+
+
+def test_the_tenant_claim_may_hold_the_tenants_id(world: World, issuer: Issuer, client) -> None:
+    tenant_id = world.recordings["a1"].tenant_id
+    me = client.get("/v1/me", headers=bearer(issuer.token(tenant_id.upper()))).get_json()
+    assert me["tenant"] == world.tenants["a"] and me["tenant_id"] == tenant_id
 
 
 def test_an_expired_token_within_the_leeway_is_still_accepted(
@@ -270,6 +280,26 @@ def test_garbage_bearer_values_are_refused(client, value: str) -> None:
     r = client.get("/v1/me", headers={"Authorization": f"Bearer {value}"})
     assert r.status_code == 401
     assert r.get_json()["error"]["code"] in ("invalid_token", "token_algorithm_refused")
+
+
+def test_a_token_cannot_act_for_another_user(world: World, issuer: Issuer, client) -> None:
+    token = issuer.token(world.tenants["a"])
+    r = client.get("/v1/me", headers=bearer(token, **{"X-On-Behalf-Of": "ceo@example.com"}))
+    assert_json_error(r, 403, "on_behalf_refused")
+
+
+def test_a_key_embedded_in_the_token_header_is_never_used(
+    world: World, issuer: Issuer, client
+) -> None:
+    """An attacker's own key in ``jwk``/``jku`` headers: the configured key set decides."""
+    import jwt
+    from cryptography.hazmat.primitives.asymmetric import rsa
+
+    mine = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    public = jwt.algorithms.RSAAlgorithm.to_jwk(mine.public_key(), as_dict=True)
+    headers = {"kid": "rsa-1", "jwk": public, "jku": "http://127.0.0.1:1/evil.json"}
+    forged = jwt.encode(issuer.claims(world.tenants["a"]), mine, "RS256", headers=headers)
+    assert_json_error(client.get("/v1/me", headers=bearer(forged)), 401, "token_bad_signature")
 
 
 def test_other_authorization_schemes_are_refused(client) -> None:
