@@ -544,3 +544,24 @@ def test_the_whole_upload_has_a_deadline_even_when_bytes_keep_coming() -> None:
             pass
     assert info.value.code == "upload_incomplete" and "upload_timeout" in info.value.message
     assert 4.0 <= now[0] <= 6.0
+
+
+def test_curl_expect_100_continue_upload(server: Server, tmp_path: Path) -> None:
+    """curl sends ``Expect: 100-continue`` before a large body: the server must ask for it."""
+    import subprocess
+
+    audio = wav_bytes(100.0, seed=42)  # 1.6 MB
+    (tmp_path / "big.wav").write_bytes(audio)
+    call = str(uuid.uuid4())
+    run = subprocess.run(
+        [
+            "curl", "-sS", "--fail-with-body", "-H", f"X-API-Key: {server.key}",
+            "-H", "Expect: 100-continue", "-F", f"call_uuid={call}",
+            "-F", f"file=@{tmp_path / 'big.wav'};type=audio/wav",
+            f"http://127.0.0.1:{server.port}/v1/recordings",
+        ],
+        capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert run.returncode == 0, run.stdout + run.stderr
+    rec = server.services.db.recording(json.loads(run.stdout)["id"])
+    assert plain(server, rec) == audio
