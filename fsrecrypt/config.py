@@ -572,6 +572,14 @@ def config_warnings(config: Config, environ: Mapping[str, str] | None = None) ->
                 f"recordings directory {d} is not readable by this user (uid {os.getuid()}); "
                 "the daemon's user needs read and search access"
             )
+    for cidr in config.playback.trusted_proxies:
+        network = ipaddress.ip_network(cidr, strict=False)
+        if network.prefixlen == 0 or network.is_global:
+            warnings.append(
+                f"[playback] trusted_proxies {cidr} includes addresses on the internet: "
+                "anyone there can write the client address the audit log records; "
+                "list only your proxies' addresses"
+            )
     known = known_environment_names()
     for name in sorted(env):
         if name.upper().startswith("FSRECRYPT_") and name not in known:
