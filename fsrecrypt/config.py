@@ -17,6 +17,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import difflib
+import ipaddress
 import math
 import os
 import re
@@ -147,8 +148,14 @@ class StorageConfig:
     part_size: int = 8 * 1024 * 1024
     object_lock: str = ""
     governance_bypass: bool = False
+    # Connections the S3 client keeps for reuse (botocore's default is 10). A
+    # request beyond them opens (and then drops) a new connection; `fsrecrypt
+    # serve` raises this to its number of concurrent requests.
+    max_pool_connections: int = 10
 
     def validate(self) -> None:
+        if not 1 <= self.max_pool_connections <= 10_000:
+            raise ValueError("max_pool_connections must be between 1 and 10000")
         if self.backend not in ("local", "s3"):
             raise ValueError(f"backend must be 'local' or 's3', not {self.backend!r}")
         if self.object_lock not in OBJECT_LOCK_MODES:
@@ -210,9 +217,37 @@ class PlaybackConfig:
     max_connections_per_client: int = 64
     header_timeout: float = 10.0
     idle_timeout: float = 30.0
+    # Uploads (POST /v1/recordings): the largest body taken (413 above it) and
+    # how long one upload may take in all; a gap of idle_timeout without a
+    # byte ends it too.
+    max_upload_bytes: int = 2 * 1024**3
+    upload_timeout: float = 3600.0
+    # Proxies whose X-Forwarded-For/-Proto are believed (CIDRs); from any
+    # other peer those headers are ignored.
+    trusted_proxies: tuple[str, ...] = ()
+    # Native TLS (both or neither): PEM certificate chain and its key.
+    tls_cert_file: str = ""
+    tls_key_file: str = ""
+    # Prometheus /metrics of `fsrecrypt serve` ("" = none); not the daemon's port.
+    metrics_listen: str = "127.0.0.1:9465"
 
     def validate(self) -> None:
         _check_listen("playback.listen", self.listen)
+        if self.metrics_listen:
+            _check_listen("playback.metrics_listen", self.metrics_listen)
+        if not 1 <= self.max_upload_bytes <= 1 << 40:
+            raise ValueError("max_upload_bytes must be between 1 and 2**40")
+        if not 1 <= self.upload_timeout <= 86400:
+            raise ValueError("upload_timeout must be between 1 second and 1 day")
+        for cidr in self.trusted_proxies:
+            try:
+                ipaddress.ip_network(cidr, strict=False)
+            except ValueError:
+                raise ValueError(
+                    f"trusted_proxies: {cidr[:60]!r} is not an IP address or CIDR"
+                ) from None
+        if bool(self.tls_cert_file) != bool(self.tls_key_file):
+            raise ValueError("tls_cert_file and tls_key_file go together: set both or neither")
         if self.url_ttl <= 0:
             raise ValueError("url_ttl must be positive")
         if not 1 <= self.max_connections <= 100_000:
@@ -601,6 +636,14 @@ def config_warnings(config: Config, environ: Mapping[str, str] | None = None) ->
             warnings.append(
                 f"recordings directory {d} is not readable by this user (uid {os.getuid()}); "
                 "the daemon's user needs read and search access"
+            )
+    for cidr in config.playback.trusted_proxies:
+        network = ipaddress.ip_network(cidr, strict=False)
+        if network.prefixlen == 0 or network.is_global:
+            warnings.append(
+                f"[playback] trusted_proxies {cidr} includes addresses on the internet: "
+                "anyone there can write the client address the audit log records; "
+                "list only your proxies' addresses"
             )
     known = known_environment_names()
     for name in sorted(env):

@@ -4,13 +4,15 @@ Why one place: the playback URL-signing key and the audit anchor signing key
 are both "256 random bits, base64, in a file only fsrecrypt may read", and a
 check that drifts between two copies (one forgets ``O_NOFOLLOW``, the other the
 mode check) is how a key leaks. The file is created with 0600 from its first
-byte (``O_CREAT|O_EXCL``), is refused if it is a symlink, not a regular file,
-or readable by group or others, and is never logged.
+byte (``O_CREAT|O_EXCL`` under a temporary name, then linked into place
+whole), is refused if it is a symlink, not a regular file, or readable by
+group or others, and is never logged.
 """
 
 from __future__ import annotations
 
 import base64
+import contextlib
 import os
 import secrets
 import stat
@@ -79,18 +81,38 @@ def load_key_file(path: str, spec: KeyFileSpec, *, create: bool = True) -> bytes
 
 
 def _create(target: Path, spec: KeyFileSpec) -> None:
+    """Publish a new key at ``target`` complete or not at all.
+
+    Written to a 0600 temporary name first, fsynced, then linked into place
+    (``link`` fails if another process published first: theirs is read).
+    Why not O_EXCL on the name itself: a concurrent first reader (two
+    uploads, or the daemon's workers, on a fresh install) would open the
+    file between its creation and its write and refuse it as empty.
+    """
+    tmp = target.with_name(f".{target.name}.{secrets.token_hex(8)}.tmp")
     try:
         target.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-        fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
-    except FileExistsError:
-        return  # another process created it first: read theirs
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
     except OSError as exc:
         raise ConfigError(
             f"cannot create the {spec.what} {target}: {exc.strerror}",
             hint=f"Make the directory of {spec.setting} writable by fsrecrypt.",
         ) from None
     try:
-        os.write(fd, base64.b64encode(secrets.token_bytes(KEY_BYTES)) + b"\n")
-        os.fsync(fd)
+        try:
+            os.write(fd, base64.b64encode(secrets.token_bytes(KEY_BYTES)) + b"\n")
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        try:
+            os.link(tmp, target)
+        except FileExistsError:
+            return  # another process published first: read theirs
+        except OSError as exc:
+            raise ConfigError(
+                f"cannot create the {spec.what} {target}: {exc.strerror}",
+                hint=f"Make the directory of {spec.setting} writable by fsrecrypt.",
+            ) from None
     finally:
-        os.close(fd)
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)

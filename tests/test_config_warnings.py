@@ -79,3 +79,17 @@ def test_config_check_prints_the_warnings_on_stderr_and_exits_0(tmp_path: Path) 
     assert "configuration OK" in res.stdout
     assert f"warning: recordings directory {tmp_path / 'nowhere'} does not exist" in res.stderr
     assert "warning: environment variable FSRECRYPT_KEYS_PROVIDR matches no setting" in res.stderr
+
+
+def test_trusted_proxies_reaching_the_internet_are_warned_about() -> None:
+    from fsrecrypt.config import Config, config_warnings, with_overrides
+
+    def warned(*cidrs: str) -> list[str]:
+        config = with_overrides(
+            Config(), playback={"trusted_proxies": cidrs}, freeswitch={"recordings_dirs": ("/",)}
+        )
+        return [w for w in config_warnings(config, {}) if "trusted_proxies" in w]
+
+    assert warned("10.0.0.0/8", "fd00::/8", "127.0.0.1") == []
+    assert len(warned("0.0.0.0/0")) == 1
+    assert len(warned("::/0", "8.8.8.0/24")) == 2

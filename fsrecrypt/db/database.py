@@ -12,10 +12,11 @@ from fsrecrypt.db.recordings import Recordings
 from fsrecrypt.db.schema import check_schema, schema_version
 from fsrecrypt.db.tenants import Tenants
 from fsrecrypt.db.unassigned import UnassignedFiles
+from fsrecrypt.db.uploads import Uploads
 
 
 class Database(
-    WorkQueue, Recordings, Tenants, UnassignedFiles, AuditLog, Custody, Jobs, BranchKeys
+    WorkQueue, Recordings, Tenants, UnassignedFiles, AuditLog, Custody, Jobs, BranchKeys, Uploads
 ):
     """A small connection pool plus the queries; safe to share across greenlets/threads.
 

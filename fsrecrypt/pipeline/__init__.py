@@ -8,6 +8,8 @@
 - ``envelope``: the encryption context and the wrapped data key as the row keeps it
 - ``services``: the adapters a job needs, built on first use; worker ids
 - ``tenants``: a tenant is added only with a key that can wrap now
+- ``upload``: an uploaded body becomes a stored row (``store_upload``), the
+  daemon's order over a stream; a failed upload is discarded, never half-stored
 
 The plaintext file itself (the descriptor walk from the recordings directory,
 WAV completeness, delete after the identity check) is :mod:`fsrecrypt.plaintext`,
@@ -49,6 +51,11 @@ from fsrecrypt.pipeline.playback import (
 )
 from fsrecrypt.pipeline.services import Services, host_worker_prefix, worker_id
 from fsrecrypt.pipeline.tenants import add_branch_key_tenant, add_tenant
+from fsrecrypt.pipeline.upload import (
+    UploadOutcome,
+    UploadRequest,
+    store_upload,
+)
 from fsrecrypt.plaintext import fingerprint_of, is_inside, open_source, vet_path
 
 __all__ = [
@@ -59,6 +66,8 @@ __all__ = [
     "OpenedRecording",
     "Services",
     "StoreOutcome",
+    "UploadOutcome",
+    "UploadRequest",
     "add_branch_key_tenant",
     "add_tenant",
     "check_readable",
@@ -79,6 +88,7 @@ __all__ = [
     "read_object_header",
     "register_source",
     "store_recording",
+    "store_upload",
     "unwrap_data_key",
     "vet_path",
     "worker_id",

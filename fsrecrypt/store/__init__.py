@@ -80,6 +80,7 @@ def build_store(cfg: StorageConfig, *, retention_days: int = 0) -> ObjectStore:
             sse=cfg.sse,
             sse_kms_key_id=cfg.sse_kms_key_id,
             part_size=cfg.part_size,
+            max_pool_connections=cfg.max_pool_connections,
             object_lock=cfg.object_lock,
             retention_days=retention_days,
             governance_bypass=cfg.governance_bypass,

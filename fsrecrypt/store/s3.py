@@ -86,6 +86,7 @@ class S3Store(S3ObjectLock, ObjectStore):
         object_lock: str = "",
         retention_days: int = 0,
         governance_bypass: bool = False,
+        max_pool_connections: int = 10,
     ) -> None:
         if object_lock not in ("", "governance", "compliance"):
             raise ValueError("object_lock must be '', 'governance' or 'compliance'")
@@ -101,6 +102,7 @@ class S3Store(S3ObjectLock, ObjectStore):
         self.sse_kms_key_id = sse_kms_key_id
         self.part_size = part_size
         self.object_lock = object_lock
+        self.max_pool_connections = max_pool_connections
         self.retention_days = retention_days
         self.governance_bypass = governance_bypass
         self._timeouts = (connect_timeout, read_timeout, max_attempts)
@@ -125,6 +127,7 @@ class S3Store(S3ObjectLock, ObjectStore):
                             connect_timeout=connect_timeout,
                             read_timeout=read_timeout,
                             retries={"mode": "standard", "max_attempts": max_attempts},
+                            max_pool_connections=self.max_pool_connections,
                         ),
                     )
         return self._client

@@ -25,16 +25,20 @@ from fsrecrypt.web import schemas
 from fsrecrypt.web.access import Access, client_ip, request_path, user_agent
 from fsrecrypt.web.auth import API_KEY_HEADER
 from fsrecrypt.web.errors import ApiError, classify
+from fsrecrypt.web.metrics import AUTH_FAILURE, ROUTE, MetricsMiddleware, ServeMetrics
 from fsrecrypt.web.openapi import openapi_document
+from fsrecrypt.web.proxies import TrustedProxies
 from fsrecrypt.web.routes import ROUTES, Param, Route
 from fsrecrypt.web.signing import UrlSigner, load_signing_key
 from fsrecrypt.web.tokens import TokenVerifier
+from fsrecrypt.web.upload import body_left_unread
 from fsrecrypt.web.views import Views
 
 if TYPE_CHECKING:
     from fsrecrypt.pipeline import Services
 
 log = logging.getLogger("fsrecrypt.web")
+HSTS = "max-age=63072000; includeSubDomains"
 MAX_JSON_BODY = 65536
 """Bytes a JSON request body may have (a reason and a flag need a few hundred)."""
 
@@ -160,6 +164,7 @@ def _endpoint(
     """The view behind its route's checks: the caller authenticated and holding a role first."""
 
     def endpoint(**path_values: str) -> Response:
+        request.environ[ROUTE] = route.operation_id
         g.params = Params(route, path_values)
         if route.security == "public":
             return view(g.params)
@@ -179,11 +184,13 @@ def create_app(
     *,
     now: Callable[[], float] = time.time,
     tokens: TokenVerifier | None = None,
+    metrics: ServeMetrics | None = None,
 ) -> Flask:
     """The Flask application over the daemon's key provider, store and database.
 
     Bearer tokens are accepted when ``[auth]`` names a key set (or ``tokens``
-    is given); otherwise only API keys and signed URLs.
+    is given); otherwise only API keys and signed URLs. ``metrics``: fed by
+    every request (``fsrecrypt serve`` passes its series).
     """
     app = Flask("fsrecrypt.web", static_folder=None)
     app.json.sort_keys = False  # type: ignore[attr-defined]
@@ -192,6 +199,11 @@ def create_app(
         tokens = TokenVerifier(services)
     access = Access(services, signer, now, tokens)
     views = Views(services, access, openapi_document(), now)
+    if metrics is not None:
+        app.wsgi_app = MetricsMiddleware(app.wsgi_app, metrics)  # type: ignore[method-assign]
+    app.wsgi_app = TrustedProxies(  # type: ignore[method-assign]
+        app.wsgi_app, services.config.playback.trusted_proxies
+    )
     for route in ROUTES:
         app.add_url_rule(
             route.rule,
@@ -212,6 +224,8 @@ def create_app(
         headers = dict(getattr(exc, "headers", {}) or {})
         if status >= 500:
             log.error("%s %s failed: %s", request.method, request_path(), exc.one_line())
+        if status in (401, 403):
+            request.environ[AUTH_FAILURE] = code
         if status == 401:
             challenge = f'ApiKey header="{API_KEY_HEADER}"'
             if access.tokens is not None:
@@ -233,6 +247,10 @@ def create_app(
         response.headers.setdefault("Referrer-Policy", "no-referrer")
         response.headers.setdefault("Cache-Control", "no-store")
         response.headers.setdefault("X-Frame-Options", "DENY")
+        if request.scheme == "https":
+            response.headers.setdefault("Strict-Transport-Security", HSTS)
+        if body_left_unread(request.environ):
+            response.headers["Connection"] = "close"
         return response
 
     return app

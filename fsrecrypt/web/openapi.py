@@ -24,9 +24,14 @@ ERROR_DESCRIPTIONS = {
     403: "The caller lacks the route's role, may not act for another user, "
     "or the signed URL is invalid or expired",
     404: "No such recording for this tenant",
-    409: "The recording is not stored yet",
+    409: "The recording is not stored yet (upload: the first upload with this key still runs)",
     410: "The recording was erased",
+    411: "An upload without Content-Length or chunked transfer coding",
+    413: "The upload exceeds [playback] max_upload_bytes",
+    415: "Not an accepted upload type, or content that is not audio of the declared type",
     416: "Range not satisfiable, malformed or multiple",
+    422: "A WAV whose header does not match its length (incomplete)",
+    431: "Multipart part headers too large",
     500: "Integrity or internal failure (no details)",
     503: "A backing service is unavailable; retry",
 }

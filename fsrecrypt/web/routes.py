@@ -338,4 +338,34 @@ ROUTES: tuple[Route, ...] = (
         errors=(400, 401, 404, 409, 410, 503),
         roles=("listen",),
     ),
+    Route(
+        "POST",
+        "/v1/recordings",
+        "uploadRecording",
+        "Upload a recording: encrypted into the store as it streams in",
+        "upload_recording",
+        description=(
+            "multipart/form-data with the fields call_uuid (required), consent and "
+            "metadata (a flat JSON object), then the part 'file'; or a raw audio/* body "
+            "with call_uuid and consent in the query. The body is encrypted frame by frame "
+            "into the store (never whole in memory, never on disk in plaintext) and stored "
+            "with the daemon's rows and audit (origin 'upload'). A WAV must be complete. "
+            "A body cut short, too slow or over [playback] max_upload_bytes stores nothing. "
+            "A retry with the same Idempotency-Key answers the first upload's recording "
+            "(header Idempotent-Replayed: true), 409 while that one is still running."
+        ),
+        params=(
+            Param("call_uuid", "query", description="Raw body: the call's UUID (required)"),
+            Param("consent", "query", description="Raw body: how consent was given"),
+            Param("Idempotency-Key", "header", description="1-255 printable ASCII characters"),
+        ),
+        body=Body(
+            "The fields, then the audio (multipart), or the audio itself",
+            schemas.UploadForm,
+            ("multipart/form-data", "audio/wav", "audio/mpeg", "audio/ogg", "audio/flac"),
+        ),
+        answers=(Answer(201, "The stored recording", schemas.Recording),),
+        errors=(400, 409, 411, 413, 415, 422, 431, 503),
+        roles=("ingest",),
+    ),
 )

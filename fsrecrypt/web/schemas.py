@@ -82,6 +82,16 @@ class RecordingList:
 
 
 @dataclass(frozen=True)
+class UploadForm:
+    """The multipart/form-data of ``POST /v1/recordings``: the text fields first, then ``file``."""
+
+    call_uuid: str
+    file: str = fmt("binary")
+    consent: str | None = None
+    metadata: str | None = None
+
+
+@dataclass(frozen=True)
 class PlaybackUrl:
     url: str
     expires_at: str = fmt("date-time")

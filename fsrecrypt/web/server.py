@@ -31,6 +31,10 @@ from fsrecrypt.config import Config, with_overrides
 from fsrecrypt.errors import ConfigError, FsrecryptError
 from fsrecrypt.pipeline import Services
 from fsrecrypt.web.app import create_app
+from fsrecrypt.web.housekeeping import Housekeeping
+from fsrecrypt.web.metrics import ServeMetrics, start_metrics_listener
+from fsrecrypt.web.tls import handshake, server_context
+from fsrecrypt.web.upload import body_left_unread
 
 log = logging.getLogger("fsrecrypt.web")
 
@@ -217,6 +221,20 @@ class Handler(WSGIHandler):  # type: ignore[misc]
     def format_request(self) -> str:
         return redact(super().format_request())
 
+    def run_application(self) -> None:
+        try:
+            super().run_application()
+        finally:
+            if self.environ is not None and body_left_unread(self.environ):
+                # A body the app did not read to its end (refused, too large,
+                # cut short): never read the rest (gevent would, without a
+                # deadline), close the connection after the answer.
+                self.close_connection = True
+                body = self.wsgi_input
+                if body is not None:
+                    body.content_length = body.position
+                    body.chunked_input = False
+
 
 class LimitedServer(WSGIServer):  # type: ignore[misc]
     """gevent's WSGIServer with a cap on connections, per server and per client address.
@@ -230,7 +248,10 @@ class LimitedServer(WSGIServer):  # type: ignore[misc]
     handler's header and idle deadlines anyway.
     """
 
-    def __init__(self, *args: Any, limits: ConnectionLimits, **kwargs: Any) -> None:
+    def __init__(
+        self, *args: Any, limits: ConnectionLimits, tls: Any = None, **kwargs: Any
+    ) -> None:
+        self.tls = tls  # before gevent's __init__, which reads ssl_enabled
         super().__init__(*args, **kwargs)
         self.limits = limits
         self._live: dict[Any, str] = {}  # greenlet -> client address
@@ -239,6 +260,11 @@ class LimitedServer(WSGIServer):  # type: ignore[misc]
         self.refused = 0
         self.evicted = 0
         self._last_warning = 0.0
+
+    @property
+    def ssl_enabled(self) -> bool:
+        """True with native TLS (gevent then sets ``wsgi.url_scheme`` to https)."""
+        return self.tls is not None
 
     @property
     def open_connections(self) -> int:
@@ -320,6 +346,14 @@ class LimitedServer(WSGIServer):  # type: ignore[misc]
         self._live[me] = client
         self._per_client[client] = self._per_client.get(client, 0) + 1
         try:
+            if self.tls is not None:
+                # The handshake counts as waiting for a request: evictable, and
+                # bounded by the header deadline.
+                self.connection_waiting(True)
+                secured = handshake(self.tls, sock, self.limits.header_timeout)
+                if secured is None:
+                    return
+                sock = secured
             super().handle(sock, address)
         finally:
             self._forget(me)
@@ -327,17 +361,40 @@ class LimitedServer(WSGIServer):  # type: ignore[misc]
                 sock.close()
 
 
+S3_POOL_CAP = 512
+
+
+def with_s3_pool_for_listeners(config: Config) -> Config:
+    """``config`` with the S3 client's pool as large as the requests served at once (capped).
+
+    Why: botocore keeps 10 connections; with hundreds of listeners seeking at
+    once every S3 request beyond them opened a new TCP connection and dropped
+    it afterwards, and the connection set-up, not the server, made a seek slow.
+    """
+    wanted = min(config.playback.max_connections, S3_POOL_CAP)
+    if config.storage.backend != "s3" or config.storage.max_pool_connections >= wanted:
+        return config
+    return with_overrides(config, storage={"max_pool_connections": wanted})
+
+
 def make_server(app: Any, config: Any, listen: str | None = None) -> LimitedServer:
     """The playback server (not started) on ``listen`` or [playback] listen, limits applied."""
     nofile = raise_nofile_limit()
     db_pool = max(4, config.pipeline.concurrency + 2)  # as pipeline.Services sizes it
-    limits = connection_limits(config.playback, nofile=nofile, reserved=db_pool)
+    s3_pool = config.storage.max_pool_connections if config.storage.backend == "s3" else 0
+    limits = connection_limits(config.playback, nofile=nofile, reserved=db_pool + s3_pool)
     host, port = split_listen(listen or config.playback.listen)
     access = logging.getLogger("fsrecrypt.web.access")
     errors = logging.getLogger("fsrecrypt.web.error")
     for logger in (access, errors):
         if not any(isinstance(f, RedactingFilter) for f in logger.filters):
             logger.addFilter(RedactingFilter())
+    playback = config.playback
+    tls = (
+        server_context(playback.tls_cert_file, playback.tls_key_file)
+        if playback.tls_cert_file
+        else None
+    )
     return LimitedServer(
         (host, port),
         app,
@@ -345,6 +402,7 @@ def make_server(app: Any, config: Any, listen: str | None = None) -> LimitedServ
         log=access,
         error_log=errors,
         limits=limits,
+        tls=tls,
     )
 
 
@@ -393,18 +451,26 @@ def run_server(
     """
     if listen:
         config = with_overrides(config, playback={"listen": listen})
+    config = with_s3_pool_for_listeners(config)
     configure_logging(config.logging.level, config.logging.format)
     dbmod.enable_gevent()
     services = Services(config)
     try:
         services.db.ping()
-        server = make_server(create_app(services), config)
+        metrics = ServeMetrics()
+        server = make_server(create_app(services, metrics=metrics), config)
+        metrics.watch_connections(lambda: server.open_connections)
+        start_metrics_listener(metrics, config.playback.metrics_listen, log)
         server.start()
+        housekeeping = Housekeeping(services)
+        housekeeping.start()
         bound_host, bound_port = server.address[:2]
-        listening(f"http://{bound_host}:{bound_port}/")
+        scheme = "https" if server.ssl_enabled else "http"
+        listening(f"{scheme}://{bound_host}:{bound_port}/")
 
         def stop() -> None:
             log.info("stopping")
+            housekeeping.stop()
             server.stop(timeout=config.pipeline.shutdown_grace)
 
         gevent.signal_handler(signal.SIGTERM, stop)

@@ -7,6 +7,7 @@ built from :mod:`.schemas`, or, for ``/stream``, an audited audio stream.
 
 from __future__ import annotations
 
+import re
 import time
 from collections.abc import Callable
 from datetime import UTC, datetime
@@ -18,7 +19,7 @@ from flask import Response, g, jsonify, request
 from fsrecrypt import pipeline
 from fsrecrypt.db import bounded
 from fsrecrypt.errors import FsrecryptError
-from fsrecrypt.web import schemas
+from fsrecrypt.web import schemas, upload
 from fsrecrypt.web.access import Access, client_ip, user_agent
 from fsrecrypt.web.admin import AdminViews
 from fsrecrypt.web.auth import Principal
@@ -130,11 +131,19 @@ class Views(AdminViews):
         url = f"/v1/recordings/{recording.id}/stream?" + "&".join(
             f"{k}={v}" for k, v in query.items()
         )
+        url = https_url(url)
         expires_at = datetime.fromtimestamp(expires, UTC).isoformat()
         self.access.audit(
             "playback_url", True, recording=recording, details={"expires_at": expires_at}
         )
         return _json(schemas.PlaybackUrl(url, expires_at, ttl))
+
+    def upload_recording(self, params: Params) -> Response:
+        g.action = "upload"
+        principal = self.access.principal()
+        return upload.upload_recording(
+            self.services, self.access, params, principal, time.monotonic
+        )
 
     def stream(self, params: Params) -> Response:
         return self._audio(params, "stream", "inline", params.header("Range"))
@@ -248,6 +257,21 @@ class Views(AdminViews):
             )
 
         return AuditedStream(first, chunks, expected=end - start, on_close=on_close)
+
+
+_HOST_RE = re.compile(r"(?:[A-Za-z0-9-]{1,63}\.)*[A-Za-z0-9-]{1,63}(?::[0-9]{1,5})?", re.ASCII)
+
+
+def https_url(path: str) -> str:
+    """``path`` as an absolute https URL when the request came over https (TLS or a trusted
+    proxy), so a signed URL never sends its signature in the clear; else as it is.
+    A Host header that is not a plain host name (or IPv6 literal) keeps the path relative."""
+    host = request.host
+    if request.scheme != "https" or not (
+        _HOST_RE.fullmatch(host) or re.fullmatch(r"\[[0-9A-Fa-f:.]{2,45}\](?::[0-9]{1,5})?", host)
+    ):
+        return path
+    return f"https://{host}{path}"
 
 
 def bounded_range(header: str | None) -> str | None:

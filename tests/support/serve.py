@@ -5,6 +5,7 @@ from __future__ import annotations
 import http.client
 import os
 import signal
+import ssl
 import subprocess
 import sys
 import time
@@ -17,9 +18,15 @@ import pytest
 from tests.support.moto import free_port
 
 
-def _answers(port: int) -> bool:
+def _answers(port: int, tls: bool = False) -> bool:
     try:
-        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=2)
+        if tls:
+            unverified = ssl._create_unverified_context()  # only: is it up yet?
+            conn: http.client.HTTPConnection = http.client.HTTPSConnection(
+                "127.0.0.1", port, timeout=2, context=unverified
+            )
+        else:
+            conn = http.client.HTTPConnection("127.0.0.1", port, timeout=2)
         try:
             conn.request("GET", "/v1/openapi.json")
             return conn.getresponse().status == 200
@@ -31,9 +38,16 @@ def _answers(port: int) -> bool:
 
 @contextmanager
 def serve_process(
-    config_path: Path, log_path: Path, *, preexec_fn: Callable[[], None] | None = None
+    config_path: Path,
+    log_path: Path,
+    *,
+    preexec_fn: Callable[[], None] | None = None,
+    tls: bool = False,
 ) -> Iterator[tuple[int, int]]:
-    """Start `fsrecrypt serve`, wait until it answers, yield (port, pid); SIGTERM on exit."""
+    """Start `fsrecrypt serve`, wait until it answers, yield (port, pid); SIGTERM on exit.
+
+    ``tls``: the server speaks HTTPS ([playback] tls_cert_file); readiness is probed so.
+    """
     port = free_port()
     env = {**os.environ, "FSRECRYPT_CONFIG": str(config_path)}
     with open(log_path, "wb") as log:
@@ -54,7 +68,7 @@ def serve_process(
         )
     try:
         deadline = time.monotonic() + 30
-        while not _answers(port):
+        while not _answers(port, tls):
             if proc.poll() is not None:
                 pytest.fail(f"serve exited ({proc.returncode}):\n{log_path.read_text()}")
             if time.monotonic() > deadline:

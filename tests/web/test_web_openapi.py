@@ -10,6 +10,7 @@ bodies the API sends have exactly the documented properties.
 from __future__ import annotations
 
 import re
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -18,11 +19,11 @@ from urllib.parse import parse_qsl, urlsplit
 import pytest
 from flask import g
 
-from fsrecrypt.web import create_api_key, create_app, openapi_document
+from fsrecrypt.web import create_api_key, create_app, openapi_document, schemas
 from fsrecrypt.web.app import Params
 from fsrecrypt.web.auth import ROLES
 from fsrecrypt.web.routes import ROUTES
-from tests.web.test_web_app import World, build_world, hdr
+from tests.web.test_web_app import World, build_world, hdr, wav_bytes
 
 AUTOMATIC_METHODS = {"HEAD", "OPTIONS"}  # added by Flask/werkzeug to every GET rule
 
@@ -68,6 +69,8 @@ def _values(world: World) -> dict[str, str]:
         "limit": "10",
         "ttl": "60",
         "Range": "bytes=0-99",
+        "consent": "announced",
+        "Idempotency-Key": f"openapi-{uuid.uuid4()}",
     }
 
 
@@ -102,6 +105,18 @@ def test_each_documented_parameter_is_read_by_its_view(world: World, route: Any)
         read.clear()
     else:
         headers.update(hdr(world, "all"))
+    if route.method == "POST" and route.body and route.body.schema is schemas.UploadForm:
+        response = client.open(
+            path,
+            method=route.method,
+            query_string=query,
+            headers=headers,
+            data=wav_bytes(0.5),
+            content_type="audio/wav",
+        )
+        assert response.status_code < 400, response.data[:300]
+        assert read == [{p["name"] for p in params}]
+        return
     body = {"reason": "case 42", "override_retention": True} if route.body else None
     if route.body and route.operation_id != "eraseRecording":
         body = {"reason": "case 42"}
