@@ -60,6 +60,15 @@ def _b64(digest: bytes) -> str:
     return base64.b64encode(digest).decode("ascii")
 
 
+def _check_options(object_lock: str, part_size: int, sse: str) -> None:
+    if object_lock not in ("", "governance", "compliance"):
+        raise ValueError("object_lock must be '', 'governance' or 'compliance'")
+    if not MIN_PART_SIZE <= part_size <= MAX_PART_SIZE:
+        raise ValueError("part_size must be between 5 MiB and 5 GiB")
+    if sse not in ("", "AES256", "aws:kms"):
+        raise ValueError("sse must be '', 'AES256' or 'aws:kms'")
+
+
 class S3Store(S3ObjectLock, ObjectStore):
     """Objects in an S3 bucket (or any S3 API such as moto/MinIO via endpoint_url).
 
@@ -88,12 +97,7 @@ class S3Store(S3ObjectLock, ObjectStore):
         governance_bypass: bool = False,
         max_pool_connections: int = 10,
     ) -> None:
-        if object_lock not in ("", "governance", "compliance"):
-            raise ValueError("object_lock must be '', 'governance' or 'compliance'")
-        if not MIN_PART_SIZE <= part_size <= MAX_PART_SIZE:
-            raise ValueError("part_size must be between 5 MiB and 5 GiB")
-        if sse not in ("", "AES256", "aws:kms"):
-            raise ValueError("sse must be '', 'AES256' or 'aws:kms'")
+        _check_options(object_lock, part_size, sse)
         self.bucket = bucket
         self.prefix = prefix
         self.region = region
