@@ -266,6 +266,40 @@ class AuditConfig:
 
 
 @dataclass(frozen=True)
+class JobsConfig:
+    """Bulk jobs (``fsrecrypt worker``, and commands working their own job).
+
+    An item is held under a ``lease_seconds`` lease renewed every
+    ``heartbeat_interval``: a worker that dies loses its items to others
+    within ``lease_seconds`` plus one ``poll_interval``.
+    """
+
+    lease_seconds: float = 30.0
+    heartbeat_interval: float = 10.0
+    batch_size: int = 10
+    concurrency: int = 4
+    max_attempts: int = 5
+    poll_interval: float = 2.0
+    metrics_listen: str = "127.0.0.1:9465"
+
+    def validate(self) -> None:
+        if not 5 <= self.lease_seconds <= 3600:
+            raise ValueError("lease_seconds must be between 5 and 3600")
+        if not 0.5 <= self.heartbeat_interval <= self.lease_seconds / 2:
+            raise ValueError("heartbeat_interval must be between 0.5 and lease_seconds / 2")
+        if not 1 <= self.batch_size <= 1000:
+            raise ValueError("batch_size must be between 1 and 1000")
+        if not 1 <= self.concurrency <= 256:
+            raise ValueError("concurrency must be between 1 and 256")
+        if not 1 <= self.max_attempts <= 100:
+            raise ValueError("max_attempts must be between 1 and 100")
+        if not 0.05 <= self.poll_interval <= 60:
+            raise ValueError("poll_interval must be between 0.05 and 60 seconds")
+        if self.metrics_listen:
+            _check_listen("jobs.metrics_listen", self.metrics_listen)
+
+
+@dataclass(frozen=True)
 class LoggingConfig:
     level: str = "info"
     format: str = "json"
@@ -289,6 +323,7 @@ class Config:
     retention: RetentionConfig = field(default_factory=RetentionConfig)
     audit: AuditConfig = field(default_factory=AuditConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
+    jobs: JobsConfig = field(default_factory=JobsConfig)
     source: str = "<defaults>"
 
 

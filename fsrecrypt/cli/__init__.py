@@ -122,6 +122,7 @@ LAZY_COMMANDS: dict[str, str] = {
     "custody": "fsrecrypt.cli.custody:custody_command",
     "recordings": "fsrecrypt.cli.recordings:recordings_group",
     "retry": "fsrecrypt.cli.recordings:retry_command",
+    "jobs": "fsrecrypt.cli.jobs:jobs_group",
 }
 
 # What ``fsrecrypt --help`` lists for each command: its help's first sentence,
@@ -152,6 +153,7 @@ COMMAND_SUMMARIES: dict[str, str] = {
     "custody": "Print a recording's evidence: creation, storage, fingerprint, events, anchors.",
     "recordings": "List and inspect recordings, and what is still waiting as plaintext.",
     "retry": "Queue failed recordings again; the daemon stores them at its next sweep (audited).",
+    "jobs": "Bulk jobs: list, show progress, cancel, retry failed items.",
 }
 
 

@@ -5,7 +5,8 @@ from __future__ import annotations
 import click
 
 from fsrecrypt.cli import config_option
-from fsrecrypt.cli.helpers import ProgressBar, echo_json, operator, services_for, user_option
+from fsrecrypt.cli.helpers import echo_json, operator, services_for, user_option
+from fsrecrypt.cli.jobs import detach_option, work_or_detach
 
 
 @click.command("rotate")
@@ -18,9 +19,15 @@ from fsrecrypt.cli.helpers import ProgressBar, echo_json, operator, services_for
     help="Also rewrite every object so its header is wrapped by the new key (see below).",
 )
 @user_option
+@detach_option
 @click.pass_context
 def rotate_command(
-    ctx: click.Context, tenant_name: str, to_key: str, rewrite_headers: bool, user_id: str | None
+    ctx: click.Context,
+    tenant_name: str,
+    to_key: str,
+    rewrite_headers: bool,
+    user_id: str | None,
+    detach: bool,
 ) -> None:
     """Move a tenant to a new key without re-encrypting any audio.
 
@@ -41,26 +48,31 @@ def rotate_command(
     (same message id, frames copied byte for byte), the row is switched to
     it and the old object is deleted (all versions).
 
-    Resumable and idempotent: kill it at any point and run it again; rows
-    already on KEY are skipped. Prints a JSON summary; exits non-zero if any
-    recording could not be rotated.
+    The work is a job (one item per recording): this command works it with
+    a progress bar while any 'fsrecrypt worker' helps, or with --detach
+    leaves it to the workers ('fsrecrypt jobs show ID').
+
+    Resumable and idempotent: kill it at any point and run it again (it
+    resumes the unfinished job); rows already on KEY are skipped. Prints a
+    JSON summary; exits non-zero if any recording could not be rotated.
     """
-    from fsrecrypt.lifecycle.rotate import RotationIncomplete, rotate_tenant
+    from fsrecrypt.lifecycle.rotate import RotationIncomplete, rotation_summary, start_rotation
 
     services = services_for(ctx)
-    bar = ProgressBar(f"rotate {tenant_name}")
     try:
-        summary = rotate_tenant(
+        job = start_rotation(
             services,
             tenant_name,
             to_key,
             rewrite_headers=rewrite_headers,
             user_id=operator(user_id),
-            progress=bar,
         )
+        final = work_or_detach(services, job, detach=detach, desc=f"rotate {tenant_name}")
     finally:
-        bar.close()
         services.close()
+    if final is None:
+        return
+    summary = rotation_summary(final)
     echo_json(summary.as_dict())
     if summary.failures or summary.remaining:
         raise RotationIncomplete(

@@ -9,13 +9,23 @@ from __future__ import annotations
 
 import base64
 import json
-import time
-from collections.abc import Callable
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from fsrecrypt.errors import FsrecryptError, InvalidState
-from fsrecrypt.lifecycle.common import PAGE, ProgressCallback, crash_point, insert_audit
+from fsrecrypt.jobs import (
+    FinishedJob,
+    Job,
+    JobContext,
+    JobKind,
+    Outcome,
+    create_job,
+    done,
+    run_job,
+    skipped,
+)
+from fsrecrypt.lifecycle.common import ProgressCallback, crash_point, insert_audit, utc_now
 from fsrecrypt.lifecycle.rewrite import finish_header_leftovers, rewrite_header
 from fsrecrypt.pipeline import Services, edk_from_bytes, edk_to_bytes, encryption_context
 
@@ -67,30 +77,28 @@ def _canonical_key_id(services: Services, key_id: str) -> str:
     return probe.key_id
 
 
-def _rows_needing_rotation(
-    services: Services, tenant_id: str, target: str, rewrite: bool, after: str | None
-) -> list[str]:
-    where = [
-        "tenant_id = %s",
-        "status = 'stored'",
-        "(kms_key_id IS DISTINCT FROM %s"
+def _needing_rotation_sql(rewrite: bool) -> str:
+    return (
+        "tenant_id = %s AND status = 'stored'"
+        " AND (kms_key_id IS DISTINCT FROM %s"
         " OR encryption_metadata ?| array['rotation_pending_object',"
         " 'rotation_superseded_object']"
         + (" OR encryption_metadata->>'header_key_id' IS DISTINCT FROM %s" if rewrite else "")
-        + ")",
-    ]
+        + ")"
+    )
+
+
+def _rows_needing_rotation(
+    services: Services, tenant_id: str, target: str, rewrite: bool
+) -> Iterator[dict[str, Any]]:
+    """The job's items: ``{"id": recording_id}`` per row to rotate, streamed in id order."""
     params: list[Any] = [tenant_id, target] + ([target] if rewrite else [])
-    if after is not None:
-        where.append("id > %s")
-        params.append(after)
-    params.append(PAGE)
-    with services.db.transaction("listing recordings to rotate") as cur:
-        cur.execute(
-            f"SELECT id FROM call_recordings WHERE {' AND '.join(where)}"  # noqa: S608
-            " ORDER BY id LIMIT %s",
-            params,
-        )
-        return [str(r[0]) for r in cur.fetchall()]
+    for row in services.db.stream_rows(
+        f"SELECT id FROM call_recordings WHERE {_needing_rotation_sql(rewrite)}"  # noqa: S608
+        " ORDER BY id",
+        params,
+    ):
+        yield {"id": str(row[0])}
 
 
 def _count_rotation_work(
@@ -111,6 +119,65 @@ def _count_rotation_work(
     return int(total), int(todo)
 
 
+def start_rotation(
+    services: Services,
+    tenant_name: str,
+    to_key: str,
+    *,
+    rewrite_headers: bool = False,
+    user_id: str,
+) -> Job:
+    """Switch the tenant to ``to_key`` and create the job re-wrapping its recordings.
+
+    The tenant's key is switched first, so everything stored from now on
+    (also by a running daemon) uses the new key. An unfinished rotation job
+    of the same tenant, key and mode is resumed instead of starting over.
+    """
+    tenant = services.db.tenant_by_name(tenant_name)
+    try:
+        target = _canonical_key_id(services, to_key)
+        previous = tenant.kms_key_id
+        if tenant.kms_key_id != to_key:
+            services.db.set_tenant_key(tenant.id, to_key)
+        for job in services.db.jobs(limit=1000, active_only=True):
+            p = job.params
+            if job.kind == "rotate" and (p.get("tenant_id"), p.get("target")) == (
+                tenant.id,
+                target,
+            ):
+                if p.get("rewrite_headers") == rewrite_headers and job.state == "running":
+                    return job
+        stored, _todo = _count_rotation_work(services, tenant.id, target, rewrite_headers)
+        params = {
+            "tenant": tenant.name,
+            "tenant_id": tenant.id,
+            "to_key": to_key,
+            "target": target,
+            "previous_tenant_key": previous,
+            "rewrite_headers": rewrite_headers,
+            "user_id": user_id,
+            "stored": stored,
+        }
+        return create_job(
+            services,
+            "rotate",
+            params,
+            _rows_needing_rotation(services, tenant.id, target, rewrite_headers),
+            user_id=user_id,
+        )
+    except FsrecryptError as exc:
+        summary = RotationSummary(tenant.name, to_key, tenant.kms_key_id, rewrite_headers)
+        services.db.audit(
+            action="rotate",
+            user_id=user_id,
+            success=False,
+            tenant_id=tenant.id,
+            error_message=f"{type(exc).__name__}: {exc.message}",
+            details={k: v for k, v in summary.as_dict().items() if k != "failures"},
+        )
+        raise
+
+
 def rotate_tenant(
     services: Services,
     tenant_name: str,
@@ -122,99 +189,119 @@ def rotate_tenant(
 ) -> RotationSummary:
     """Switch a tenant to ``to_key`` and re-wrap (optionally re-header) all its recordings.
 
-    The tenant's key is switched first, so everything stored from now on
-    (also by a running daemon) uses the new key. Then every stored recording
-    whose database copy of the data key is wrapped by another key is
-    re-wrapped (KMS ReEncrypt, or unwrap + wrap in memory for the keyring),
-    each row in its own transaction with a compare-and-set on the old wrapped
-    key. Passes repeat (up to three) so rows the daemon stored with the old
-    key while the first pass ran are caught too.
+    Creates the rotation job (``start_rotation``) and works it in this
+    process (``fsrecrypt worker`` processes may help). Every stored
+    recording whose database copy of the data key is wrapped by another key
+    is re-wrapped (KMS ReEncrypt, or unwrap + wrap in memory for the
+    keyring), each row in its own transaction with a compare-and-set on the
+    old wrapped key. When the items are done, up to two more passes catch
+    rows the daemon stored with the old key meanwhile.
 
-    ``progress(done, total)`` hears about every recording handled (a later
-    pass can push ``done`` past the first count of the work).
+    ``progress(done, total)`` hears about every recording handled.
     """
-    started = time.monotonic()
-    tenant = services.db.tenant_by_name(tenant_name)
-    summary = RotationSummary(tenant.name, to_key, tenant.kms_key_id, rewrite_headers)
-    try:
-        target = _canonical_key_id(services, to_key)
-        if tenant.kms_key_id != to_key:
-            services.db.set_tenant_key(tenant.id, to_key)
-        summary.stored, todo = _count_rotation_work(services, tenant.id, target, rewrite_headers)
-        done = 0
-
-        def step() -> None:
-            nonlocal done
-            done += 1
-            if progress is not None:
-                progress(done, todo)
-
-        if progress is not None:
-            progress(0, todo)
-        for _ in range(_MAX_ROTATION_PASSES):
-            summary.passes += 1
-            progressed = _rotation_pass(
-                services, tenant.id, target, to_key, rewrite_headers, user_id, summary, step
-            )
-            _total, remaining = _count_rotation_work(services, tenant.id, target, rewrite_headers)
-            summary.remaining = remaining
-            if remaining == 0 or not progressed:
-                break
-    except FsrecryptError as exc:
-        summary.seconds = round(time.monotonic() - started, 3)
-        services.db.audit(
-            action="rotate",
-            user_id=user_id,
-            success=False,
-            tenant_id=tenant.id,
-            error_message=f"{type(exc).__name__}: {exc.message}",
-            details={k: v for k, v in summary.as_dict().items() if k != "failures"},
-        )
-        raise
-    summary.seconds = round(time.monotonic() - started, 3)
-    failed = bool(summary.failures) or summary.remaining > 0
-    services.db.audit(
-        action="rotate",
-        user_id=user_id,
-        success=not failed,
-        tenant_id=tenant.id,
-        error_message=(f"{len(summary.failures)} recording(s) failed" if failed else None),
-        details={**summary.as_dict(), "failures": dict(list(summary.failures.items())[:50])},
+    job = start_rotation(
+        services, tenant_name, to_key, rewrite_headers=rewrite_headers, user_id=user_id
     )
-    return summary
+    return rotation_summary(run_job(services, job.id, progress=progress))
 
 
-def _rotation_pass(
-    services: Services,
-    tenant_id: str,
-    target: str,
-    to_key: str,
-    rewrite: bool,
-    user_id: str,
-    summary: RotationSummary,
-    step: Callable[[], None],
-) -> bool:
-    progressed = False
-    after: str | None = None
-    while True:
-        ids = _rows_needing_rotation(services, tenant_id, target, rewrite, after)
-        if not ids:
-            return progressed
-        for rec_id in ids:
-            after = rec_id
-            if rec_id in summary.failures:
-                continue
+def rotation_summary(job: Job) -> RotationSummary:
+    """The summary a finished rotation job recorded."""
+    if job.result is None:
+        raise RotationIncomplete(
+            f"rotation job {job.id} is {job.state}: {job.error or 'no result'}"
+        )
+    return RotationSummary(**job.result)
+
+
+def _handle(ctx: JobContext, payload: dict[str, Any]) -> Outcome:
+    p = ctx.params
+    outcome = rotate_recording(
+        ctx.services,
+        str(payload["id"]),
+        p["target"],
+        p["to_key"],
+        rewrite_headers=bool(p["rewrite_headers"]),
+        user_id=p["user_id"],
+    )
+    if outcome == ["gone"]:
+        return skipped("no longer stored", outcome=outcome)
+    return done(",".join(outcome), outcome=outcome)
+
+
+def _finish(ctx: JobContext, finished: FinishedJob) -> dict[str, Any]:
+    """Sum the items up, catch rows stored with the old key meanwhile, write the audit row."""
+    services, p = ctx.services, ctx.params
+    summary = RotationSummary(
+        p["tenant"], p["to_key"], p["previous_tenant_key"], p["rewrite_headers"]
+    )
+    summary.stored = int(p.get("stored", 0))
+    summary.passes = 1
+    for item in finished.items():
+        if item.state == "failed":
+            summary.failures[str(item.payload.get("id"))] = item.message or "failed"
+        for name in (item.result or {}).get("outcome", []):
+            if name in _COUNTERS:
+                setattr(summary, name, getattr(summary, name) + 1)
+    tenant_id, target, rewrite = p["tenant_id"], p["target"], bool(p["rewrite_headers"])
+    for _ in range(_MAX_ROTATION_PASSES - 1):
+        leftovers = [
+            i["id"]
+            for i in _rows_needing_rotation(services, tenant_id, target, rewrite)
+            if i["id"] not in summary.failures
+        ]
+        if not leftovers:
+            break
+        summary.passes += 1
+        for rec_id in leftovers:
             try:
-                outcome = rotate_recording(
-                    services, rec_id, target, to_key, rewrite_headers=rewrite, user_id=user_id
+                names = rotate_recording(
+                    services,
+                    rec_id,
+                    target,
+                    p["to_key"],
+                    rewrite_headers=rewrite,
+                    user_id=p["user_id"],
                 )
             except FsrecryptError as exc:
                 summary.failures[rec_id] = f"{type(exc).__name__}: {exc.message}"
-            else:
-                progressed = True
-                for name in outcome:
-                    setattr(summary, name, getattr(summary, name) + 1)
-            step()
+                continue
+            for name in names:
+                setattr(summary, name, getattr(summary, name) + 1)
+    _total, summary.remaining = _count_rotation_work(services, tenant_id, target, rewrite)
+    started = ctx.job.started_at or ctx.job.created_at
+    summary.seconds = round((utc_now() - started).total_seconds(), 3)
+    failed_ = bool(summary.failures) or summary.remaining > 0
+    services.db.audit(
+        action="rotate",
+        user_id=p["user_id"],
+        success=not failed_,
+        tenant_id=tenant_id,
+        error_message=(f"{len(summary.failures)} recording(s) failed" if failed_ else None),
+        details={
+            **summary.as_dict(),
+            "failures": dict(list(summary.failures.items())[:50]),
+            "job": ctx.job.id,
+        },
+    )
+    return summary.as_dict()
+
+
+_COUNTERS = (
+    "rewrapped",
+    "already_current",
+    "headers_rewritten",
+    "headers_current",
+    "leftovers_cleaned",
+    "gone",
+)
+JOB_KIND = JobKind(
+    "rotate",
+    _handle,
+    _finish,
+    description="re-wrap (and optionally re-header) a tenant's recordings under a new key",
+    retry_transient=False,
+)
 
 
 def rotate_recording(
