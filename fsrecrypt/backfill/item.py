@@ -220,8 +220,10 @@ class ItemWorker:
         for chunk in iter_plaintext(self.services, open_recording(self.services, rec)):
             mac.update(chunk)
             total += len(chunk)
-        if total != rec.file_size_bytes or not expected or not hmac.compare_digest(
-            mac.hexdigest(), expected
+        if (
+            total != rec.file_size_bytes
+            or not expected
+            or not hmac.compare_digest(mac.hexdigest(), expected)
         ):
             raise ReadBackFailed(
                 f"recording {rec.id}: the stored object does not read back as the source "
@@ -230,9 +232,12 @@ class ItemWorker:
 
     def _drop_orphans(self, rec: Recording) -> None:
         """Objects an earlier, killed attempt uploaded for this row but never recorded."""
-        prefix = object_key(
-            self.services.config.storage.prefix, rec.tenant_id, rec.id, rec.created_at
-        ).removesuffix(".esdk") + "."
+        prefix = (
+            object_key(
+                self.services.config.storage.prefix, rec.tenant_id, rec.id, rec.created_at
+            ).removesuffix(".esdk")
+            + "."
+        )
         for key in list(self.services.store.list_keys(prefix)):
             if key != rec.s3_path:
                 with contextlib.suppress(FsrecryptError):
@@ -259,9 +264,7 @@ class ItemWorker:
                 return ItemOutcome(status="changed", reason=reason, **base)
         with contextlib.suppress(FsrecryptError):
             self.services.db.note_plaintext_deleted(rec.id, socket.gethostname())
-        return ItemOutcome(
-            status=status, source_removed=True, versions_removed=versions, **base
-        )
+        return ItemOutcome(status=status, source_removed=True, versions_removed=versions, **base)
 
 
 def _pinned(_source: SourceFile) -> str | None:

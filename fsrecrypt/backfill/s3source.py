@@ -176,7 +176,10 @@ class S3Source:
                     continue
                 seen.add(etag)
                 yield ListedObject(
-                    version["Key"], etag, int(version["Size"]), version["VersionId"],
+                    version["Key"],
+                    etag,
+                    int(version["Size"]),
+                    version["VersionId"],
                     etag == latest,
                 )
 

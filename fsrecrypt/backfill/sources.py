@@ -91,7 +91,9 @@ def _name_problem(name: str) -> str | None:
     return None
 
 
-def named_item(kind: str, root: str, locator: str, name: str, naming: Naming, **kw: Any) -> SourceItem:
+def named_item(
+    kind: str, root: str, locator: str, name: str, naming: Naming, **kw: Any
+) -> SourceItem:
     """An item with its tenant and call taken from ``name`` (or the reason it is skipped)."""
     problem = kw.pop("skip", None) or _name_problem(name)
     if problem is not None:
@@ -100,8 +102,14 @@ def named_item(kind: str, root: str, locator: str, name: str, naming: Naming, **
     if tenant is None:
         problem = "--tenant-from found no tenant in the name"
     return SourceItem(
-        kind, root, locator, name, tenant=tenant, call_uuid=naming.call_uuid_for(name),
-        skip=problem, **kw,
+        kind,
+        root,
+        locator,
+        name,
+        tenant=tenant,
+        call_uuid=naming.call_uuid_for(name),
+        skip=problem,
+        **kw,
     )
 
 
@@ -146,7 +154,12 @@ def iter_directory(root: str, naming: Naming) -> Iterator[SourceItem]:
                     skip = "not a regular file"
                 elif st is not None:
                     yield named_item(
-                        "dir", real, path, name, naming, size=st.st_size,
+                        "dir",
+                        real,
+                        path,
+                        name,
+                        naming,
+                        size=st.st_size,
                         identity=fingerprint_of(st),
                     )
                     continue
@@ -165,7 +178,9 @@ class S3Options:
     region: str | None = None
 
 
-def iter_source(spec: SourceSpec, naming: Naming, s3: S3Options | None = None) -> Iterator[SourceItem]:
+def iter_source(
+    spec: SourceSpec, naming: Naming, s3: S3Options | None = None
+) -> Iterator[SourceItem]:
     """The items of one SOURCE, streamed."""
     if spec.kind == "dir":
         yield from iter_directory(spec.root, naming)
@@ -176,6 +191,13 @@ def iter_source(spec: SourceSpec, naming: Naming, s3: S3Options | None = None) -
     for obj in source.iter_versions(spec.prefix):
         name = obj.key[len(spec.prefix) :].lstrip("/") or posixpath.basename(obj.key)
         yield named_item(
-            "s3", spec.bucket, obj.key, name, naming, size=obj.size, identity=obj.etag,
-            version_id=obj.version_id, latest=obj.latest,
+            "s3",
+            spec.bucket,
+            obj.key,
+            name,
+            naming,
+            size=obj.size,
+            identity=obj.etag,
+            version_id=obj.version_id,
+            latest=obj.latest,
         )

@@ -123,6 +123,7 @@ LAZY_COMMANDS: dict[str, str] = {
     "recordings": "fsrecrypt.cli.recordings:recordings_group",
     "retry": "fsrecrypt.cli.recordings:retry_command",
     "jobs": "fsrecrypt.cli.jobs:jobs_group",
+    "backfill": "fsrecrypt.cli.backfill:backfill_command",
 }
 
 # What ``fsrecrypt --help`` lists for each command: its help's first sentence,
@@ -154,6 +155,7 @@ COMMAND_SUMMARIES: dict[str, str] = {
     "recordings": "List and inspect recordings, and what is still waiting as plaintext.",
     "retry": "Queue failed recordings again; the daemon stores them at its next sweep (audited).",
     "jobs": "Bulk jobs: list, show progress, cancel, retry failed items.",
+    "backfill": "Encrypt an existing archive of plaintext recordings, then remove the plaintext.",
 }
 
 
