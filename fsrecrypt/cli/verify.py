@@ -7,7 +7,8 @@ import json
 import click
 
 from fsrecrypt.cli import config_option
-from fsrecrypt.cli.helpers import ProgressBar, operator, services_for, user_option
+from fsrecrypt.cli.helpers import operator, services_for, user_option
+from fsrecrypt.cli.jobs import detach_option, work_or_detach
 
 
 @click.command("verify")
@@ -22,9 +23,14 @@ from fsrecrypt.cli.helpers import ProgressBar, operator, services_for, user_opti
     help="Check a random PERCENT of the recordings.",
 )
 @user_option
+@detach_option
 @click.pass_context
 def verify_command(
-    ctx: click.Context, tenant_name: str | None, sample_percent: float, user_id: str | None
+    ctx: click.Context,
+    tenant_name: str | None,
+    sample_percent: float,
+    user_id: str | None,
+    detach: bool,
 ) -> None:
     """Prove stored recordings are intact and readable.
 
@@ -32,26 +38,29 @@ def verify_command(
     and belongs to the recording, its data key unwraps, every frame
     authenticates (decrypted and discarded) and the audio size matches.
     Prints each failure and a JSON summary; exits non-zero on any failure.
+    The work is a job: --detach leaves it to 'fsrecrypt worker' processes.
     """
     from fsrecrypt.lifecycle.verify import (
         VerificationFailed,
         VerificationNotPermitted,
-        verify_recordings,
+        start_verify,
+        verify_report,
     )
 
     services = services_for(ctx)
-    bar = ProgressBar("verify")
     try:
-        report = verify_recordings(
+        job = start_verify(
             services,
             user_id=operator(user_id),
             tenant_name=tenant_name,
             sample_percent=sample_percent,
-            progress=bar,
         )
+        final = work_or_detach(services, job, detach=detach, desc="verify")
     finally:
-        bar.close()
         services.close()
+    if final is None:
+        return
+    report = verify_report(final)
     for rec_id, why in sorted(report.failures.items()):
         click.echo(f"{'DENIED' if rec_id in report.denied else 'FAIL'} {rec_id}: {why}")
     click.echo(

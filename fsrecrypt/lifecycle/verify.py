@@ -3,14 +3,31 @@
 from __future__ import annotations
 
 import math
-import random
-import time
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from fsrecrypt.db import Recording
-from fsrecrypt.errors import ConfigError, FsrecryptError, IntegrityError, KeyAccessError, NotFound
-from fsrecrypt.lifecycle.common import ProgressCallback
+from fsrecrypt.errors import (
+    ConfigError,
+    FsrecryptError,
+    IntegrityError,
+    InvalidState,
+    KeyAccessError,
+    NotFound,
+)
+from fsrecrypt.jobs import (
+    FinishedJob,
+    Job,
+    JobContext,
+    JobKind,
+    Outcome,
+    create_job,
+    done,
+    failed,
+    run_job,
+    skipped,
+)
+from fsrecrypt.lifecycle.common import ProgressCallback, utc_now
 from fsrecrypt.pipeline import Services, iter_plaintext, open_recording, read_object_header
 from fsrecrypt.store import ObjectAccessDenied
 
@@ -82,6 +99,44 @@ def verify_recording(services: Services, rec: Recording) -> int:
     return total
 
 
+def start_verify(
+    services: Services,
+    *,
+    user_id: str,
+    tenant_name: str | None = None,
+    sample_percent: float = 100.0,
+) -> Job:
+    """Create the verification job: one item per stored recording (or per sampled one)."""
+    if not 0 < sample_percent <= 100:
+        raise ConfigError(
+            f"--sample {sample_percent} is not a percentage in (0, 100]",
+            hint="Use e.g. --sample 5 to check 5% of the recordings.",
+        )
+    tenant_id = services.db.tenant_by_name(tenant_name).id if tenant_name else None
+    where = "status = 'stored'" + (" AND tenant_id = %s" if tenant_id else "")
+    args: list[Any] = [tenant_id] if tenant_id else []
+    with services.db.transaction("counting stored recordings") as cur:
+        cur.execute(f"SELECT count(*) FROM call_recordings WHERE {where}", args)  # noqa: S608
+        total = int(cur.fetchone()[0])
+    query = f"SELECT id FROM call_recordings WHERE {where} ORDER BY id"  # noqa: S608
+    if sample_percent < 100 and total:
+        count = max(1, math.ceil(total * sample_percent / 100))
+        query = (
+            f"SELECT id FROM (SELECT id FROM call_recordings WHERE {where}"  # noqa: S608
+            " ORDER BY random() LIMIT %s) s ORDER BY id"
+        )
+        args = [*args, count]
+    params = {
+        "user_id": user_id,
+        "tenant": tenant_name,
+        "tenant_id": tenant_id,
+        "sample_percent": sample_percent,
+        "total_stored": total,
+    }
+    items = ({"id": str(row[0])} for row in services.db.stream_rows(query, args))
+    return create_job(services, "verify", params, items, user_id=user_id)
+
+
 def verify_recordings(
     services: Services,
     *,
@@ -92,78 +147,87 @@ def verify_recordings(
 ) -> VerifyReport:
     """Verify all (or a random sample of) stored recordings; one audit row per run.
 
+    Creates the job (``start_verify``) and works it in this process;
     ``progress(done, total)`` hears about every recording checked.
     """
-    if not 0 < sample_percent <= 100:
-        raise ConfigError(
-            f"--sample {sample_percent} is not a percentage in (0, 100]",
-            hint="Use e.g. --sample 5 to check 5% of the recordings.",
+    job = start_verify(
+        services, user_id=user_id, tenant_name=tenant_name, sample_percent=sample_percent
+    )
+    return verify_report(run_job(services, job.id, progress=progress))
+
+
+def verify_report(job: Job) -> VerifyReport:
+    """The report a finished verification job recorded."""
+    if job.result is None:
+        raise InvalidState(f"verification job {job.id} is {job.state}: {job.error or 'no result'}")
+    return VerifyReport(**job.result)
+
+
+def _handle(ctx: JobContext, payload: dict[str, Any]) -> Outcome:
+    services = ctx.services
+    try:
+        rec = services.db.recording(str(payload["id"]))
+    except NotFound:
+        return skipped("no longer exists")
+    if rec.status != "stored":
+        return skipped(f"now {rec.status}")
+    try:
+        verified = verify_recording(services, rec)
+    except FsrecryptError as exc:
+        why = f"{exc.message} [{type(exc).__name__}]"
+        services.db.audit(
+            action="verify",
+            user_id=ctx.params["user_id"],
+            success=False,
+            recording_id=rec.id,
+            tenant_id=rec.tenant_id,
+            error_message=why,
+            details={"object_key": rec.s3_path},
         )
-    started = time.monotonic()
-    tenant_id = services.db.tenant_by_name(tenant_name).id if tenant_name else None
-    ids = _stored_ids(services, tenant_id)
-    report = VerifyReport(total_stored=len(ids))
-    if sample_percent < 100 and ids:
-        count = max(1, math.ceil(len(ids) * sample_percent / 100))
-        ids = sorted(random.SystemRandom().sample(ids, count))
-    if progress is not None:
-        progress(0, len(ids))
-    done = 0
-    for rec_id in ids:
-        try:
-            rec = services.db.recording(rec_id)
-        except NotFound:
-            continue
-        if rec.status != "stored":
-            continue
-        report.checked += 1
-        try:
-            report.bytes_verified += verify_recording(services, rec)
-        except FsrecryptError as exc:
-            report.failures[rec.id] = f"{exc.message} [{type(exc).__name__}]"
-            if isinstance(exc, ObjectAccessDenied):
-                report.denied.append(rec.id)
-            services.db.audit(
-                action="verify",
-                user_id=user_id,
-                success=False,
-                recording_id=rec.id,
-                tenant_id=rec.tenant_id,
-                error_message=report.failures[rec.id],
-                details={"object_key": rec.s3_path},
-            )
-        else:
+        return failed(why, denied=isinstance(exc, ObjectAccessDenied))
+    return done("ok", bytes=verified)
+
+
+def _finish(ctx: JobContext, finished: FinishedJob) -> dict[str, Any]:
+    p = ctx.params
+    report = VerifyReport(total_stored=int(p.get("total_stored", 0)))
+    for item in finished.items():
+        result = item.result or {}
+        if item.state == "done":
+            report.checked += 1
             report.ok += 1
-        done += 1
-        if progress is not None:
-            progress(done, len(ids))
-    report.seconds = round(time.monotonic() - started, 3)
-    services.db.audit(
+            report.bytes_verified += int(result.get("bytes", 0))
+        elif item.state == "failed":
+            report.checked += 1
+            rec_id = str(item.payload.get("id"))
+            report.failures[rec_id] = item.message or "failed"
+            if result.get("denied"):
+                report.denied.append(rec_id)
+    started = ctx.job.started_at or ctx.job.created_at
+    report.seconds = round((utc_now() - started).total_seconds(), 3)
+    ctx.services.db.audit(
         action="verify",
-        user_id=user_id,
+        user_id=p["user_id"],
         success=not report.failures,
-        tenant_id=tenant_id,
+        tenant_id=p.get("tenant_id"),
         error_message=f"{len(report.failures)} recording(s) failed" if report.failures else None,
         details={
             "checked": report.checked,
             "ok": report.ok,
             "failed": len(report.failures),
             "permission_denied": len(report.denied),
-            "sample_percent": sample_percent,
+            "sample_percent": p.get("sample_percent"),
             "failed_ids": sorted(report.failures)[:100],
+            "job": ctx.job.id,
         },
     )
-    return report
+    return report.as_dict()
 
 
-def _stored_ids(services: Services, tenant_id: str | None) -> list[str]:
-    with services.db.transaction("listing stored recordings") as cur:
-        if tenant_id is None:
-            cur.execute("SELECT id FROM call_recordings WHERE status = 'stored' ORDER BY id")
-        else:
-            cur.execute(
-                "SELECT id FROM call_recordings WHERE status = 'stored' AND tenant_id = %s"
-                " ORDER BY id",
-                (tenant_id,),
-            )
-        return [str(r[0]) for r in cur.fetchall()]
+JOB_KIND = JobKind(
+    "verify",
+    _handle,
+    _finish,
+    description="prove stored recordings decrypt end to end",
+    retry_transient=False,
+)
