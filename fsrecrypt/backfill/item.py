@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import contextlib
 import hmac
+import os
 import socket
 from dataclasses import dataclass, field
 from typing import Any
@@ -186,21 +187,25 @@ class ItemWorker:
         if rec.status in ("erased", "discarded"):
             reason = f"recording {rec.id} of this very source was {rec.status} (source kept)"
             return ItemOutcome(status="skipped", reason=reason, recording_id=rec.id, **base)
-        try:
-            outcome = store_recording(
-                self.services,
-                rec,
-                source,
-                tenant,
-                worker=self.worker,
-                user_id=self.user_id,
-                delete=False,
-                lease_seconds=self.lease_seconds,
-                changed=_pinned if item.kind == "s3" else content_changed,
-                audit_details={"origin": ORIGIN, "source_kind": item.kind},
-            )
-        except InvalidState as exc:
-            raise RecordingBusy(f"{item.shown}: {exc.message}") from None
+        for attempt in (1, 2):
+            try:
+                outcome = store_recording(
+                    self.services,
+                    rec,
+                    source,
+                    tenant,
+                    worker=self.worker,
+                    user_id=self.user_id,
+                    delete=False,
+                    lease_seconds=self.lease_seconds,
+                    changed=_pinned if item.kind == "s3" else content_changed,
+                    audit_details={"origin": ORIGIN, "source_kind": item.kind},
+                )
+                break
+            except InvalidState as exc:
+                if attempt == 2 or not self._release_dead_holder(rec.id):
+                    raise RecordingBusy(f"{item.shown}: {exc.message}") from None
+                rec = self.services.db.recording(rec.id)
         stored = outcome.recording
         self._verify(stored, outcome.plaintext_hmac)
         if not created:
@@ -210,6 +215,19 @@ class ItemWorker:
         if self.keep_source:
             return ItemOutcome(status=status, **base)
         return self._remove(item, source, stored, status, base)
+
+    def _release_dead_holder(self, recording_id: str) -> bool:
+        """Free a recording claimed by a process of this host that no longer exists.
+
+        A backfill killed mid-item leaves its claim until the lease ends; the
+        same host can tell its dead processes (``host:pid:nonce``) at once.
+        """
+        holder = self.services.db.recording(recording_id).claimed_by or ""
+        host, _, rest = holder.partition(":")
+        pid = rest.partition(":")[0]
+        if host != socket.gethostname() or not pid.isdigit() or _alive(int(pid)):
+            return False
+        return self.services.db.release_claims(f"{host}:{pid}:") > 0
 
     def _verify(self, rec: Recording, expected: str | None) -> None:
         """Decrypt the stored object; its keyed fingerprint and size must be the row's."""
@@ -265,6 +283,16 @@ class ItemWorker:
         with contextlib.suppress(FsrecryptError):
             self.services.db.note_plaintext_deleted(rec.id, socket.gethostname())
         return ItemOutcome(status=status, source_removed=True, versions_removed=versions, **base)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def _pinned(_source: SourceFile) -> str | None:

@@ -74,10 +74,18 @@ def iter_items(request: BackfillRequest, specs: Sequence[SourceSpec]) -> Iterato
 
 
 def start_backfill(services: Services, request: BackfillRequest, *, user_id: str) -> Job:
-    """Create the backfill job, its items streamed from the listing."""
+    """Create the backfill job, its items streamed from the listing.
+
+    A sealed, unfinished backfill job with the very same parameters (a
+    killed run of the same command) is resumed instead of listing again.
+    """
     specs = _check_sources(services, request)
+    params = request.params()
+    for job in services.db.jobs(limit=1000, active_only=True):
+        if job.kind == "backfill" and job.state == "running" and job.params == params:
+            return job
     items = (item.payload() for item in iter_items(request, specs))
-    return create_job(services, "backfill", request.params(), items, user_id=user_id)
+    return create_job(services, "backfill", params, items, user_id=user_id)
 
 
 def dry_run(

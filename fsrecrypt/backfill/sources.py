@@ -69,15 +69,31 @@ class SourceItem:
     def shown(self) -> str:
         """How reports name it (s3://bucket/key or the path), non-printables escaped."""
         where = f"s3://{self.root}/{self.locator}" if self.kind == "s3" else self.locator
-        return where.encode("unicode_escape", "backslashreplace").decode("ascii")
+        return _escaped(where)
 
     def payload(self) -> dict[str, Any]:
-        return asdict(self)
+        """The item as JSON-able values (a skipped item's unusable name escaped, so it fits
+        PostgreSQL's jsonb, which refuses NUL and lone surrogates)."""
+        data = asdict(self)
+        if self.skip is not None:
+            data["locator"], data["name"] = _escaped(self.locator), _escaped(self.name)
+        return data
 
     @classmethod
     def from_payload(cls, data: dict[str, Any]) -> SourceItem:
         fields = cls.__dataclass_fields__
         return cls(**{k: v for k, v in data.items() if k in fields})
+
+
+def _escaped(text: str) -> str:
+    """``text`` with NUL and undecodable bytes written as escapes (for reports only)."""
+    if _name_problem(text) is None:
+        return text
+    try:
+        raw = text.encode("utf-8", "surrogateescape")
+    except UnicodeEncodeError:
+        raw = text.encode("utf-8", "backslashreplace")
+    return raw.replace(b"\0", b"\\x00").decode("utf-8", "backslashreplace")
 
 
 def _name_problem(name: str) -> str | None:
