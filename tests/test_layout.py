@@ -151,7 +151,7 @@ def test_keys_stay_below_db_store_pipeline_and_cli() -> None:
 
 
 # Packages of domain code: they return results; only fsrecrypt.cli talks to the terminal.
-DOMAIN_PACKAGES = ("format", "store", "keys", "lifecycle", "web", "daemon")
+DOMAIN_PACKAGES = ("format", "store", "keys", "lifecycle", "web", "daemon", "backfill")
 
 
 @pytest.mark.parametrize("package", DOMAIN_PACKAGES)
@@ -257,7 +257,7 @@ def test_cli_command_modules_load_their_domain_only_inside_commands(module: str)
 # import of one anywhere in the domain would hide a dependency instead.
 HEAVY_LIBRARIES = ("boto3", "botocore", "psycopg2", "psycogreen", "gevent", "flask", "werkzeug")
 # Our own adapters that import a heavy library at their top.
-HEAVY_ADAPTERS = ("fsrecrypt.store.s3", "fsrecrypt.keys.kms")
+HEAVY_ADAPTERS = ("fsrecrypt.store.s3", "fsrecrypt.keys.kms", "fsrecrypt.backfill.s3source")
 
 # The documented deferral points outside fsrecrypt/cli/: (module, function) -> why.
 LAZY_IMPORT_POINTS = {
@@ -266,6 +266,8 @@ LAZY_IMPORT_POINTS = {
     ("fsrecrypt.keys", "build_key_provider"): "boto3 is loaded only when [keys] provider = aws-kms",
     ("fsrecrypt.keys", "__getattr__"): "AwsKmsProvider and kms_key_ref are re-exported lazily",
     ("fsrecrypt.db.pool", "enable_gevent"): "psycogreen brings gevent: only a gevent process pays",
+    ("fsrecrypt.backfill.sources", "iter_source"): "boto3 is loaded only for an s3:// SOURCE",
+    ("fsrecrypt.backfill.item", "ItemWorker.bucket"): "boto3 only for items of an s3:// SOURCE",
 }
 
 
@@ -514,6 +516,7 @@ def test_esl_imports_no_store_keys_or_db() -> None:
 COMPOSERS = (
     "fsrecrypt.pipeline",
     "fsrecrypt.lifecycle",
+    "fsrecrypt.backfill",
     "fsrecrypt.cli",
     "fsrecrypt.daemon",
     "fsrecrypt.web",
