@@ -21,7 +21,7 @@ UUID_PATTERN = r"[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-
 
 CALL_UUID_LIMIT = 128
 TENANT_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,62}", re.ASCII)
-_CALL_UUID_TEXT = re.compile(r"[A-Za-z0-9._:@-]{1,128}", re.ASCII)
+_CALL_UUID_TEXT = re.compile(r"[\w.:@-]{1,128}", re.ASCII)
 
 # Audio stored as it is, by extension, with the leading bytes that type starts with.
 MEDIA_TYPES: dict[str, tuple[str, tuple[bytes, ...]]] = {
