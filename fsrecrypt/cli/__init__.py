@@ -123,6 +123,7 @@ LAZY_COMMANDS: dict[str, str] = {
     "recordings": "fsrecrypt.cli.recordings:recordings_group",
     "retry": "fsrecrypt.cli.recordings:retry_command",
     "jobs": "fsrecrypt.cli.jobs:jobs_group",
+    "worker": "fsrecrypt.cli.jobs:worker_command",
     "backfill": "fsrecrypt.cli.backfill:backfill_command",
 }
 
@@ -155,6 +156,7 @@ COMMAND_SUMMARIES: dict[str, str] = {
     "recordings": "List and inspect recordings, and what is still waiting as plaintext.",
     "retry": "Queue failed recordings again; the daemon stores them at its next sweep (audited).",
     "jobs": "Bulk jobs: list, show progress, cancel, retry failed items.",
+    "worker": "Work items of every bulk job (any number, on any host; SIGTERM drains).",
     "backfill": "Encrypt an existing archive of plaintext recordings, then remove the plaintext.",
 }
 

@@ -20,6 +20,7 @@ from fsrecrypt.cli.helpers import (
     services_for,
     user_option,
 )
+from fsrecrypt.cli.jobs import detach_option, work_or_detach
 
 
 def _erase_question(recordings: Sequence[Any]) -> str:
@@ -40,6 +41,7 @@ def _erase_question(recordings: Sequence[Any]) -> str:
     help="Erase even inside the retention period (recorded in the audit log).",
 )
 @user_option
+@detach_option
 @click.pass_context
 def erase_command(
     ctx: click.Context,
@@ -50,6 +52,7 @@ def erase_command(
     yes: bool,
     override_retention: bool,
     user_id: str | None,
+    detach: bool,
 ) -> None:
     """Permanently destroy recordings (crypto-shredding) and print a deletion receipt.
 
@@ -59,13 +62,14 @@ def erase_command(
     recordings inside the retention period unless --override-retention
     ([retention] days = 0 keeps recordings forever, so erasing then always
     needs the override). Running it again on erased recordings retries any
-    object deletion that failed.
+    object deletion that failed. The work is a job (one item per recording):
+    --detach leaves it to 'fsrecrypt worker' processes.
     """
-    from fsrecrypt.lifecycle.erase import erase_selected
+    from fsrecrypt.lifecycle.erase import erasure_receipt, start_erase_selected
 
     services = services_for(ctx)
     try:
-        receipt = erase_selected(
+        job = start_erase_selected(
             services,
             reason=reason,
             user_id=operator(user_id),
@@ -75,9 +79,11 @@ def erase_command(
             override_retention=override_retention,
             confirm=None if yes else confirm_or_abort(_erase_question),
         )
+        final = work_or_detach(services, job, detach=detach, desc="erase")
     finally:
         services.close()
-    echo_json(receipt)
+    if final is not None:
+        echo_json(erasure_receipt(final))
 
 
 def _change_hold(
@@ -174,18 +180,22 @@ def hold_list_command(ctx: click.Context, tenant_name: str | None) -> None:
 @click.option("--dry-run", is_flag=True, help="Only list what would be erased.")
 @click.option("--yes", is_flag=True, help="Do not ask for confirmation.")
 @user_option
+@detach_option
 @click.pass_context
-def expire_command(ctx: click.Context, dry_run: bool, yes: bool, user_id: str | None) -> None:
+def expire_command(
+    ctx: click.Context, dry_run: bool, yes: bool, user_id: str | None, detach: bool
+) -> None:
     """Erase stored recordings older than [retention] days that are not on legal hold.
 
     Each is erased like 'fsrecrypt erase' (logged as expire) and one receipt
-    is printed. With [retention] days = 0 nothing ever expires.
+    is printed. With [retention] days = 0 nothing ever expires. The work is
+    a job: --detach leaves it to 'fsrecrypt worker' processes.
     """
-    from fsrecrypt.lifecycle.erase import expire
+    from fsrecrypt.lifecycle.erase import erasure_receipt, start_expiry
 
     services = services_for(ctx)
     try:
-        report = expire(
+        report, job = start_expiry(
             services,
             user_id=operator(user_id),
             dry_run=dry_run,
@@ -195,6 +205,13 @@ def expire_command(ctx: click.Context, dry_run: bool, yes: bool, user_id: str | 
                 lambda expired: f"Permanently erase {len(expired)} recording(s) past retention?"
             ),
         )
+        final = None
+        if job is not None:
+            final = work_or_detach(services, job, detach=detach, desc="expire")
+            if final is None:
+                return
     finally:
         services.close()
+    if final is not None:
+        report["receipt"] = erasure_receipt(final)
     echo_json(report)

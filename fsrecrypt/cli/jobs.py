@@ -178,3 +178,23 @@ def jobs_retry_command(ctx: click.Context, job_id: int) -> None:
     finally:
         services.close()
     echo_json({"job": job.id, "state": job.state, "requeued": requeued})
+
+
+@click.command("worker")
+@config_option
+@click.option(
+    "--concurrency",
+    type=click.IntRange(1, 256),
+    default=None,
+    help="Items worked at once (default: [jobs] concurrency).",
+)
+@click.pass_context
+def worker_command(ctx: click.Context, concurrency: int | None) -> None:
+    """Work items of every bulk job (any number, on any host; SIGTERM drains)."""
+    from gevent import monkey
+
+    monkey.patch_all()
+    from fsrecrypt.cli import State
+    from fsrecrypt.jobs.worker import run_worker
+
+    ctx.exit(run_worker(ctx.ensure_object(State).config, concurrency=concurrency))

@@ -41,8 +41,6 @@ from fsrecrypt.errors import (
 from fsrecrypt.pipeline import StoreOutcome, register_source, store_recording
 from fsrecrypt.plaintext import SourceFile, fingerprint_of, open_source
 
-LEASE_SECONDS = 600.0
-
 
 class UnexpectedJobError(FsrecryptError):
     """A job failed with an exception fsrecrypt does not map (a bug or an unknown library error).
@@ -208,7 +206,7 @@ class JobRunner:
                     source,
                     tenant,
                     worker=rt.worker,
-                    lease_seconds=LEASE_SECONDS,
+                    lease_seconds=rt.config.jobs.lease_seconds,
                     on_chunk=lambda _n: gevent.sleep(0),
                     claimed=claimed,
                 )
@@ -262,7 +260,9 @@ class JobRunner:
             return None, None, rt.tenant(job.tenant_name or "")
         # Fast path: claim the row and read its tenant (the key as of now, so
         # rotation still takes effect at once) in one statement.
-        pair = rt.services.db.claim_with_tenant(job.recording_id, rt.worker, LEASE_SECONDS)
+        pair = rt.services.db.claim_with_tenant(
+            job.recording_id, rt.worker, rt.config.jobs.lease_seconds
+        )
         if pair is not None:
             claimed, tenant = pair
             return claimed, claimed, tenant

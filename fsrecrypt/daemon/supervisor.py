@@ -111,6 +111,7 @@ class Daemon:
         self._supervised: dict[str, Any] = {}
         # One per periodic loop, set by SIGHUP: the loop re-reads its interval at once.
         self._wakes: dict[str, gevent.event.Event] = {}
+        self._run_now: set[str] = set()
 
     @property
     def config(self) -> Config:
@@ -151,10 +152,15 @@ class Daemon:
         ]
         self._greenlets = [
             self._spawn_loop(
-                "sweeper", self.sweeper.sweep_pass, lambda: self.rt.config.pipeline.sweep_interval
+                "sweeper",
+                self.sweeper.sweep_pass,
+                lambda: self._interval_or_now("sweeper", self.rt.config.pipeline.sweep_interval),
             ),
             self._spawn_loop(
                 "housekeeping", self.heartbeat.housekeeping_pass, lambda: HEARTBEAT_INTERVAL
+            ),
+            self._spawn_loop(
+                "leases", self._lease_pass, lambda: self.rt.config.jobs.heartbeat_interval
             ),
         ]
         watchdog = watchdog_interval()
@@ -370,6 +376,29 @@ class Daemon:
                     ) from exc
             wake = self._wakes.setdefault(name, gevent.event.Event())
             pause(rt.stopping, wake, time.monotonic(), interval)
+
+    def _lease_pass(self) -> None:
+        """Renew this daemon's claims; wake the sweep when another daemon's ran out.
+
+        A daemon killed with SIGKILL (or its host lost) stops renewing: its
+        rows' leases run out within ``[jobs] lease_seconds`` and the next
+        pass of any daemon seeing the same files takes them over, instead
+        of waiting for the next scheduled sweep.
+        """
+        rt = self.rt
+        rt.services.db.renew_claims(rt.worker, rt.config.jobs.lease_seconds)
+        expired = rt.services.db.expired_claims()
+        if expired:
+            rt.log.info("daemon.expired_claims", rows=expired)
+            self._run_now.add("sweeper")
+            self._wakes.setdefault("sweeper", gevent.event.Event()).set()
+
+    def _interval_or_now(self, name: str, interval: float) -> float:
+        """``interval``, or 0 once after ``_run_now`` named the loop (run its pass now)."""
+        if name in self._run_now:
+            self._run_now.discard(name)
+            return 0.0
+        return interval
 
     def _watchdog_pass(self) -> None:
         """Feed systemd's watchdog only while every greenlet lives and work moves."""

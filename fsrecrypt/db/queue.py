@@ -89,6 +89,32 @@ class WorkQueue(Recordings):
         split = len(Recording.__dataclass_fields__)
         return recording_from_row(row[:split]), tenant_from_row(row[split:])
 
+    def renew_claims(self, worker: str, lease_seconds: float) -> int:
+        """The daemon's heartbeat: push out the lease of every row this worker holds.
+
+        Leases are short (``[jobs] lease_seconds``) and renewed every
+        ``heartbeat_interval``, so a daemon that dies (SIGKILL, host loss)
+        leaves its rows to another daemon within one lease.
+        """
+        with self.statement("renewing recording claims") as cur:
+            cur.execute(
+                "UPDATE call_recordings SET claimed_until = now() + make_interval(secs => %s)"
+                " WHERE claimed_by = %s AND status IN ('pending', 'failed')",
+                (lease_seconds, worker),
+            )
+            return cur.rowcount
+
+    def expired_claims(self, limit: int = 100) -> int:
+        """How many pending rows hold a lease that ran out (their daemon died)."""
+        with self.statement("looking for expired recording claims") as cur:
+            cur.execute(
+                "SELECT count(*) FROM (SELECT 1 FROM call_recordings"
+                " WHERE claimed_by IS NOT NULL AND claimed_until < now()"
+                " AND status = 'pending' LIMIT %s) s",
+                (limit,),
+            )
+            return int(cur.fetchone()[0])
+
     def release_claims(self, worker_prefix: str) -> int:
         """Drop leases left by a previous (crashed) run of this worker."""
         with self.transaction("releasing stale claims") as cur:

@@ -11,14 +11,27 @@ from __future__ import annotations
 import hashlib
 import json
 import uuid
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from datetime import datetime, timedelta
 from typing import Any
 
 from fsrecrypt.db import Recording
 from fsrecrypt.errors import ConfigError, FsrecryptError, InvalidState, NotFound, ObjectNotFound
+from fsrecrypt.jobs import (
+    FinishedJob,
+    Job,
+    JobContext,
+    JobKind,
+    Outcome,
+    create_job,
+    done,
+    failed,
+    run_job,
+    skipped,
+)
 from fsrecrypt.lifecycle.common import (
     ROTATION_META_KEYS,
+    ProgressCallback,
     active_holds,
     insert_audit,
     iso,
@@ -169,6 +182,35 @@ def _check_storage_lock(services: Services, live: Sequence[Recording], now: date
             )
 
 
+def start_erasure(
+    services: Services,
+    recordings: Iterable[str],
+    *,
+    reason: str,
+    user_id: str,
+    override_retention: bool = False,
+    action: str = "erase",
+    extra: Mapping[str, Any] | None = None,
+) -> Job:
+    """Create the erasure job (kind ``erase`` or ``expire``): one item per recording id.
+
+    The caller has run ``check_erasable`` on the selection; each item checks
+    its own row again under a lock before destroying anything.
+    """
+    if not reason.strip():
+        raise ConfigError("erasure needs a --reason", hint="Say why, e.g. the request ticket.")
+    params = {
+        "reason": reason,
+        "user_id": user_id,
+        "override_retention": override_retention,
+        "action": action,
+        "receipt_id": str(uuid.uuid4()),
+        **(extra or {}),
+    }
+    items = ({"id": rec_id} for rec_id in recordings)
+    return create_job(services, action, params, items, user_id=user_id)
+
+
 def erase_recordings(
     services: Services,
     recordings: Sequence[Recording],
@@ -177,6 +219,7 @@ def erase_recordings(
     user_id: str,
     override_retention: bool = False,
     action: str = "erase",
+    progress: ProgressCallback | None = None,
 ) -> dict[str, Any]:
     """Crypto-shred and delete recordings; return the deletion receipt.
 
@@ -187,46 +230,86 @@ def erase_recordings(
     audit row is written. A crash after (1) leaves nothing decryptable through
     the database; running the command again repeats (2) for erased rows, so
     the object copies (whose headers still hold a wrapped key) go too. The
-    audit rows of the recording are never touched.
+    audit rows of the recording are never touched. The work is a job
+    (``start_erasure``) worked in this process.
     """
     if not reason.strip():
         raise ConfigError("erasure needs a --reason", hint="Say why, e.g. the request ticket.")
     check_erasable(services, recordings, override_retention=override_retention)
-    receipt_id = str(uuid.uuid4())
+    job = start_erasure(
+        services,
+        (r.id for r in recordings),
+        reason=reason,
+        user_id=user_id,
+        override_retention=override_retention,
+        action=action,
+    )
+    return erasure_receipt(run_job(services, job.id, progress=progress))
+
+
+def erasure_receipt(job: Job) -> dict[str, Any]:
+    """The receipt a finished erasure job recorded; ``ErasureIncomplete`` if any item failed."""
+    result = job.result or {}
+    if "receipt" not in result:
+        raise ErasureIncomplete(f"erasure job {job.id} is {job.state}: {job.error or 'unfinished'}")
+    failures = result.get("failures") or {}
+    if failures:
+        raise ErasureIncomplete(
+            f"{len(failures)} recording(s) were not completely erased: "
+            + "; ".join(f"{rid}: {why}" for rid, why in failures.items())
+        )
+    return dict(result["receipt"])
+
+
+def _handle(ctx: JobContext, payload: dict[str, Any]) -> Outcome:
+    p, services = ctx.params, ctx.services
+    rec_id = str(payload["id"])
+    rec: Recording | None = None
+    try:
+        rec = services.db.recording(rec_id)
+        entry = _erase_one(
+            services,
+            rec,
+            reason=p["reason"],
+            user_id=p["user_id"],
+            override_retention=bool(p["override_retention"]),
+            action=p["action"],
+            receipt_id=p["receipt_id"],
+        )
+    except FsrecryptError as exc:
+        why = f"{type(exc).__name__}: {exc.message}"
+        services.db.audit(
+            action=p["action"],
+            user_id=p["user_id"],
+            success=False,
+            recording_id=rec_id,
+            tenant_id=None if rec is None else rec.tenant_id,
+            error_message=why,
+            details={"reason": p["reason"], "receipt_id": p["receipt_id"]},
+        )
+        return failed(why)
+    if entry is None:
+        return skipped("already erased, nothing left to delete")
+    return done("erased", **entry)
+
+
+def _finish(ctx: JobContext, finished: FinishedJob) -> dict[str, Any]:
+    """Build and keep the deletion receipt (its id fixed at creation: written once)."""
+    p = ctx.params
     entries: list[dict[str, Any]] = []
     failures: dict[str, str] = {}
-    for rec in recordings:
-        try:
-            entry = _erase_one(
-                services,
-                rec,
-                reason=reason,
-                user_id=user_id,
-                override_retention=override_retention,
-                action=action,
-                receipt_id=receipt_id,
-            )
-        except FsrecryptError as exc:
-            failures[rec.id] = f"{type(exc).__name__}: {exc.message}"
-            services.db.audit(
-                action=action,
-                user_id=user_id,
-                success=False,
-                recording_id=rec.id,
-                tenant_id=rec.tenant_id,
-                error_message=failures[rec.id],
-                details={"reason": reason, "receipt_id": receipt_id},
-            )
-            continue
-        if entry is not None:
-            entries.append(entry)
+    for item in finished.items():
+        if item.state == "done" and item.result:
+            entries.append(dict(item.result))
+        elif item.state == "failed":
+            failures[str(item.payload.get("id"))] = item.message or "failed"
     receipt: dict[str, Any] = {
-        "receipt_id": receipt_id,
-        "action": action,
+        "receipt_id": p["receipt_id"],
+        "action": p["action"],
         "erased_at": iso(utc_now()),
-        "operator": user_id,
-        "reason": reason,
-        "override_retention": override_retention,
+        "operator": p["user_id"],
+        "reason": p["reason"],
+        "override_retention": p["override_retention"],
         "recordings": entries,
         "recording_ids": [e["recording_id"] for e in entries],
         "object_keys": [k for e in entries for k in e["object_keys"]],
@@ -234,25 +317,84 @@ def erase_recordings(
     }
     receipt["receipt_hash"] = receipt_hash(receipt)
     if entries:
-        with services.db.transaction("keeping the deletion receipt") as cur:
+        with ctx.services.db.transaction("keeping the deletion receipt") as cur:
             cur.execute(
                 "INSERT INTO erasure_receipts (id, action, operator, reason, receipt,"
-                " receipt_hash) VALUES (%s, %s, %s, %s, %s, %s)",
+                " receipt_hash) VALUES (%s, %s, %s, %s, %s, %s) ON CONFLICT (id) DO NOTHING",
                 (
-                    receipt_id,
-                    action,
-                    user_id,
-                    reason,
+                    p["receipt_id"],
+                    p["action"],
+                    p["user_id"],
+                    p["reason"],
                     json.dumps(receipt),
                     receipt["receipt_hash"],
                 ),
             )
+    if p["action"] == "expire":
+        _audit_expiry(ctx, len(entries), failures)
+    return {"receipt": receipt, "failures": failures}
+
+
+def _audit_expiry(ctx: JobContext, erased: int, failures: Mapping[str, str]) -> None:
+    p = ctx.params
+    details = {"retention_days": p.get("retention_days"), "job": ctx.job.id}
     if failures:
-        raise ErasureIncomplete(
-            f"{len(failures)} recording(s) were not completely erased: "
-            + "; ".join(f"{rid}: {why}" for rid, why in failures.items())
+        ctx.services.db.audit(
+            action="expire",
+            user_id=p["user_id"],
+            success=False,
+            error_message=f"ErasureIncomplete: {len(failures)} recording(s) were not "
+            "completely erased",
+            details={**details, "candidates": p.get("candidates"), "held": p.get("held_count")},
         )
-    return receipt
+        return
+    ctx.services.db.audit(
+        action="expire",
+        user_id=p["user_id"],
+        success=True,
+        details={
+            **details,
+            "erased": erased,
+            "held": p.get("held", []),
+            "receipt_id": p["receipt_id"] if erased else None,
+        },
+    )
+
+
+def start_erase_selected(
+    services: Services,
+    *,
+    reason: str,
+    user_id: str,
+    recording_id: str | None = None,
+    call_uuid: str | None = None,
+    tenant_name: str | None = None,
+    override_retention: bool = False,
+    confirm: Confirm | None = None,
+) -> Job:
+    """The ``erase`` job for the recordings named by exactly one selector, after the checks.
+
+    Holds, retention and pending rows are checked for the whole selection
+    before ``confirm`` is asked, so an operator is never asked about an
+    erasure that would be refused.
+    """
+    if not reason.strip():
+        raise ConfigError("erasure needs a --reason", hint="Say why, e.g. the request ticket.")
+    recordings = select_recordings(
+        services, recording_id=recording_id, call_uuid=call_uuid, tenant_name=tenant_name
+    )
+    if not recordings:
+        raise NotFound("no recordings match", hint="Check the tenant name.")
+    check_erasable(services, recordings, override_retention=override_retention)
+    if confirm is not None:
+        confirm(recordings)
+    return start_erasure(
+        services,
+        (r.id for r in recordings),
+        reason=reason,
+        user_id=user_id,
+        override_retention=override_retention,
+    )
 
 
 def erase_selected(
@@ -265,28 +407,20 @@ def erase_selected(
     tenant_name: str | None = None,
     override_retention: bool = False,
     confirm: Confirm | None = None,
+    progress: ProgressCallback | None = None,
 ) -> dict[str, Any]:
-    """``fsrecrypt erase``: the recordings named by exactly one selector, after checks.
-
-    Holds, retention and pending rows are checked for the whole selection
-    before ``confirm`` is asked, so an operator is never asked about an
-    erasure that would be refused.
-    """
-    recordings = select_recordings(
-        services, recording_id=recording_id, call_uuid=call_uuid, tenant_name=tenant_name
-    )
-    if not recordings:
-        raise NotFound("no recordings match", hint="Check the tenant name.")
-    check_erasable(services, recordings, override_retention=override_retention)
-    if confirm is not None:
-        confirm(recordings)
-    return erase_recordings(
+    """``fsrecrypt erase``: ``start_erase_selected``, worked in this process; the receipt."""
+    job = start_erase_selected(
         services,
-        recordings,
         reason=reason,
         user_id=user_id,
+        recording_id=recording_id,
+        call_uuid=call_uuid,
+        tenant_name=tenant_name,
         override_retention=override_retention,
+        confirm=confirm,
     )
+    return erasure_receipt(run_job(services, job.id, progress=progress))
 
 
 def _erase_one(
@@ -399,10 +533,10 @@ def expiry_candidates(
     return expired, held
 
 
-def expire(
+def start_expiry(
     services: Services, *, user_id: str, dry_run: bool = False, confirm: Confirm | None = None
-) -> dict[str, Any]:
-    """Erase every stored recording past retention that no legal hold protects.
+) -> tuple[dict[str, Any], Job | None]:
+    """The expiry report, and the ``expire`` job erasing what is past retention (None if none).
 
     ``confirm`` is asked (unless ``dry_run``) when there is something to erase.
     """
@@ -419,17 +553,31 @@ def expire(
     if days <= 0:
         report["note"] = "[retention] days = 0: recordings are kept forever, nothing expires"
     if dry_run:
-        return report
-    receipt = None
+        return report, None
+    if not expired:
+        services.db.audit(
+            action="expire",
+            user_id=user_id,
+            success=True,
+            details={"retention_days": days, "erased": 0, "held": report["held"][:100]},
+        )
+        report["receipt"] = None
+        return report, None
     try:
-        if expired:
-            receipt = erase_recordings(
-                services,
-                expired,
-                reason=f"retention period of {days} days expired",
-                user_id=user_id,
-                action="expire",
-            )
+        check_erasable(services, expired, override_retention=False)
+        job = start_erasure(
+            services,
+            (r.id for r in expired),
+            reason=f"retention period of {days} days expired",
+            user_id=user_id,
+            action="expire",
+            extra={
+                "retention_days": days,
+                "candidates": len(expired),
+                "held_count": len(held),
+                "held": report["held"][:100],
+            },
+        )
     except FsrecryptError as exc:
         services.db.audit(
             action="expire",
@@ -439,16 +587,35 @@ def expire(
             details={"retention_days": days, "candidates": len(expired), "held": len(held)},
         )
         raise
-    services.db.audit(
-        action="expire",
-        user_id=user_id,
-        success=True,
-        details={
-            "retention_days": days,
-            "erased": len(expired),
-            "held": report["held"][:100],
-            "receipt_id": receipt["receipt_id"] if receipt else None,
-        },
-    )
-    report["receipt"] = receipt
+    return report, job
+
+
+def expire(
+    services: Services,
+    *,
+    user_id: str,
+    dry_run: bool = False,
+    confirm: Confirm | None = None,
+    progress: ProgressCallback | None = None,
+) -> dict[str, Any]:
+    """Erase every stored recording past retention that no legal hold protects.
+
+    ``confirm`` is asked (unless ``dry_run``) when there is something to erase.
+    """
+    report, job = start_expiry(services, user_id=user_id, dry_run=dry_run, confirm=confirm)
+    if job is not None:
+        report["receipt"] = erasure_receipt(run_job(services, job.id, progress=progress))
     return report
+
+
+def _kind(name: str) -> JobKind:
+    return JobKind(
+        name,
+        _handle,
+        _finish,
+        description=f"{name}: crypto-shred recordings and keep one deletion receipt",
+        retry_transient=False,
+    )
+
+
+JOB_KINDS = {"erase": _kind("erase"), "expire": _kind("expire")}

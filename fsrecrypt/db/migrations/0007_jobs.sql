@@ -67,3 +67,11 @@ CREATE TABLE job_counts (
     skipped  bigint NOT NULL DEFAULT 0,
     PRIMARY KEY (job_id, shard)
 );
+
+-- The daemon's recording claims are short leases renewed by a heartbeat
+-- (``[jobs] lease_seconds``): renewing "my" claims and finding expired ones
+-- must not scan the recordings table.
+CREATE INDEX call_recordings_claimed_by ON call_recordings (claimed_by)
+    WHERE claimed_by IS NOT NULL;
+CREATE INDEX call_recordings_claimed_until ON call_recordings (claimed_until)
+    WHERE claimed_by IS NOT NULL;
