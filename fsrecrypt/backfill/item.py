@@ -25,15 +25,18 @@ from __future__ import annotations
 
 import contextlib
 import hmac
+import io
 import os
 import socket
 from dataclasses import dataclass, field
 from typing import Any
 
+from fsrecrypt import format as esdk
 from fsrecrypt.backfill.naming import media_type
 from fsrecrypt.backfill.sources import S3Options, SourceItem, SourceObjectChanged
 from fsrecrypt.db import Recording, Tenant
 from fsrecrypt.errors import (
+    FormatError,
     FsrecryptError,
     InputFileError,
     IntegrityError,
@@ -41,7 +44,13 @@ from fsrecrypt.errors import (
     PathRefused,
     UnknownTenant,
 )
-from fsrecrypt.pipeline import Services, iter_plaintext, open_recording, register_source
+from fsrecrypt.pipeline import (
+    IterReader,
+    Services,
+    check_readable,
+    register_source,
+    unwrap_data_key,
+)
 from fsrecrypt.pipeline.custody import FingerprintKey
 from fsrecrypt.pipeline.ingest import store_recording
 from fsrecrypt.plaintext import (
@@ -230,14 +239,27 @@ class ItemWorker:
         return self.services.db.release_claims(f"{host}:{pid}:") > 0
 
     def _verify(self, rec: Recording, expected: str | None) -> None:
-        """Decrypt the stored object; its keyed fingerprint and size must be the row's."""
+        """Decrypt the stored object; its keyed fingerprint and size must be the row's.
+
+        One GET of the whole object: the header must carry the row's own
+        context, and the data key is unwrapped from the row's copy (so the
+        row, not only the object, is proven readable), as playback does.
+        """
         if expected is None:
             expected = self.services.db.custody_columns(rec.id)["plaintext_hmac"]
+        key = check_readable(rec)
         mac = self.fingerprint.hasher(rec.tenant_id)
         total = 0
-        for chunk in iter_plaintext(self.services, open_recording(self.services, rec)):
-            mac.update(chunk)
-            total += len(chunk)
+        reader = io.BufferedReader(IterReader(self.services.store.get_range(key)), 1 << 20)
+        frames = esdk.decrypt_stream(reader, lambda h: unwrap_data_key(self.services, rec, h))
+        try:
+            for chunk in frames:
+                mac.update(chunk)
+                total += len(chunk)
+        except FormatError as exc:  # damaged, truncated, swapped: never a reason to retry
+            raise ReadBackFailed(
+                f"recording {rec.id}: the stored object does not decrypt ({exc.message})"
+            ) from None
         if (
             total != rec.file_size_bytes
             or not expected

@@ -12,7 +12,9 @@ anything.
 
 from __future__ import annotations
 
+import contextlib
 import os
+import threading
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -21,7 +23,18 @@ from fsrecrypt.backfill.item import ItemOutcome, ItemWorker
 from fsrecrypt.backfill.naming import BackfillSourceError, Naming, SourceSpec, parse_source
 from fsrecrypt.backfill.sources import S3Options, SourceItem, iter_source
 from fsrecrypt.db.jobs import Job
-from fsrecrypt.jobs import FinishedJob, JobContext, JobKind, Outcome, create_job, done, skipped
+from fsrecrypt.errors import FsrecryptError
+from fsrecrypt.jobs import (
+    FinishedJob,
+    JobContext,
+    JobKind,
+    JobWorker,
+    Outcome,
+    create_job,
+    done,
+    run_job,
+    skipped,
+)
 from fsrecrypt.pipeline import Services, worker_id
 
 REPORT_LIMIT = 100
@@ -86,6 +99,51 @@ def start_backfill(services: Services, request: BackfillRequest, *, user_id: str
             return job
     items = (item.payload() for item in iter_items(request, specs))
     return create_job(services, "backfill", params, items, user_id=user_id)
+
+
+def work_backfill(
+    services: Services,
+    job_id: int,
+    *,
+    progress: Callable[[int, int], None] | None = None,
+    concurrency: int | None = None,
+) -> Job:
+    """Work the job in this process, ``concurrency`` items at once; return it finished.
+
+    Why more than one at a time: an item mostly waits (commits, fsyncs, S3
+    round trips), so one process working several in threads keeps up with
+    the daemon's concurrent pipeline. ``run_job`` works one loop (and writes
+    the summary); helper threads run more loops under one extra
+    ``JobWorker`` whose leases a heartbeat renews like ``run_job``'s own.
+    """
+    settings = services.config.jobs
+    extra = max(0, (concurrency or settings.concurrency) - 1)
+    stop = threading.Event()
+    helper = JobWorker(services, settings=settings)
+
+    def loop() -> None:
+        while not stop.is_set():
+            try:
+                if not helper.work_batch([job_id], stop.is_set):
+                    stop.wait(min(settings.poll_interval, 0.5))
+            except FsrecryptError:  # the database away: run_job's loop reports it
+                stop.wait(settings.poll_interval)
+
+    def beat() -> None:
+        while not stop.wait(settings.heartbeat_interval):
+            with contextlib.suppress(FsrecryptError):
+                helper.heartbeat()
+
+    threads = [threading.Thread(target=loop, daemon=True) for _ in range(extra)]
+    threads += [threading.Thread(target=beat, daemon=True)] if extra else []
+    for thread in threads:
+        thread.start()
+    try:
+        return run_job(services, job_id, progress=progress)
+    finally:
+        stop.set()
+        for thread in threads:
+            thread.join(timeout=60)
 
 
 def dry_run(

@@ -7,7 +7,7 @@ import json
 import click
 
 from fsrecrypt.cli import config_option
-from fsrecrypt.cli.helpers import echo_json, operator, services_for, user_option
+from fsrecrypt.cli.helpers import ProgressBar, echo_json, operator, services_for, user_option
 from fsrecrypt.cli.jobs import detach_option, work_or_detach
 
 
@@ -74,7 +74,7 @@ def backfill_command(
     stored twice and no source goes without a stored row. Prints a JSON
     summary; exits non-zero if any item failed.
     """
-    from fsrecrypt.backfill.job import BackfillRequest, start_backfill
+    from fsrecrypt.backfill.job import BackfillRequest, start_backfill, work_backfill
     from fsrecrypt.backfill.job import dry_run as run_dry
     from fsrecrypt.backfill.naming import Naming
     from fsrecrypt.backfill.sources import S3Options
@@ -99,11 +99,17 @@ def backfill_command(
             echo_json(summary)
             return
         job = start_backfill(services, request, user_id=operator(user_id))
-        final = work_or_detach(services, job, detach=detach, desc="backfill")
+        if detach:
+            work_or_detach(services, job, detach=True, desc="backfill")
+            return
+        click.echo(f"job {job.id}: {job.total_items} item(s)", err=True)
+        bar = ProgressBar("backfill")
+        try:
+            final = work_backfill(services, job.id, progress=bar)
+        finally:
+            bar.close()
     finally:
         services.close()
-    if final is None:
-        return
     echo_json(final.result)
     failed = (final.result or {}).get("counts", {}).get("failed", 0)
     if final.state != "done" or failed:

@@ -15,7 +15,7 @@ import uuid
 
 import pytest
 
-from fsrecrypt.backfill.item import ItemWorker
+from fsrecrypt.backfill.item import ItemWorker, ReadBackFailed
 from fsrecrypt.backfill.job import BackfillRequest, dry_run, start_backfill
 from fsrecrypt.backfill.naming import Naming
 from fsrecrypt.backfill.sources import iter_directory
@@ -189,3 +189,29 @@ def test_directory_swapped_for_a_symlink_after_listing_is_refused(local_services
     assert (outside / name).read_bytes() == secret
     assert _rows(services, tenant) == []
     assert list(items) == []
+
+
+def test_source_kept_when_the_stored_object_does_not_read_back(local_services) -> None:
+    """A store that damages what it was given: the item fails, the plaintext stays."""
+    services, tenant, archive = local_services
+    path = archive / f"{uuid.uuid4()}.wav"
+    data = make_wav(path, 0.3, seed=8)
+    store = services.store
+    put = store.put_stream
+
+    def damaging_put(key, chunks, **kw):
+        info = put(key, chunks, **kw)
+        target = store.root / key
+        blob = bytearray(target.read_bytes())
+        blob[-40] ^= 0x01  # one bit in the last frame
+        os.chmod(target, 0o600)
+        target.write_bytes(bytes(blob))
+        return info
+
+    store.put_stream = damaging_put
+    (item,) = list(iter_directory(str(archive), Naming(tenant=tenant.name)))
+    with pytest.raises(ReadBackFailed):
+        ItemWorker(services, worker=worker_id()).run(item)
+    assert path.read_bytes() == data
+    (rec,) = _rows(services, tenant)
+    assert services.db.custody_columns(rec.id)["plaintext_deleted_at"] is None
