@@ -40,7 +40,13 @@ from typing import Any
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from bench.bench_daemon import Bucket, burst, moto_process, wav_template  # noqa: E402
+from bench.bench_daemon import (  # noqa: E402
+    Bucket,
+    burst,
+    cpu_seconds,
+    moto_process,
+    wav_template,
+)
 
 LOCAL_FILES = 2000
 S3_OBJECTS = 240
@@ -264,19 +270,26 @@ def s3_case(scale: float, concurrency: int) -> dict[str, Any]:
                         raise RuntimeError(f"backfill --detach failed: {out.stderr[-2000:]}")
                     job_id = int(json.loads(out.stdout)["job"])
                     before = proxy.requests
-                    with _workers(config, workers, tmp / f"workers-{workers}.log"):
+                    moto_cpu = cpu_seconds(moto.process.pid)
+                    with _workers(config, workers, tmp / f"workers-{workers}.log") as procs:
                         seconds, state = _job_seconds(db, job_id)
+                        worker_cpu = sum(cpu_seconds(p.pid) for p in procs)
+                    moto_cpu = cpu_seconds(moto.process.pid) - moto_cpu
                     results[f"workers_{workers}"] = {
                         "seconds": round(seconds, 2),
                         "objects_per_s": round(n / seconds, 2) if seconds else None,
                         "proxied_requests_per_object": round((proxy.requests - before) / n, 1),
+                        "cpu_ms_per_object_workers": round(worker_cpu * 1000 / n, 1),
+                        "cpu_ms_per_object_moto": round(moto_cpu * 1000 / n, 1),
                         **state,
                     }
                     print(
                         f"   s3     {workers} worker(s) x {concurrency} at once: "
                         f"{seconds:6.1f} s for {n} objects "
                         f"({results[f'workers_{workers}']['proxied_requests_per_object']} "
-                        f"proxied requests each), {state}",
+                        f"proxied requests each; CPU/object workers "
+                        f"{results[f'workers_{workers}']['cpu_ms_per_object_workers']} ms, moto "
+                        f"{results[f'workers_{workers}']['cpu_ms_per_object_moto']} ms), {state}",
                         flush=True,
                     )
             proxy.close()
