@@ -148,11 +148,27 @@ class ItemWorker:
         except PathRefused as exc:
             return ItemOutcome(status="skipped", reason=exc.message, **base)
         except InputFileError as exc:  # gone, or changed since listed (S3: ETag/version)
-            return ItemOutcome(status="changed", reason=exc.message, **base)
+            return self._gone(item, base, exc)
         try:
             return self._store(item, source, tenant, base)
         finally:
             source.fileobj.close()
+
+    def _gone(self, item: SourceItem, base: dict[str, Any], exc: InputFileError) -> ItemOutcome:
+        """The source cannot be opened as listed: removed by an earlier run of this item
+        (killed before it recorded the outcome), or changed/removed by someone else."""
+        if not isinstance(exc, SourceObjectChanged):
+            path = item.locator if item.kind == "dir" else f"s3://{item.root}/{item.locator}"
+            identity = item.identity if item.kind == "dir" else f"s3:{item.identity}:{item.size}"
+            for rec in self.services.db.recordings(source_path=path, status=["stored"]):
+                if rec.source_fingerprint == identity:
+                    return ItemOutcome(
+                        status="already-stored",
+                        reason="its source was removed by an earlier run",
+                        recording_id=rec.id,
+                        **base,
+                    )
+        return ItemOutcome(status="changed", reason=exc.message, **base)
 
     def _open(self, item: SourceItem) -> SourceFile:
         if item.kind == "dir":
@@ -232,11 +248,10 @@ class ItemWorker:
         same host can tell its dead processes (``host:pid:nonce``) at once.
         """
         holder = self.services.db.recording(recording_id).claimed_by or ""
-        host, _, rest = holder.partition(":")
-        pid = rest.partition(":")[0]
-        if host != socket.gethostname() or not pid.isdigit() or _alive(int(pid)):
+        if not dead_local_process(holder):
             return False
-        return self.services.db.release_claims(f"{host}:{pid}:") > 0
+        host, _, rest = holder.partition(":")
+        return self.services.db.release_claims(f"{host}:{rest.partition(':')[0]}:") > 0
 
     def _verify(self, rec: Recording, expected: str | None) -> None:
         """Decrypt the stored object; its keyed fingerprint and size must be the row's.
@@ -298,7 +313,9 @@ class ItemWorker:
                 return ItemOutcome(status="changed", reason=reason, **base)
         else:
             try:
-                versions = self.bucket(item.root).remove(item.locator, item.identity, item.latest)
+                versions = self.bucket(item.root).remove(
+                    item.locator, item.identity, item.latest, item.versions
+                )
             except SourceObjectChanged as exc:
                 reason = f"stored, but {exc.message} (kept)"
                 return ItemOutcome(status="changed", reason=reason, **base)
@@ -307,14 +324,19 @@ class ItemWorker:
         return ItemOutcome(status=status, source_removed=True, versions_removed=versions, **base)
 
 
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
+def dead_local_process(holder: str) -> bool:
+    """Is ``holder`` (``host:pid[:nonce]``, a worker id) a process of this host now gone?"""
+    host, _, rest = holder.partition(":")
+    pid = rest.partition(":")[0]
+    if host != socket.gethostname() or not pid.isdigit():
         return False
-    except PermissionError:
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
         return True
-    return True
+    except PermissionError:
+        return False
+    return False
 
 
 def _pinned(_source: SourceFile) -> str | None:

@@ -14,12 +14,13 @@ from __future__ import annotations
 
 import contextlib
 import os
+import socket
 import threading
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from fsrecrypt.backfill.item import ItemOutcome, ItemWorker
+from fsrecrypt.backfill.item import ItemOutcome, ItemWorker, dead_local_process
 from fsrecrypt.backfill.naming import BackfillSourceError, Naming, SourceSpec, parse_source
 from fsrecrypt.backfill.sources import S3Options, SourceItem, iter_source
 from fsrecrypt.db.jobs import Job
@@ -90,13 +91,22 @@ def start_backfill(services: Services, request: BackfillRequest, *, user_id: str
     """Create the backfill job, its items streamed from the listing.
 
     A sealed, unfinished backfill job with the very same parameters (a
-    killed run of the same command) is resumed instead of listing again.
+    killed run of the same command) is resumed instead of listing again;
+    one whose listing process died before the list was complete is
+    cancelled (its items are a partial list) and the sources listed again.
     """
     specs = _check_sources(services, request)
     params = request.params()
     for job in services.db.jobs(limit=1000, active_only=True):
-        if job.kind == "backfill" and job.state == "running" and job.params == params:
+        found = dict(job.params)
+        creator = str(found.pop("listed_by", ""))
+        if job.kind != "backfill" or found != params:
+            continue
+        if job.state == "running":
             return job
+        if dead_local_process(creator):  # killed while listing: its items are a partial list
+            services.db.abandon_job(job.id, f"its listing process {creator} died; listed again")
+    params["listed_by"] = f"{socket.gethostname()}:{os.getpid()}"
     items = (item.payload() for item in iter_items(request, specs))
     return create_job(services, "backfill", params, items, user_id=user_id)
 

@@ -19,6 +19,7 @@ The rules that make it safe to delete afterwards:
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import io
 import threading
 from collections.abc import Iterator
@@ -41,13 +42,21 @@ def _etag(value: str) -> str:
     return value.strip('"')
 
 
+MAX_VERSIONS = 100
+"""Version ids an item carries; a content stored in more versions is removed by listing them."""
+
+
 @dataclass(frozen=True)
 class ListedObject:
+    """One content of a key: its newest version, whether it is current, and every version
+    holding it (None: too many to carry)."""
+
     key: str
     etag: str
     size: int
     version_id: str | None
     latest: bool
+    versions: list[str] | None = None
 
 
 class ObjectReader(io.RawIOBase):
@@ -158,30 +167,40 @@ class S3Source:
         return self._versioned
 
     def iter_versions(self, prefix: str) -> Iterator[ListedObject]:
-        """Every stored content below ``prefix``, one page at a time."""
+        """Every stored content below ``prefix``, one page at a time.
+
+        A key's versions come together, newest first; they are gathered per
+        key (one key's versions in memory, never the listing's), so each
+        content's item names every version holding it.
+        """
         if not self.versioned:
             for page in self._pages("list_objects_v2", prefix):
                 for obj in page.get("Contents", []):
                     yield ListedObject(obj["Key"], _etag(obj["ETag"]), int(obj["Size"]), None, True)
             return
-        key, latest, seen = None, None, set()
+        key: str | None = None
+        group: dict[str, ListedObject] = {}
         for page in self._pages("list_object_versions", prefix):
             for version in page.get("Versions", []):
                 if version["Key"] != key:
-                    key, latest, seen = version["Key"], None, set()
+                    yield from group.values()
+                    key, group = version["Key"], {}
                 etag = _etag(version["ETag"])
-                if version.get("IsLatest"):
-                    latest = etag
-                if etag in seen:
-                    continue
-                seen.add(etag)
-                yield ListedObject(
-                    version["Key"],
-                    etag,
-                    int(version["Size"]),
-                    version["VersionId"],
-                    etag == latest,
-                )
+                found = group.get(etag)
+                if found is None:
+                    group[etag] = ListedObject(
+                        version["Key"],
+                        etag,
+                        int(version["Size"]),
+                        version["VersionId"],
+                        bool(version.get("IsLatest")),
+                        [version["VersionId"]],
+                    )
+                elif found.versions is not None and len(found.versions) < MAX_VERSIONS:
+                    found.versions.append(version["VersionId"])
+                else:  # too many to carry: removal lists the key's versions itself
+                    group[etag] = dataclasses.replace(found, versions=None)
+        yield from group.values()
 
     def _pages(self, op: str, prefix: str) -> Iterator[dict[str, Any]]:
         try:
@@ -206,39 +225,44 @@ class S3Source:
         resp = self._call("get_object", shown, **kwargs)
         return ObjectReader(resp["Body"], head_bytes, shown)
 
-    def remove(self, key: str, etag: str, latest: bool) -> int:
+    def remove(self, key: str, etag: str, latest: bool, versions: list[str] | None = None) -> int:
         """Delete every version of ``key`` holding ``etag``; how many were deleted.
 
-        Raises ``SourceObjectChanged`` (deleting nothing) when the item was
-        the key's current content and the current version now holds another.
+        ``versions``: the version ids the listing saw holding it (the key's
+        versions are listed again when not given). Raises
+        ``SourceObjectChanged`` (deleting nothing) when the item was the
+        key's current content and the current version now holds another.
         """
         shown = f"s3://{self.bucket}/{key}"
+        try:
+            head = self._call("head_object", shown, Bucket=self.bucket, Key=key)
+        except SourceObjectGone:  # deleted, or a delete marker is current
+            head = None
+        current = _etag(head["ETag"]) if head else None
+        if latest and current not in (None, etag):
+            raise SourceObjectChanged(f"{shown} changed since it was listed (ETag)")
         if not self.versioned:
-            try:
-                head = self._call("head_object", shown, Bucket=self.bucket, Key=key)
-            except SourceObjectGone:
+            if current is None:
                 return 0
-            if _etag(head["ETag"]) != etag:
-                raise SourceObjectChanged(f"{shown} changed since it was listed (ETag)")
             self._call("delete_object", shown, Bucket=self.bucket, Key=key, IfMatch=f'"{etag}"')
             return 1
-        targets, current = [], None
-        for page in self._pages("list_object_versions", key):
-            entries = [*page.get("Versions", []), *page.get("DeleteMarkers", [])]
-            for entry in entries:
-                if entry["Key"] != key:
-                    continue
-                if entry.get("IsLatest"):
-                    current = _etag(entry.get("ETag", ""))
-                if "ETag" in entry and _etag(entry["ETag"]) == etag:
-                    targets.append(entry["VersionId"])
-            if any(e["Key"] > key for e in entries):
-                break
-        if latest and current not in (None, "", etag):
-            raise SourceObjectChanged(f"{shown} changed since it was listed (a newer version)")
+        targets = list(versions) if versions is not None else self._versions_holding(key, etag)
+        if head is not None and current == etag and head.get("VersionId") not in targets:
+            targets.append(head["VersionId"])  # the same content stored again since listing
         for version_id in targets:
             with contextlib.suppress(SourceObjectGone):
                 self._call(
                     "delete_object", shown, Bucket=self.bucket, Key=key, VersionId=version_id
                 )
         return len(targets)
+
+    def _versions_holding(self, key: str, etag: str) -> list[str]:
+        targets = []
+        for page in self._pages("list_object_versions", key):
+            versions = page.get("Versions", [])
+            targets += [
+                v["VersionId"] for v in versions if v["Key"] == key and _etag(v["ETag"]) == etag
+            ]
+            if any(v["Key"] != key for v in versions):
+                break
+        return targets

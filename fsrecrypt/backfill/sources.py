@@ -61,6 +61,7 @@ class SourceItem:
     identity: str = ""
     version_id: str | None = None
     latest: bool = True
+    versions: list[str] | None = None
     tenant: str | None = None
     call_uuid: str | None = None
     skip: str | None = None
@@ -216,4 +217,5 @@ def iter_source(
             identity=obj.etag,
             version_id=obj.version_id,
             latest=obj.latest,
+            versions=obj.versions,
         )

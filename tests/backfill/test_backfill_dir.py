@@ -215,3 +215,39 @@ def test_source_kept_when_the_stored_object_does_not_read_back(local_services) -
     assert path.read_bytes() == data
     (rec,) = _rows(services, tenant)
     assert services.db.custody_columns(rec.id)["plaintext_deleted_at"] is None
+
+
+def test_an_item_run_again_after_its_source_went_is_already_stored(local_services) -> None:
+    """A worker killed after removing the source but before recording the outcome."""
+    services, tenant, archive = local_services
+    make_wav(archive / f"{uuid.uuid4()}.wav", 0.2, seed=1)
+    (item,) = list(iter_directory(str(archive), Naming(tenant=tenant.name)))
+    worker = ItemWorker(services, worker=worker_id())
+    first = worker.run(item)
+    assert first.status == "stored" and first.source_removed
+    again = worker.run(item)
+    assert again.status == "already-stored" and again.recording_id == first.recording_id
+
+
+def test_a_rerun_resumes_the_sealed_job_and_replaces_a_half_listed_one(local_services) -> None:
+    import socket
+    import subprocess
+
+    services, tenant, archive = local_services
+    make_wav(archive / f"{uuid.uuid4()}.wav", 0.1, seed=1)
+    request = BackfillRequest([str(archive)], Naming(tenant=tenant.name))
+    sealed = start_backfill(services, request, user_id="test")
+    assert start_backfill(services, request, user_id="test").id == sealed.id  # resumed
+    services.db.cancel_job(sealed.id)
+
+    # A run SIGKILLed while listing: its job stays 'creating' with a partial list.
+    gone = subprocess.Popen(["true"])
+    gone.wait()
+    params = {**request.params(), "listed_by": f"{socket.gethostname()}:{gone.pid}"}
+    half = services.db.create_job("backfill", params, "test")
+    fresh = start_backfill(services, request, user_id="test")
+
+    assert fresh.id not in (half.id, sealed.id) and fresh.total_items == 1
+    assert services.db.job(half.id).state == "cancelled"
+    assert "listing process" in services.db.job(half.id).error
+    assert run_job(services, fresh.id).result["counts"] == {"stored": 1}

@@ -97,15 +97,21 @@ def test_object_changed_since_listing_is_stored_as_listed_and_kept(
     key = f"rec/{uuid.uuid4()}.wav"
     listed = make_wav(tmp_path / "1.wav", 0.2, seed=1)
     b.client.put_object(Bucket=b.name, Key=key, Body=listed)
-    spec = SourceSpec("s3", bucket=b.name, prefix="rec/")
-    s3 = S3Options(b.endpoint_url, b.region)
-    (item,) = list(iter_source(spec, Naming(tenant=tenant.name), s3))
+    request = BackfillRequest(
+        [f"s3://{b.name}/rec/"],
+        Naming(tenant=tenant.name),
+        s3=S3Options(b.endpoint_url, b.region),
+    )
+    job = start_backfill(services, request, user_id="test")  # listed now
     newer = make_wav(tmp_path / "2.wav", 0.2, seed=2)
     b.client.put_object(Bucket=b.name, Key=key, Body=newer)
 
-    outcome = ItemWorker(services, worker=worker_id(), s3=s3).run(item)
+    final = run_job(services, job.id)
 
-    assert outcome.status == "changed" and "changed since it was listed" in outcome.reason
+    assert final.result["counts"] == {"changed": 1}
+    (changed,) = final.result["changed"]
+    assert changed["source"] == f"s3://{b.name}/{key}"
+    assert "changed since it was listed" in changed["why"]
     (rec,) = services.db.recordings(tenant_id=tenant.id)
     assert b"".join(iter_plaintext(services, open_recording(services, rec))) == listed
     assert len(_versions(b)) == 2  # nothing deleted: the newer content is not stored yet
@@ -149,3 +155,40 @@ def test_s3_source_into_s3_store(s3_target_services, versioned_s3_bucket, tmp_pa
     assert _versions(b) == []
     assert rec.encryption_metadata["store"] == "s3"
     assert services.store.exists(rec.s3_path) and target.name in repr(services.store)
+
+
+def test_an_s3_item_run_again_after_its_versions_went_is_already_stored(
+    local_services, versioned_s3_bucket, tmp_path
+) -> None:
+    services, tenant, _archive = local_services
+    b = versioned_s3_bucket
+    b.client.put_object(
+        Bucket=b.name, Key=f"rec/{uuid.uuid4()}.wav", Body=make_wav(tmp_path / "1.wav", 0.2)
+    )
+    s3 = S3Options(b.endpoint_url, b.region)
+    spec = SourceSpec("s3", bucket=b.name, prefix="rec/")
+    (item,) = list(iter_source(spec, Naming(tenant=tenant.name), s3))
+    worker = ItemWorker(services, worker=worker_id(), s3=s3)
+    first = worker.run(item)
+    assert first.status == "stored" and first.versions_removed == 1
+    again = worker.run(item)
+    assert again.status == "already-stored" and again.recording_id == first.recording_id
+
+
+def test_content_in_more_versions_than_an_item_carries(
+    local_services, versioned_s3_bucket, tmp_path, monkeypatch
+) -> None:
+    import fsrecrypt.backfill.s3source as s3source
+
+    monkeypatch.setattr(s3source, "MAX_VERSIONS", 2)
+    services, tenant, _archive = local_services
+    b = versioned_s3_bucket
+    data = make_wav(tmp_path / "1.wav", 0.1)
+    key = f"rec/{uuid.uuid4()}.wav"
+    for _ in range(4):
+        b.client.put_object(Bucket=b.name, Key=key, Body=data)
+
+    final = _run(services, b, Naming(tenant=tenant.name))
+
+    assert final.result["counts"] == {"stored": 1}
+    assert _versions(b) == []
