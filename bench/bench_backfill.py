@@ -226,6 +226,21 @@ def _workers(config: Path, count: int, log: Path) -> Iterator[list[subprocess.Po
                 p.kill()
 
 
+@contextlib.contextmanager
+def _moto() -> Iterator[Any]:
+    """``bench_daemon.moto_process``, killed if it does not stop in time (a loaded machine)."""
+    manager = moto_process()
+    moto = manager.__enter__()
+    try:
+        yield moto
+    finally:
+        try:
+            manager.__exit__(None, None, None)
+        except subprocess.TimeoutExpired:
+            moto.process.kill()
+            moto.process.wait(30)
+
+
 def s3_case(scale: float, concurrency: int) -> dict[str, Any]:
     from tests.support.daemon import make_env
 
@@ -233,7 +248,7 @@ def s3_case(scale: float, concurrency: int) -> dict[str, Any]:
     tmp = Path(tempfile.mkdtemp(prefix="fsrecrypt-bench-backfill-s3-"))
     results: dict[str, Any] = {"objects": n, "object_seconds": S3_SECONDS}
     try:
-        with moto_process() as moto:
+        with _moto() as moto:
             host, port = moto.endpoint_url.rsplit(":", 1)
             proxy = DelayProxy((host.split("//")[1], int(port)), PROXY_DELAY)
             s3 = moto.client("s3")
