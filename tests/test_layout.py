@@ -151,7 +151,7 @@ def test_keys_stay_below_db_store_pipeline_and_cli() -> None:
 
 
 # Packages of domain code: they return results; only fsrecrypt.cli talks to the terminal.
-DOMAIN_PACKAGES = ("format", "store", "keys", "lifecycle", "web", "daemon", "backfill")
+DOMAIN_PACKAGES = ("format", "store", "keys", "lifecycle", "web", "daemon", "jobs", "backfill")
 
 
 @pytest.mark.parametrize("package", DOMAIN_PACKAGES)
@@ -232,6 +232,7 @@ def test_web_never_imports_click_the_cli_or_the_daemon() -> None:
 COMMAND_MODULES_HEAVY = {
     "web.py": ("fsrecrypt.web", "flask", "gevent", "werkzeug"),
     "daemon.py": ("fsrecrypt.daemon", "gevent", "structlog", "prometheus_client", "sdnotify"),
+    "jobs.py": ("fsrecrypt.jobs", "fsrecrypt.db", "gevent", "structlog", "prometheus_client"),
 }
 
 

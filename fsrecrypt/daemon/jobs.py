@@ -485,3 +485,19 @@ def hold_for_tenant(rt: Runtime, job: Job, exc: UnknownTenant) -> None:
         # Not persisted: at least this process never adopts it.
         rt.refused_paths.add(job.path)
         rt.log.warning("job.unassigned_not_recorded", path=job.path, error=str(err))
+
+
+def renew_claims(rt: Runtime) -> bool:
+    """Renew this daemon's claims; True when another daemon's claims ran out.
+
+    Claims are ``[jobs] lease_seconds`` leases renewed every
+    ``heartbeat_interval`` (the ``leases`` loop). A daemon killed with
+    SIGKILL (or its host lost) stops renewing, so its rows' leases run out
+    within one lease; the caller then sweeps at once, and any daemon seeing
+    the same files takes them over.
+    """
+    rt.services.db.renew_claims(rt.worker, rt.config.jobs.lease_seconds)
+    expired = rt.services.db.expired_claims()
+    if expired:
+        rt.log.info("daemon.expired_claims", rows=expired)
+    return expired > 0

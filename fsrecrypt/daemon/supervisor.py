@@ -43,7 +43,7 @@ from fsrecrypt.config import Config, load_config
 from fsrecrypt.daemon.esl import EslSettings, EventSource
 from fsrecrypt.daemon.events import EventHandler
 from fsrecrypt.daemon.health import HEARTBEAT_INTERVAL, Heartbeat
-from fsrecrypt.daemon.jobs import JobQueue, JobRunner, backoff
+from fsrecrypt.daemon.jobs import JobQueue, JobRunner, backoff, renew_claims
 from fsrecrypt.daemon.logs import configure_logging, get_logger
 from fsrecrypt.daemon.metrics import start_metrics_server
 from fsrecrypt.daemon.runtime import Runtime
@@ -91,6 +91,21 @@ def pause(
         if remaining <= 0:
             return
         gevent.wait([stopping, wake], timeout=remaining, count=1)
+
+
+def interval_or_now(run_now: set[str], name: str, interval: float) -> float:
+    """``interval``, or 0 once after ``name`` was put in ``run_now`` (run its pass now)."""
+    if name in run_now:
+        run_now.discard(name)
+        return 0.0
+    return interval
+
+
+def lease_pass(rt: Runtime, run_now: set[str], wakes: dict[str, gevent.event.Event]) -> None:
+    """Renew this daemon's claims; sweep now when another daemon's claims ran out."""
+    if renew_claims(rt):
+        run_now.add("sweeper")
+        wakes.setdefault("sweeper", gevent.event.Event()).set()
 
 
 class Daemon:
@@ -154,13 +169,17 @@ class Daemon:
             self._spawn_loop(
                 "sweeper",
                 self.sweeper.sweep_pass,
-                lambda: self._interval_or_now("sweeper", self.rt.config.pipeline.sweep_interval),
+                lambda: interval_or_now(
+                    self._run_now, "sweeper", self.rt.config.pipeline.sweep_interval
+                ),
             ),
             self._spawn_loop(
                 "housekeeping", self.heartbeat.housekeeping_pass, lambda: HEARTBEAT_INTERVAL
             ),
             self._spawn_loop(
-                "leases", self._lease_pass, lambda: self.rt.config.jobs.heartbeat_interval
+                "leases",
+                lambda: lease_pass(self.rt, self._run_now, self._wakes),
+                lambda: self.rt.config.jobs.heartbeat_interval,
             ),
         ]
         watchdog = watchdog_interval()
@@ -376,29 +395,6 @@ class Daemon:
                     ) from exc
             wake = self._wakes.setdefault(name, gevent.event.Event())
             pause(rt.stopping, wake, time.monotonic(), interval)
-
-    def _lease_pass(self) -> None:
-        """Renew this daemon's claims; wake the sweep when another daemon's ran out.
-
-        A daemon killed with SIGKILL (or its host lost) stops renewing: its
-        rows' leases run out within ``[jobs] lease_seconds`` and the next
-        pass of any daemon seeing the same files takes them over, instead
-        of waiting for the next scheduled sweep.
-        """
-        rt = self.rt
-        rt.services.db.renew_claims(rt.worker, rt.config.jobs.lease_seconds)
-        expired = rt.services.db.expired_claims()
-        if expired:
-            rt.log.info("daemon.expired_claims", rows=expired)
-            self._run_now.add("sweeper")
-            self._wakes.setdefault("sweeper", gevent.event.Event()).set()
-
-    def _interval_or_now(self, name: str, interval: float) -> float:
-        """``interval``, or 0 once after ``_run_now`` named the loop (run its pass now)."""
-        if name in self._run_now:
-            self._run_now.discard(name)
-            return 0.0
-        return interval
 
     def _watchdog_pass(self) -> None:
         """Feed systemd's watchdog only while every greenlet lives and work moves."""

@@ -106,7 +106,143 @@ def _job(row: tuple[Any, ...]) -> Job:
     )
 
 
-class Jobs(Pool):
+class JobItems(Pool):
+    """Claiming, leases and item outcomes (the hot path of every worker)."""
+
+    # --- claiming and leases -------------------------------------------
+    def claim_job_items(
+        self, job_id: int, worker: str, *, limit: int, lease_seconds: float
+    ) -> list[JobItem]:
+        """Lease up to ``limit`` queued, due items of a job (``SKIP LOCKED``: never waits)."""
+        with self.statement("claiming job items") as cur:
+            cur.execute(
+                "WITH picked AS (SELECT job_id, seq FROM job_items"
+                " WHERE job_id = %s AND state = 'queued' AND available_at <= now()"
+                " ORDER BY job_id, seq LIMIT %s FOR UPDATE SKIP LOCKED)"
+                " UPDATE job_items i SET state = 'running', claimed_by = %s,"
+                " lease_until = now() + make_interval(secs => %s), attempts = i.attempts + 1"
+                " FROM picked WHERE i.job_id = picked.job_id AND i.seq = picked.seq"
+                " AND EXISTS (SELECT 1 FROM jobs j WHERE j.id = %s"
+                "  AND j.state IN ('creating', 'running'))"
+                " RETURNING i.job_id, i.seq, i.payload, i.attempts",
+                (job_id, limit, worker, lease_seconds, job_id),
+            )
+            rows = cur.fetchall()
+        return sorted(
+            (JobItem(int(r[0]), int(r[1]), r[2], int(r[3])) for r in rows), key=lambda i: i.seq
+        )
+
+    def renew_job_leases(self, worker: str, lease_seconds: float) -> int:
+        """The heartbeat: push out the lease of every item this worker holds."""
+        with self.statement("renewing job leases") as cur:
+            cur.execute(
+                "UPDATE job_items SET lease_until = now() + make_interval(secs => %s)"
+                " WHERE state = 'running' AND claimed_by = %s",
+                (lease_seconds, worker),
+            )
+            return cur.rowcount
+
+    def finish_job_item(
+        self,
+        item: JobItem,
+        worker: str,
+        state: str,
+        message: str = "",
+        result: Mapping[str, Any] | None = None,
+    ) -> bool:
+        """Record an item's outcome; False if this worker no longer holds its lease."""
+        if state not in FINAL_ITEM_STATES:
+            raise ValueError(f"not a final item state: {state!r}")
+        # One statement (one round trip, atomic on its own): the outcome and
+        # its count, or nothing when the lease has moved on.
+        with self.statement("finishing a job item") as cur:
+            cur.execute(
+                "WITH f AS (UPDATE job_items SET state = %s, message = %s, result = %s::jsonb,"
+                " finished_at = now(), claimed_by = NULL, lease_until = NULL"
+                " WHERE job_id = %s AND seq = %s AND state = 'running' AND claimed_by = %s"
+                " RETURNING job_id)"
+                f" INSERT INTO job_counts (job_id, shard, {state}) SELECT job_id, %s, 1 FROM f"
+                f" ON CONFLICT (job_id, shard) DO UPDATE"
+                f" SET {state} = job_counts.{state} + EXCLUDED.{state}",
+                (
+                    state,
+                    message[:2000] or None,
+                    None if result is None else json.dumps(dict(result), default=str),
+                    item.job_id,
+                    item.seq,
+                    worker,
+                    random.randrange(COUNT_SHARDS),  # noqa: S311 - spreads writers, no secret
+                ),
+            )
+            return cur.rowcount == 1
+
+    def requeue_job_item(
+        self, item: JobItem, worker: str, *, delay: float, message: str = "", refund: bool = False
+    ) -> bool:
+        """Give an item back: after a transient failure (``delay``) or unstarted at a drain.
+
+        ``refund`` un-counts the attempt (the item was never started).
+        """
+        with self.statement("re-queueing a job item") as cur:
+            cur.execute(
+                "UPDATE job_items SET state = 'queued', claimed_by = NULL, lease_until = NULL,"
+                " attempts = attempts - CASE WHEN %s THEN 1 ELSE 0 END,"
+                " available_at = now() + make_interval(secs => %s),"
+                " message = coalesce(%s, message)"
+                " WHERE job_id = %s AND seq = %s AND state = 'running' AND claimed_by = %s",
+                (refund, delay, message[:2000] or None, item.job_id, item.seq, worker),
+            )
+            return cur.rowcount == 1
+
+    def reap_job_leases(self, max_attempts: int) -> tuple[int, int]:
+        """Items whose lease ran out (their worker died): back to the queue, or failed.
+
+        An item that lost its lease ``max_attempts`` times fails (it may be
+        what kills its workers). Returns ``(requeued, failed)``.
+        """
+        with self.transaction("taking over expired job leases") as cur:
+            cur.execute(
+                "UPDATE job_items SET state = CASE WHEN attempts >= %s THEN 'failed'"
+                " ELSE 'queued' END,"
+                " message = CASE WHEN attempts >= %s THEN 'lease lost ' || attempts"
+                " || ' times (its workers died or hung)' ELSE message END,"
+                " finished_at = CASE WHEN attempts >= %s THEN now() END,"
+                " claimed_by = NULL, lease_until = NULL"
+                " WHERE state = 'running' AND lease_until < now()"
+                " RETURNING job_id, state",
+                (max_attempts, max_attempts, max_attempts),
+            )
+            rows = cur.fetchall()
+            failed: dict[int, int] = {}
+            for job_id, state in rows:
+                if state == "failed":
+                    failed[int(job_id)] = failed.get(int(job_id), 0) + 1
+            for job_id, n in failed.items():
+                _bump_counts(cur, job_id, "failed", n)
+        return len(rows) - sum(failed.values()), sum(failed.values())
+
+    def job_item_holders(self, prefix: str) -> list[str]:
+        """Distinct lease holders of running items whose id starts with ``prefix``."""
+        with self.statement("listing job lease holders") as cur:
+            cur.execute(
+                "SELECT DISTINCT claimed_by FROM job_items WHERE state = 'running'"
+                " AND claimed_by LIKE %s",
+                (prefix.replace("%", r"\%").replace("_", r"\_") + "%",),
+            )
+            return [r[0] for r in cur.fetchall()]
+
+    def release_job_items(self, holders: list[str]) -> int:
+        """Re-queue every running item of these (dead) holders at once."""
+        with self.statement("releasing dead workers' job items") as cur:
+            cur.execute(
+                "UPDATE job_items SET state = 'queued', claimed_by = NULL, lease_until = NULL"
+                " WHERE state = 'running' AND claimed_by = ANY(%s)",
+                (holders,),
+            )
+            return cur.rowcount
+
+
+class Jobs(JobItems):
     """Job queries (part of :class:`fsrecrypt.db.Database`)."""
 
     # --- creating -----------------------------------------------------
@@ -269,134 +405,6 @@ class Jobs(Pool):
             batch=batch,
         ):
             yield ItemRecord(int(r[0]), r[1], r[2], r[3], r[4], int(r[5]))
-
-    # --- claiming and leases -------------------------------------------
-    def claim_job_items(
-        self, job_id: int, worker: str, *, limit: int, lease_seconds: float
-    ) -> list[JobItem]:
-        """Lease up to ``limit`` queued, due items of a job (``SKIP LOCKED``: never waits)."""
-        with self.statement("claiming job items") as cur:
-            cur.execute(
-                "WITH picked AS (SELECT job_id, seq FROM job_items"
-                " WHERE job_id = %s AND state = 'queued' AND available_at <= now()"
-                " ORDER BY job_id, seq LIMIT %s FOR UPDATE SKIP LOCKED)"
-                " UPDATE job_items i SET state = 'running', claimed_by = %s,"
-                " lease_until = now() + make_interval(secs => %s), attempts = i.attempts + 1"
-                " FROM picked WHERE i.job_id = picked.job_id AND i.seq = picked.seq"
-                " AND EXISTS (SELECT 1 FROM jobs j WHERE j.id = %s"
-                "  AND j.state IN ('creating', 'running'))"
-                " RETURNING i.job_id, i.seq, i.payload, i.attempts",
-                (job_id, limit, worker, lease_seconds, job_id),
-            )
-            rows = cur.fetchall()
-        return sorted(
-            (JobItem(int(r[0]), int(r[1]), r[2], int(r[3])) for r in rows), key=lambda i: i.seq
-        )
-
-    def renew_job_leases(self, worker: str, lease_seconds: float) -> int:
-        """The heartbeat: push out the lease of every item this worker holds."""
-        with self.statement("renewing job leases") as cur:
-            cur.execute(
-                "UPDATE job_items SET lease_until = now() + make_interval(secs => %s)"
-                " WHERE state = 'running' AND claimed_by = %s",
-                (lease_seconds, worker),
-            )
-            return cur.rowcount
-
-    def finish_job_item(
-        self,
-        item: JobItem,
-        worker: str,
-        state: str,
-        message: str = "",
-        result: Mapping[str, Any] | None = None,
-    ) -> bool:
-        """Record an item's outcome; False if this worker no longer holds its lease."""
-        if state not in FINAL_ITEM_STATES:
-            raise ValueError(f"not a final item state: {state!r}")
-        with self.transaction("finishing a job item") as cur:
-            cur.execute(
-                "UPDATE job_items SET state = %s, message = %s, result = %s::jsonb,"
-                " finished_at = now(), claimed_by = NULL, lease_until = NULL"
-                " WHERE job_id = %s AND seq = %s AND state = 'running' AND claimed_by = %s",
-                (
-                    state,
-                    message[:2000] or None,
-                    None if result is None else json.dumps(dict(result), default=str),
-                    item.job_id,
-                    item.seq,
-                    worker,
-                ),
-            )
-            if cur.rowcount != 1:
-                return False
-            _bump_counts(cur, item.job_id, state, 1)
-        return True
-
-    def requeue_job_item(
-        self, item: JobItem, worker: str, *, delay: float, message: str = "", refund: bool = False
-    ) -> bool:
-        """Give an item back: after a transient failure (``delay``) or unstarted at a drain.
-
-        ``refund`` un-counts the attempt (the item was never started).
-        """
-        with self.statement("re-queueing a job item") as cur:
-            cur.execute(
-                "UPDATE job_items SET state = 'queued', claimed_by = NULL, lease_until = NULL,"
-                " attempts = attempts - CASE WHEN %s THEN 1 ELSE 0 END,"
-                " available_at = now() + make_interval(secs => %s),"
-                " message = coalesce(%s, message)"
-                " WHERE job_id = %s AND seq = %s AND state = 'running' AND claimed_by = %s",
-                (refund, delay, message[:2000] or None, item.job_id, item.seq, worker),
-            )
-            return cur.rowcount == 1
-
-    def reap_job_leases(self, max_attempts: int) -> tuple[int, int]:
-        """Items whose lease ran out (their worker died): back to the queue, or failed.
-
-        An item that lost its lease ``max_attempts`` times fails (it may be
-        what kills its workers). Returns ``(requeued, failed)``.
-        """
-        with self.transaction("taking over expired job leases") as cur:
-            cur.execute(
-                "UPDATE job_items SET state = CASE WHEN attempts >= %s THEN 'failed'"
-                " ELSE 'queued' END,"
-                " message = CASE WHEN attempts >= %s THEN 'lease lost ' || attempts"
-                " || ' times (its workers died or hung)' ELSE message END,"
-                " finished_at = CASE WHEN attempts >= %s THEN now() END,"
-                " claimed_by = NULL, lease_until = NULL"
-                " WHERE state = 'running' AND lease_until < now()"
-                " RETURNING job_id, state",
-                (max_attempts, max_attempts, max_attempts),
-            )
-            rows = cur.fetchall()
-            failed: dict[int, int] = {}
-            for job_id, state in rows:
-                if state == "failed":
-                    failed[int(job_id)] = failed.get(int(job_id), 0) + 1
-            for job_id, n in failed.items():
-                _bump_counts(cur, job_id, "failed", n)
-        return len(rows) - sum(failed.values()), sum(failed.values())
-
-    def job_item_holders(self, prefix: str) -> list[str]:
-        """Distinct lease holders of running items whose id starts with ``prefix``."""
-        with self.statement("listing job lease holders") as cur:
-            cur.execute(
-                "SELECT DISTINCT claimed_by FROM job_items WHERE state = 'running'"
-                " AND claimed_by LIKE %s",
-                (prefix.replace("%", r"\%").replace("_", r"\_") + "%",),
-            )
-            return [r[0] for r in cur.fetchall()]
-
-    def release_job_items(self, holders: list[str]) -> int:
-        """Re-queue every running item of these (dead) holders at once."""
-        with self.statement("releasing dead workers' job items") as cur:
-            cur.execute(
-                "UPDATE job_items SET state = 'queued', claimed_by = NULL, lease_until = NULL"
-                " WHERE state = 'running' AND claimed_by = ANY(%s)",
-                (holders,),
-            )
-            return cur.rowcount
 
     # --- finishing, cancelling, retrying ---------------------------------
     def claim_job_finish(self, job_id: int, worker: str, lease_seconds: float) -> Job | None:

@@ -24,7 +24,7 @@ from typing import Any
 
 from fsrecrypt.config import JobsConfig
 from fsrecrypt.db.jobs import Job, JobItem
-from fsrecrypt.errors import DatabaseError, FsrecryptError
+from fsrecrypt.errors import ConfigError, DatabaseError, FsrecryptError
 from fsrecrypt.jobs.kinds import FinishedJob, JobContext, JobKind, Outcome, job_kind
 from fsrecrypt.pipeline import Services, worker_id
 
@@ -90,6 +90,7 @@ class JobWorker:
         self._kinds: dict[int, tuple[JobContext, JobKind]] = {}
         self._lock = threading.Lock()
         self._next_job = 0
+        self._unknown: set[int] = set()
 
     # --- leases -------------------------------------------------------
     def heartbeat(self) -> int:
@@ -109,6 +110,8 @@ class JobWorker:
             start = self._next_job % len(candidates)
             self._next_job += 1
         for job_id in candidates[start:] + candidates[:start]:
+            if not self._knows(job_id):
+                continue
             items = db.claim_job_items(
                 job_id,
                 self.worker,
@@ -139,6 +142,22 @@ class JobWorker:
             self.in_flight -= len(items) - handled
         return handled
 
+    def _knows(self, job_id: int) -> bool:
+        """False for a job of a kind this version does not know: its items are left alone.
+
+        (A newer fsrecrypt elsewhere may have created it; claiming its items
+        here would only hold them under leases nobody can finish.)
+        """
+        if job_id in self._unknown:
+            return False
+        try:
+            self._context(job_id)
+        except ConfigError as exc:
+            self._unknown.add(job_id)
+            _log.warning("job %s skipped: %s", job_id, exc.message)
+            return False
+        return True
+
     def _context(self, job_id: int) -> tuple[JobContext, JobKind]:
         with self._lock:
             found = self._kinds.get(job_id)
@@ -159,7 +178,8 @@ class JobWorker:
                 raise TypeError(f"{kind.name}.handle returned {type(outcome).__name__}")
         except FsrecryptError as exc:
             message = f"{type(exc).__name__}: {exc.message}"
-            if exc.transient and kind.retry_transient and item.attempts < max_attempts:
+            retry = kind.retry_transient or isinstance(exc, DatabaseError)  # never the item's fault
+            if exc.transient and retry and item.attempts < max_attempts:
                 requeue_in = min(300.0, 2.0**item.attempts)
             outcome = Outcome("failed", message)
         except Exception as exc:  # noqa: BLE001 - contained: one bad item never stops the loop
@@ -278,6 +298,9 @@ def run_job(
     finally:
         stop.set()
         beat.join(timeout=5)
+        # Interrupted (Ctrl-C, an error): hand back what this process still holds.
+        with contextlib.suppress(FsrecryptError):
+            db.release_job_items([worker.worker])
     report()
     return db.job(job_id)
 

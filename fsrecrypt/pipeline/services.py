@@ -35,7 +35,10 @@ class Services:
         if self._db is None:
             self._db = Database(
                 self.config.database.dsn,
-                max_connections=max(4, self.config.pipeline.concurrency + 2),
+                # + heartbeat, housekeeping and a streaming cursor beside the work loops
+                max_connections=max(
+                    4, self.config.pipeline.concurrency + 2, self.config.jobs.concurrency + 3
+                ),
                 connect_timeout=self.config.database.connect_timeout,
             )
         return self._db

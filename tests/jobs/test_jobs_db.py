@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from fsrecrypt.errors import InvalidState
+from fsrecrypt.errors import ConfigError, InvalidState
 from fsrecrypt.jobs import JobWorker, create_job, run_job
 from fsrecrypt.pipeline import Services
 from tests.support.factories import local_config
@@ -175,3 +175,29 @@ def test_show_reads_counts_without_scanning_the_items(svc: Services) -> None:
         "failed": 0,
         "skipped": 0,
     }
+
+
+def test_a_job_of_an_unknown_kind_is_left_alone(svc: Services) -> None:
+    """A newer fsrecrypt's job: this worker claims none of its items (none stuck leased)."""
+    job = svc.db.create_job("future-kind", {}, "newer")
+    svc.db.add_job_items(job.id, _items(3))
+    svc.db.seal_job(job.id)
+    worker = JobWorker(svc)
+    assert worker.work_batch([job.id]) == 0
+    assert svc.db.job_counts(job.id)["queued"] == 3
+    with pytest.raises(ConfigError):
+        create_job(svc, "future-kind", {}, _items(1), user_id="t")
+
+
+def test_an_interrupted_command_hands_its_claimed_items_back(svc: Services) -> None:
+    job = _verify_job(svc, 30)
+
+    def interrupt(done: int, _total: int) -> None:
+        if done >= 3:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        run_job(svc, job.id, progress=interrupt)
+    counts = svc.db.job_counts(job.id)
+    assert counts["running"] == 0 and counts["queued"] == 30 - counts["skipped"]
+    assert run_job(svc, job.id).state == "done"
