@@ -225,12 +225,17 @@ def finish(ctx: JobContext, finished: FinishedJob) -> dict[str, Any]:
         "keep_source": bool(ctx.params.get("keep_source")),
         **{name: entries for name, entries in named.items() if entries},
     }
-    ctx.services.db.audit(
-        action="backfill",
-        user_id=finished.job.created_by,
-        success=counts.get("failed", 0) == 0,
-        details={k: summary[k] for k in ("job", "sources", "items", "counts", "sources_removed")},
-    )
+    # finish may run again if its process died after writing the row: one row per job.
+    written = ctx.services.db.audit_rows(action="backfill")
+    if not any((row["details"] or {}).get("job") == finished.job.id for row in written):
+        ctx.services.db.audit(
+            action="backfill",
+            user_id=finished.job.created_by,
+            success=counts.get("failed", 0) == 0,
+            details={
+                k: summary[k] for k in ("job", "sources", "items", "counts", "sources_removed")
+            },
+        )
     return summary
 
 

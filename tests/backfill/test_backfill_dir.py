@@ -16,10 +16,10 @@ import uuid
 import pytest
 
 from fsrecrypt.backfill.item import ItemWorker, ReadBackFailed
-from fsrecrypt.backfill.job import BackfillRequest, dry_run, start_backfill
+from fsrecrypt.backfill.job import BackfillRequest, dry_run, finish, start_backfill
 from fsrecrypt.backfill.naming import Naming
 from fsrecrypt.backfill.sources import iter_directory
-from fsrecrypt.jobs import run_job
+from fsrecrypt.jobs import FinishedJob, JobContext, run_job
 from fsrecrypt.pipeline import worker_id
 from tests.backfill.conftest import sdk_decrypt_local
 from tests.support.factories import make_wav
@@ -73,6 +73,14 @@ def test_directory_backfill_stores_like_the_daemon(local_services) -> None:
     assert left == ["notes.txt"]
     assert final.result["skipped"][0]["source"].endswith("notes.txt")
     assert "not audio" in final.result["skipped"][0]["why"]
+    # One summary audit row, even if the summary is written again (a finisher that died).
+    job_ctx = JobContext(services, final, "test")
+    again = finish(job_ctx, FinishedJob(final, {}, lambda: services.db.iter_job_items(final.id)))
+    assert again["counts"] == final.result["counts"]
+    summaries = [
+        r for r in services.db.audit_rows(action="backfill") if r["details"]["job"] == final.id
+    ]
+    assert len(summaries) == 1 and summaries[0]["details"]["counts"]["stored"] == 3
 
 
 def test_hostile_archive_entries_are_skipped_and_reported(local_services, tmp_path) -> None:
