@@ -42,6 +42,8 @@ def _etag(value: str) -> str:
     return value.strip('"')
 
 
+PAGE_SIZE = 1000
+"""Keys (or versions) per listing request: S3's maximum."""
 MAX_VERSIONS = 100
 """Version ids an item carries; a content stored in more versions is removed by listing them."""
 
@@ -206,7 +208,7 @@ class S3Source:
         try:
             paginator = self.client.get_paginator(op)
             yield from paginator.paginate(
-                Bucket=self.bucket, Prefix=prefix, PaginationConfig={"PageSize": 1000}
+                Bucket=self.bucket, Prefix=prefix, PaginationConfig={"PageSize": PAGE_SIZE}
             )
         except ClientError as exc:
             code = str(exc.response.get("Error", {}).get("Code", ""))

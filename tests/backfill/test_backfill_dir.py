@@ -259,3 +259,24 @@ def test_a_rerun_resumes_the_sealed_job_and_replaces_a_half_listed_one(local_ser
     assert services.db.job(half.id).state == "cancelled"
     assert "listing process" in services.db.job(half.id).error
     assert run_job(services, fresh.id).result["counts"] == {"stored": 1}
+
+
+def test_directory_listing_memory_does_not_grow_with_the_directory(tmp_path) -> None:
+    """One directory of 20,000 files costs the listing what one of 2,000 does."""
+    import tracemalloc
+
+    def peak(count: int) -> int:
+        root = tmp_path / f"n{count}"
+        (root / "flat").mkdir(parents=True)
+        for i in range(count):
+            (root / "flat" / f"{i:06d}-{uuid.uuid4()}.wav").touch()
+        tracemalloc.start()
+        try:
+            seen = sum(1 for _ in iter_directory(str(root), Naming(tenant="acme")))
+            return tracemalloc.get_traced_memory()[1] if seen == count else -1
+        finally:
+            tracemalloc.stop()
+
+    small, large = peak(2000), peak(20000)
+    assert small > 0 and large > 0
+    assert large < small * 1.5 + 64 * 1024, (small, large)

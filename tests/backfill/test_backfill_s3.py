@@ -192,3 +192,35 @@ def test_content_in_more_versions_than_an_item_carries(
 
     assert final.result["counts"] == {"stored": 1}
     assert _versions(b) == []
+
+
+def test_listing_is_paged_and_a_key_split_across_pages_stays_one_group(
+    local_services, versioned_s3_bucket, monkeypatch
+) -> None:
+    """Pages of 3 versions: a key's 4 versions straddle pages and still make 2 items."""
+    import fsrecrypt.backfill.s3source as s3source
+
+    monkeypatch.setattr(s3source, "PAGE_SIZE", 3)
+    _services, tenant, _archive = local_services
+    b = versioned_s3_bucket
+    calls = []
+    original = s3source.S3Source._pages
+
+    def counting(self, op, prefix):
+        for page in original(self, op, prefix):
+            calls.append(len(page.get("Versions", [])))
+            yield page
+
+    monkeypatch.setattr(s3source.S3Source, "_pages", counting)
+    for i in range(5):
+        key = f"rec/k{i}.mp3"
+        for body in (b"ID3-one", b"ID3-two", b"ID3-one", b"ID3-two"):
+            b.client.put_object(Bucket=b.name, Key=key, Body=body + bytes([i]))
+    spec = SourceSpec("s3", bucket=b.name, prefix="rec/")
+    items = list(iter_source(spec, Naming(tenant=tenant.name), S3Options(b.endpoint_url, b.region)))
+
+    assert len(calls) >= 7 and max(calls) <= 3
+    assert sorted((i.locator, len(i.versions)) for i in items) == sorted(
+        (f"rec/k{n}.mp3", 2) for n in range(5) for _ in range(2)
+    )
+    assert sum(i.latest for i in items) == 5
