@@ -24,6 +24,7 @@ BENCHES = [
     "bench_daemon",
     "bench_stream",
     "bench_jobs",
+    "bench_backfill",
 ]
 
 
