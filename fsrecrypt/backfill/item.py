@@ -8,7 +8,9 @@ before anything is removed:
 2. check it is audio (a WAV must be complete; mp3/ogg/opus/flac are stored
    as they are, with their content type);
 3. register the ``pending`` row: ``(source, identity)`` is unique, so a
-   re-run after a kill finds the row instead of storing the audio twice;
+   re-run after a kill finds the row instead of storing the audio twice
+   (and a copy of audio already stored for the same call, from another
+   source, is found by its keyed fingerprint and not stored again);
 4. ``store_recording``: the same object format, tenant key, ``stored`` row
    and ``encrypt`` audit row (``origin: backfill``), custody fingerprint;
 5. read the stored object back, decrypt it and compare its keyed fingerprint
@@ -202,6 +204,14 @@ class ItemWorker:
         base = {**base, "content_type": content_type, "bytes": source.size}
         if self.dry_run:
             return ItemOutcome(status="would-store", **base)
+        copy = self._stored_copy(item, source, tenant)
+        if copy is not None:  # this call's very audio, stored from another source
+            verify_read_back(self.services, self.fingerprint, copy, None)
+            base = {**base, "recording_id": copy.id}
+            reason = "the same audio is stored for this call (from another source)"
+            if self.keep_source:
+                return ItemOutcome(status="already-stored", reason=reason, **base)
+            return self._remove(item, source, copy, "already-stored", {**base, "reason": reason})
         rec, created = register_source(
             self.services,
             source,
@@ -232,7 +242,7 @@ class ItemWorker:
                     raise RecordingBusy(f"{item.shown}: {exc.message}") from None
                 rec = self.services.db.recording(rec.id)
         stored = outcome.recording
-        self._verify(stored, outcome.plaintext_hmac)
+        verify_read_back(self.services, self.fingerprint, stored, outcome.plaintext_hmac)
         if not created:
             self._drop_orphans(stored)
         base = {**base, "recording_id": stored.id}
@@ -240,6 +250,54 @@ class ItemWorker:
         if self.keep_source:
             return ItemOutcome(status=status, **base)
         return self._remove(item, source, stored, status, base)
+
+    def _stored_copy(
+        self, item: SourceItem, source: SourceFile, tenant: Tenant
+    ) -> Recording | None:
+        """A stored recording of the same tenant and call holding exactly this audio.
+
+        Why: an archive often holds a copy of what the daemon already stored
+        (a file copied aside, an S3 export of the recordings directory). The
+        source identity differs, the audio does not; storing it again would
+        store the call twice. Only when a stored row of this call has the
+        source's size is the source read an extra time for its keyed
+        fingerprint (a file through its descriptor, an object by a second
+        pinned GET).
+        """
+        if item.call_uuid is None:
+            return None
+        candidates = [
+            rec
+            for rec in self.services.db.recordings(
+                tenant_id=tenant.id, call_uuid=item.call_uuid, status=["stored"]
+            )
+            if rec.file_size_bytes == source.size and rec.source_path != source.path
+        ]
+        if not candidates:
+            return None
+        mac = self.fingerprint.hasher(tenant.id)
+        if item.kind == "dir":
+            fd, offset = source.fileobj.fileno(), 0
+            while chunk := os.pread(fd, 1 << 20, offset):
+                mac.update(chunk)
+                offset += len(chunk)
+        else:
+            reader = self.bucket(item.root).open(
+                item.locator, item.identity, item.version_id, HEAD_BYTES
+            )
+            try:
+                while chunk := reader.read(1 << 20):
+                    mac.update(chunk)
+            finally:
+                reader.close()
+        digest = mac.hexdigest()
+        for rec in candidates:
+            columns = self.services.db.custody_columns(rec.id)
+            if columns["plaintext_hmac_key_id"] == self.fingerprint.key_id and hmac.compare_digest(
+                columns["plaintext_hmac"] or "", digest
+            ):
+                return rec
+        return None
 
     def _release_dead_holder(self, recording_id: str) -> bool:
         """Free a recording claimed by a process of this host that no longer exists.
@@ -252,38 +310,6 @@ class ItemWorker:
             return False
         host, _, rest = holder.partition(":")
         return self.services.db.release_claims(f"{host}:{rest.partition(':')[0]}:") > 0
-
-    def _verify(self, rec: Recording, expected: str | None) -> None:
-        """Decrypt the stored object; its keyed fingerprint and size must be the row's.
-
-        One GET of the whole object: the header must carry the row's own
-        context, and the data key is unwrapped from the row's copy (so the
-        row, not only the object, is proven readable), as playback does.
-        """
-        if expected is None:
-            expected = self.services.db.custody_columns(rec.id)["plaintext_hmac"]
-        key = check_readable(rec)
-        mac = self.fingerprint.hasher(rec.tenant_id)
-        total = 0
-        reader = io.BufferedReader(IterReader(self.services.store.get_range(key)), 1 << 20)
-        frames = esdk.decrypt_stream(reader, lambda h: unwrap_data_key(self.services, rec, h))
-        try:
-            for chunk in frames:
-                mac.update(chunk)
-                total += len(chunk)
-        except FormatError as exc:  # damaged, truncated, swapped: never a reason to retry
-            raise ReadBackFailed(
-                f"recording {rec.id}: the stored object does not decrypt ({exc.message})"
-            ) from None
-        if (
-            total != rec.file_size_bytes
-            or not expected
-            or not hmac.compare_digest(mac.hexdigest(), expected)
-        ):
-            raise ReadBackFailed(
-                f"recording {rec.id}: the stored object does not read back as the source "
-                f"({total} bytes decrypted, {rec.file_size_bytes} stored)"
-            )
 
     def _drop_orphans(self, rec: Recording) -> None:
         """Objects an earlier, killed attempt uploaded for this row but never recorded."""
@@ -319,9 +345,46 @@ class ItemWorker:
             except SourceObjectChanged as exc:
                 reason = f"stored, but {exc.message} (kept)"
                 return ItemOutcome(status="changed", reason=reason, **base)
-        with contextlib.suppress(FsrecryptError):
-            self.services.db.note_plaintext_deleted(rec.id, socket.gethostname())
+        if rec.source_path == source.path:  # a copy's row keeps its own source's history
+            with contextlib.suppress(FsrecryptError):
+                self.services.db.note_plaintext_deleted(rec.id, socket.gethostname())
         return ItemOutcome(status=status, source_removed=True, versions_removed=versions, **base)
+
+
+def verify_read_back(
+    services: Services, fingerprint: FingerprintKey, rec: Recording, expected: str | None
+) -> None:
+    """Decrypt the stored object; its keyed fingerprint and size must be the row's.
+
+    One GET of the whole object: the header must carry the row's own
+    context, and the data key is unwrapped from the row's copy (so the row,
+    not only the object, is proven readable), as playback does. Damage of
+    any kind raises ``ReadBackFailed``; a store or key outage its own
+    (transient) error.
+    """
+    if expected is None:
+        expected = services.db.custody_columns(rec.id)["plaintext_hmac"]
+    mac = fingerprint.hasher(rec.tenant_id)
+    total = 0
+    reader = io.BufferedReader(IterReader(services.store.get_range(check_readable(rec))), 1 << 20)
+    frames = esdk.decrypt_stream(reader, lambda h: unwrap_data_key(services, rec, h))
+    try:
+        for chunk in frames:
+            mac.update(chunk)
+            total += len(chunk)
+    except FormatError as exc:  # damaged, truncated, swapped: never a reason to retry
+        raise ReadBackFailed(
+            f"recording {rec.id}: the stored object does not decrypt ({exc.message})"
+        ) from None
+    if (
+        total != rec.file_size_bytes
+        or not expected
+        or not hmac.compare_digest(mac.hexdigest(), expected)
+    ):
+        raise ReadBackFailed(
+            f"recording {rec.id}: the stored object does not read back as the source "
+            f"({total} bytes decrypted, {rec.file_size_bytes} stored)"
+        )
 
 
 def dead_local_process(holder: str) -> bool:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import os
 import uuid
+from pathlib import Path
 
 import pytest
 
@@ -280,3 +281,26 @@ def test_directory_listing_memory_does_not_grow_with_the_directory(tmp_path) -> 
     small, large = peak(2000), peak(20000)
     assert small > 0 and large > 0
     assert large < small * 1.5 + 64 * 1024, (small, large)
+
+
+def test_a_copy_of_audio_already_stored_for_the_call_is_not_stored_again(
+    local_services, tmp_path
+) -> None:
+    """The daemon stored the call; the archive holds a copy: removed, not stored twice."""
+    from fsrecrypt.pipeline import ingest_file
+
+    services, tenant, archive = local_services
+    call = str(uuid.uuid4())
+    recordings = Path(services.config.freeswitch.recordings_dirs[0])
+    data = make_wav(recordings / f"{call}.wav", 0.3, seed=3)
+    stored = ingest_file(services, str(recordings / f"{call}.wav"), tenant.name, call_uuid=call)
+    (archive / f"{call}.wav").write_bytes(data)  # the copy
+    other = make_wav(archive / f"{call}_b-leg.wav", 0.3, seed=4)  # same call, other audio
+    assert len(other) == len(data)
+
+    final = _run(services, [archive], Naming(tenant=tenant.name))
+
+    assert final.result["counts"] == {"already-stored": 1, "stored": 1}
+    rows = _rows(services, tenant)
+    assert len(rows) == 2 and stored.recording.id in {r.id for r in rows}
+    assert list(archive.iterdir()) == []

@@ -224,3 +224,25 @@ def test_listing_is_paged_and_a_key_split_across_pages_stays_one_group(
         (f"rec/k{n}.mp3", 2) for n in range(5) for _ in range(2)
     )
     assert sum(i.latest for i in items) == 5
+
+
+def test_an_s3_copy_of_audio_already_stored_for_the_call_is_not_stored_again(
+    local_services, versioned_s3_bucket
+) -> None:
+    from pathlib import Path
+
+    from fsrecrypt.pipeline import ingest_file
+
+    services, tenant, _archive = local_services
+    b = versioned_s3_bucket
+    call = str(uuid.uuid4())
+    recordings = Path(services.config.freeswitch.recordings_dirs[0])
+    data = make_wav(recordings / f"{call}.wav", 0.3, seed=3)
+    ingest_file(services, str(recordings / f"{call}.wav"), tenant.name, call_uuid=call)
+    b.client.put_object(Bucket=b.name, Key=f"rec/{call}.wav", Body=data)
+
+    final = _run(services, b, Naming(tenant=tenant.name))
+
+    assert final.result["counts"] == {"already-stored": 1}
+    assert len(services.db.recordings(tenant_id=tenant.id)) == 1
+    assert _versions(b) == []
