@@ -246,3 +246,34 @@ def test_an_s3_copy_of_audio_already_stored_for_the_call_is_not_stored_again(
     assert final.result["counts"] == {"already-stored": 1}
     assert len(services.db.recordings(tenant_id=tenant.id)) == 1
     assert _versions(b) == []
+
+
+def test_hostile_object_names_and_contents_are_skipped_and_kept(
+    local_services, s3_bucket, tmp_path
+) -> None:
+    """Unversioned: moto cannot list the versions of a key holding NUL (it answers 500)."""
+    services, tenant, _archive = local_services
+    b = s3_bucket
+    wav = make_wav(tmp_path / "1.wav", 0.2, seed=1)
+    nul_key = f"rec/a\x00b-{uuid.uuid4()}.wav"
+    odd_key = "rec/" + "\u0661" * 8 + "-" + "\uff11" * 4 + ".wav"
+    objects = {
+        nul_key: wav,  # NUL: cannot be recorded faithfully
+        "rec/truncated.wav": wav[: len(wav) // 2],
+        "rec/invoice.mp3": b"%PDF-1.5 not audio",
+        "rec/notes.txt": b"hello",
+        odd_key: wav,  # stored, but its digits are not a call UUID
+    }
+    for key, body in objects.items():
+        b.client.put_object(Bucket=b.name, Key=key, Body=body)
+
+    final = _run(services, b, Naming(tenant=tenant.name))
+
+    assert final.result["counts"] == {"stored": 1, "skipped": 4}
+    (rec,) = services.db.recordings(tenant_id=tenant.id)
+    assert rec.call_uuid is None and rec.source_path == f"s3://{b.name}/{odd_key}"
+    reasons = " | ".join(s["why"] for s in final.result["skipped"])
+    for needle in ("NUL", "incomplete WAV", "does not look like .mp3", "not audio"):
+        assert needle in reasons
+    left = b.client.list_objects_v2(Bucket=b.name)["Contents"]
+    assert sorted(o["Key"] for o in left) == sorted(set(objects) - {odd_key})
