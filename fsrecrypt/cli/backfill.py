@@ -6,8 +6,8 @@ import json
 
 import click
 
-from fsrecrypt.cli import config_option
-from fsrecrypt.cli.helpers import ProgressBar, echo_json, operator, services_for, user_option
+from fsrecrypt.cli import State, config_option
+from fsrecrypt.cli.helpers import ProgressBar, echo_json, operator, user_option
 from fsrecrypt.cli.jobs import detach_option, work_or_detach
 
 
@@ -37,6 +37,12 @@ from fsrecrypt.cli.jobs import detach_option, work_or_detach
     is_flag=True,
     help="List what would happen (one JSON line per item); change nothing.",
 )
+@click.option(
+    "--concurrency",
+    type=click.IntRange(1, 64),
+    default=None,
+    help="Items this command works at once (default: [jobs] concurrency).",
+)
 @click.option("--source-endpoint-url", default=None, help="S3 endpoint of s3:// sources.")
 @click.option("--source-region", default=None, help="S3 region of s3:// sources.")
 @detach_option
@@ -50,6 +56,7 @@ def backfill_command(
     call_uuid_from: str | None,
     keep_source: bool,
     dry_run: bool,
+    concurrency: int | None,
     source_endpoint_url: str | None,
     source_region: str | None,
     detach: bool,
@@ -78,7 +85,9 @@ def backfill_command(
     from fsrecrypt.backfill.job import dry_run as run_dry
     from fsrecrypt.backfill.naming import Naming
     from fsrecrypt.backfill.sources import S3Options
+    from fsrecrypt.config import with_overrides
     from fsrecrypt.errors import ConfigError, InvalidState
+    from fsrecrypt.pipeline import Services
 
     if dry_run and detach:
         raise ConfigError("--dry-run and --detach do not go together", hint="Drop one of them.")
@@ -88,7 +97,12 @@ def backfill_command(
         keep_source=keep_source,
         s3=S3Options(source_endpoint_url, source_region),
     )
-    services = services_for(ctx)
+    config = ctx.ensure_object(State).config
+    workers = concurrency or config.jobs.concurrency
+    if workers > config.pipeline.concurrency:
+        # The connection pool is sized from [pipeline] concurrency: one per item at once.
+        config = with_overrides(config, pipeline={"concurrency": workers})
+    services = Services(config)
     try:
         if dry_run:
             summary = run_dry(
@@ -105,7 +119,7 @@ def backfill_command(
         click.echo(f"job {job.id}: {job.total_items} item(s)", err=True)
         bar = ProgressBar("backfill")
         try:
-            final = work_backfill(services, job.id, progress=bar)
+            final = work_backfill(services, job.id, progress=bar, concurrency=workers)
         finally:
             bar.close()
     finally:
