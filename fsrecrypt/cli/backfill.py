@@ -99,9 +99,9 @@ def backfill_command(
     )
     config = ctx.ensure_object(State).config
     workers = concurrency or config.jobs.concurrency
-    if workers > config.pipeline.concurrency:
-        # The connection pool is sized from [pipeline] concurrency: one per item at once.
-        config = with_overrides(config, pipeline={"concurrency": workers})
+    if workers != config.jobs.concurrency:
+        # The connection pool is sized from [jobs] concurrency: one per item at once.
+        config = with_overrides(config, jobs={"concurrency": workers})
     services = Services(config)
     try:
         if dry_run:
