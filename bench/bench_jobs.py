@@ -130,6 +130,16 @@ def run(n: int = 1_000_000, worker_seconds: float = 30.0) -> dict[str, float]:
             job_id, big_s, big_rss = _create(cfg, n)
             _timed_sql(dsn, "ANALYZE job_items")
             count_scan = _timed_sql(dsn, f"SELECT count(*) FROM job_items WHERE job_id = {job_id}")
+            from fsrecrypt.db import Database
+
+            database = Database(dsn)
+            queries = []
+            for _ in range(5):
+                started = time.perf_counter()
+                database.job_status(job_id)
+                queries.append(time.perf_counter() - started)
+            database.close()
+            show_query_s = sorted(queries)[2]
             show_s, _out = _cli(cfg, "jobs", "show", str(job_id))
             show_json_s, out = _cli(cfg, "jobs", "show", str(job_id), "--json")
             help_s, _ = _cli(cfg, "--help")
@@ -161,6 +171,7 @@ def run(n: int = 1_000_000, worker_seconds: float = 30.0) -> dict[str, float]:
         "create_peak_rss_mib_n_items": round(big_rss, 1),
         "create_peak_rss_mib_10k": round(small_rss, 1),
         "create_rss_ratio_n_vs_10k": round(big_rss / small_rss, 2),
+        "jobs_show_query_seconds_median": round(show_query_s, 4),
         "jobs_show_seconds": round(show_s, 3),
         "jobs_show_json_seconds": round(show_json_s, 3),
         "fsrecrypt_help_seconds_baseline": round(help_s, 3),

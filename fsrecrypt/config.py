@@ -26,6 +26,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, get_args, get_origin, get_type_hints
 
+from fsrecrypt.config_auth import AuthConfig
 from fsrecrypt.errors import ConfigError
 from fsrecrypt.numbers import NumberError, parse_int
 
@@ -213,7 +214,7 @@ class RetentionConfig:
             raise ValueError("days must be >= 0 (0 = keep forever)")
 
 
-ANCHOR_SIGNATURES = ("hmac-sha256", "ed25519")
+ANCHOR_SIGNATURES = ("hmac-sha256", "ed25519", "kms-ecdsa-p256")
 
 
 @dataclass(frozen=True)
@@ -233,6 +234,9 @@ class AuditConfig:
     anchor_key_file: str = "/var/lib/fsrecrypt/audit-anchor.key"
     anchor_signature: str = "hmac-sha256"
     anchor_interval: float = 3600.0
+    anchor_kms_key: str = ""
+    anchor_kms_region: str = ""
+    anchor_kms_endpoint_url: str = ""
     fingerprint_key_file: str = ""
 
     def validate(self) -> None:
@@ -249,8 +253,13 @@ class AuditConfig:
             )
         if self.anchor_signature not in ANCHOR_SIGNATURES:
             raise ValueError(
-                f"anchor_signature must be 'hmac-sha256' or 'ed25519', "
+                f"anchor_signature must be 'hmac-sha256', 'ed25519' or 'kms-ecdsa-p256', "
                 f"not {self.anchor_signature[:40]!r}"
+            )
+        if self.anchor_signature == "kms-ecdsa-p256" and not self.anchor_kms_key:
+            raise ValueError(
+                "anchor_signature = 'kms-ecdsa-p256' needs anchor_kms_key "
+                "(an ECC_NIST_P256 SIGN_VERIFY key: ARN, key id or alias)"
             )
         if not self.anchor_key_file or not os.path.isabs(self.anchor_key_file):
             raise ValueError("anchor_key_file must be an absolute path")
@@ -322,6 +331,7 @@ class Config:
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
     retention: RetentionConfig = field(default_factory=RetentionConfig)
     audit: AuditConfig = field(default_factory=AuditConfig)
+    auth: AuthConfig = field(default_factory=AuthConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     jobs: JobsConfig = field(default_factory=JobsConfig)
     source: str = "<defaults>"

@@ -5,4 +5,5 @@ pytest_plugins = [
     "tests.support.moto",
     "tests.support.eslserver",
     "tests.support.daemon",
+    "tests.support.jwks",
 ]

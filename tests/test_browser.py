@@ -2,7 +2,8 @@
 
 Never skipped: tests/support/browser_setup.sh installs Debian's chromium,
 its chromedriver and selenium when they are missing. The browser signs in
-with an API key, plays a recording through a signed URL in a plain <audio>,
+with an API key (and, in the second test, with a bearer token from the
+platform), plays a recording through a signed URL in a plain <audio>,
 seeks to the middle (which makes Chromium send a Range request for bytes it
 has not fetched) and keeps playing; the access log then shows the stream rows
 with their byte ranges.
@@ -16,6 +17,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.support.jwks import AUDIENCE, ISSUER, Issuer, JwksServer
 from tests.web.test_web_server import ingest, make_setup, serve
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -141,4 +143,98 @@ def test_supervisor_signs_in_plays_and_seeks(browser_tools, pg_dsn: str, tmp_pat
     assert issued and issued[-1]["success"]
     log = log_path.read_text()
     assert f"/v1/recordings/{rid}/stream" in log and " 206 " in log
+    services.close()
+
+
+@pytest.mark.slow
+def test_supervisor_signs_in_with_a_bearer_token_as_well_as_an_api_key(
+    browser_tools, pg_dsn: str, tmp_path: Path, issuer: Issuer, jwks_server: JwksServer
+) -> None:
+    """The platform's token works in the page: typed in, or handed over in the URL fragment.
+
+    The ``serve`` child fetches the token keys from the test's JWKS server over
+    HTTP, as it would from the identity provider; the stream rows then name the
+    token's subject and issuer, and an API key still signs in after sign-out.
+    """
+    jwks_server.mode, jwks_server.kids = "ok", list(issuer.private)
+    auth = {"jwks_url": jwks_server.url, "issuer": ISSUER, "audience": AUDIENCE}
+    services, cfg, tenant, key = make_setup(tmp_path, pg_dsn, auth=auth)
+    rid = ingest(services, tmp_path, tenant, long_wav(30))
+    token = issuer.token(
+        tenant, "ec-1", sub="olivia@platform.example", roles=["listen", "download"]
+    )
+    with serve(cfg, tmp_path / "serve.log") as base:
+        driver = _driver(tmp_path / "chromium-profile")
+        try:
+            from selenium.webdriver.common.by import By
+
+            def listed():
+                rows = driver.find_elements(By.CSS_SELECTOR, f'tr[data-recording-id="{rid}"]')
+                return [r for r in rows if r.is_displayed()]
+
+            def audio(expr: str):
+                return driver.execute_script(f"const a = document.getElementById('player'); {expr}")
+
+            driver.set_page_load_timeout(30)
+            driver.get(base + "/")
+            driver.find_element(By.ID, "apikey").send_keys(token)
+            driver.find_element(By.ID, "signin-button").click()
+            _wait(listed, 20, "the recording to be listed for the token")
+            who = driver.find_element(By.ID, "who")
+            assert "olivia@platform.example" in who.text and ISSUER in who.text
+            assert who.get_attribute("data-via") == "jwt"
+            storage = (
+                "return [sessionStorage.getItem('fsrecrypt.token'),"
+                " sessionStorage.getItem('fsrecrypt.apiKey')]"
+            )
+            assert driver.execute_script(storage) == [token, None]
+            listed()[0].find_element(By.CSS_SELECTOR, "button.play").click()
+            _wait(lambda: audio("return a.currentTime") > 0.5, 30, "playback with the token")
+            src = audio("return a.currentSrc")
+            assert "sig=" in src and "kid=jwt" in src and token not in src
+            listed()[0].find_element(By.CSS_SELECTOR, "button.download").click()
+
+            def downloaded():
+                rows = services.db.audit_rows(recording_id=rid, action="download")
+                return [r for r in rows if r["details"].get("completed")]
+
+            (row,) = _wait(downloaded, 20, "the page's download in the access log")
+            assert row["user_id"] == "olivia@platform.example" and row["details"]["via"] == "jwt"
+            assert "Downloaded" in driver.find_element(By.ID, "status").text
+
+            driver.find_element(By.ID, "signout").click()
+            assert driver.execute_script(storage) == [None, None]
+            driver.find_element(By.ID, "apikey").send_keys(key)
+            driver.find_element(By.ID, "signin-button").click()
+            _wait(listed, 20, "the recording to be listed for the API key")
+            assert "supervisor@example.com" in driver.find_element(By.ID, "who").text
+            # This key holds listen only: no Download button.
+            assert not listed()[0].find_elements(By.CSS_SELECTOR, "button.download")
+            assert driver.find_element(By.ID, "who").get_attribute("data-via") == "api_key"
+
+            # A platform opens the page with its token in the fragment: signed in at once,
+            # and the token is gone from the address bar.
+            driver.find_element(By.ID, "signout").click()
+            assert not listed()
+            driver.get(base + "/#access_token=" + token)
+            _wait(listed, 20, "the recording to be listed after the fragment hand-over")
+            assert token not in driver.current_url
+            assert "olivia@platform.example" in driver.find_element(By.ID, "who").text
+            # The same on a fresh page load (not only a fragment change).
+            driver.find_element(By.ID, "signout").click()
+            driver.get("about:blank")
+            driver.get(base + "/#token=" + token)
+            _wait(listed, 20, "the recording to be listed after a fresh load with a token")
+            assert token not in driver.current_url
+        finally:
+            driver.quit()
+
+        def token_rows():
+            rows = services.db.audit_rows(recording_id=rid, action="stream")
+            return [r for r in rows if r["user_id"] == "olivia@platform.example"] or None
+
+        rows = _wait(token_rows, 20, "the token's stream rows in the access log")
+    assert all(r["details"]["issuer"] == ISSUER and r["success"] for r in rows)
+    assert all(r["details"]["via"] == "signed_url" for r in rows)
+    assert jwks_server.requests >= 1
     services.close()

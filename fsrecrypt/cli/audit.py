@@ -146,7 +146,7 @@ def audit_export_command(
     "--public-key",
     "public_key",
     is_flag=True,
-    help="Print the Ed25519 public key auditors check anchors with, and write nothing.",
+    help="Print the (Ed25519 or KMS) public key auditors check anchors with; write nothing.",
 )
 @user_option
 @click.pass_context
@@ -160,7 +160,7 @@ def audit_anchor_command(ctx: click.Context, public_key: bool, user_id: str | No
 
     state = ctx.ensure_object(State)
     if public_key:
-        signer = AnchorSigner.from_config(state.config.audit, create=True)
+        signer = AnchorSigner.from_config(state.config.audit, create=True, keys=state.config.keys)
         echo_json({"alg": signer.alg, "key_id": signer.key_id, "public_key": signer.public_key})
         return
     services = services_for(ctx)
@@ -182,13 +182,13 @@ def audit_anchor_command(ctx: click.Context, public_key: bool, user_id: str | No
 @click.option(
     "--public-key",
     default=None,
-    help="Ed25519 public key (base64), from 'audit anchor --public-key'.",
+    help="Ed25519 or KMS public key (base64), from 'audit anchor --public-key'.",
 )
 @click.pass_context
 def audit_check_export_command(
     ctx: click.Context, export_file: str, key_file: str | None, public_key: str | None
 ) -> None:
-    """Check a JSON-lines `audit export` offline, without any database access.
+    """Check an `audit export` (JSON lines or CSV) offline, without any database access.
 
     Recomputes every row's hash and link, checks each anchor's signature and
     that the rows it names still carry the anchored hashes. Exits non-zero
@@ -211,18 +211,20 @@ def audit_check_export_command(
 
 
 def _export_signer(ctx: click.Context, key_file: str | None, public_key: str | None) -> Any:
-    import base64
-
-    from fsrecrypt.errors import ConfigError
     from fsrecrypt.keyfile import load_key_file
-    from fsrecrypt.lifecycle.anchors import ANCHOR_KEY, AnchorSigner
+    from fsrecrypt.lifecycle.anchor_signing import (
+        ANCHOR_KEY,
+        KMS_ALG,
+        AnchorSigner,
+        public_key_from_text,
+    )
 
     if public_key:
-        try:
-            raw = base64.b64decode(public_key, validate=True)
-        except ValueError:
-            raise ConfigError("--public-key is not base64") from None
-        return AnchorSigner("ed25519", public=raw)
-    cfg = ctx.ensure_object(State).config.audit
+        alg, raw = public_key_from_text(public_key)
+        return AnchorSigner(alg, public=raw)
+    config = ctx.ensure_object(State).config
+    cfg = config.audit
+    if cfg.anchor_signature == KMS_ALG and not key_file:
+        return AnchorSigner.from_config(cfg, keys=config.keys)
     secret = load_key_file(key_file or cfg.anchor_key_file, ANCHOR_KEY, create=False)
     return AnchorSigner(cfg.anchor_signature, secret=secret)

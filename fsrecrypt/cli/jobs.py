@@ -17,13 +17,15 @@ from typing import TYPE_CHECKING, Any
 import click
 
 from fsrecrypt.cli import config_option
-from fsrecrypt.cli.helpers import ProgressBar, echo_json, services_for
+from fsrecrypt.cli.helpers import ProgressBar, echo_json
 
 if TYPE_CHECKING:  # pragma: no cover
+    from fsrecrypt.db import Database
     from fsrecrypt.db.jobs import Job, JobStatus
     from fsrecrypt.pipeline import Services
 
 F = Callable[..., Any]
+JOB_ID = click.IntRange(1, 2**63 - 1)  # a PostgreSQL bigserial
 
 detach_option: Callable[[F], F] = click.option(
     "--detach",
@@ -54,6 +56,17 @@ def work_or_detach(services: Services, job: Job, *, detach: bool, desc: str) -> 
         return run_job(services, job.id, progress=bar)
     finally:
         bar.close()
+
+
+def _database(ctx: click.Context) -> Database:
+    """The database alone: ``jobs`` commands need no keys or store (and start faster)."""
+    from fsrecrypt.cli import State
+    from fsrecrypt.db import Database
+
+    config = ctx.ensure_object(State).config
+    return Database(
+        config.database.dsn, max_connections=2, connect_timeout=config.database.connect_timeout
+    )
 
 
 def _duration(seconds: float | None) -> str:
@@ -99,11 +112,11 @@ def jobs_group() -> None:
 @click.pass_context
 def jobs_list_command(ctx: click.Context, active: bool, limit: int) -> None:
     """List jobs, newest first (tab-separated: id, kind, state, items, created, by)."""
-    services = services_for(ctx)
+    database = _database(ctx)
     try:
-        jobs = services.db.jobs(limit=limit, active_only=active)
+        jobs = database.jobs(limit=limit, active_only=active)
     finally:
-        services.close()
+        database.close()
     for job in jobs:
         click.echo(
             "\t".join(
@@ -122,16 +135,16 @@ def jobs_list_command(ctx: click.Context, active: bool, limit: int) -> None:
 
 @jobs_group.command("show")
 @config_option
-@click.argument("job_id", type=click.IntRange(1))
+@click.argument("job_id", type=JOB_ID)
 @click.option("--json", "as_json", is_flag=True, help="Print JSON instead of text.")
 @click.pass_context
 def jobs_show_command(ctx: click.Context, job_id: int, as_json: bool) -> None:
     """Show a job: counts by state, rate, ETA and the first failures."""
-    services = services_for(ctx)
+    database = _database(ctx)
     try:
-        status = services.db.job_status(job_id)
+        status = database.job_status(job_id)
     finally:
-        services.close()
+        database.close()
     if as_json:
         echo_json(status_dict(status))
         return
@@ -154,29 +167,29 @@ def jobs_show_command(ctx: click.Context, job_id: int, as_json: bool) -> None:
 
 @jobs_group.command("cancel")
 @config_option
-@click.argument("job_id", type=click.IntRange(1))
+@click.argument("job_id", type=JOB_ID)
 @click.pass_context
 def jobs_cancel_command(ctx: click.Context, job_id: int) -> None:
     """Cancel a job: its queued items are no longer handed out (items in flight finish)."""
-    services = services_for(ctx)
+    database = _database(ctx)
     try:
-        job = services.db.cancel_job(job_id)
+        job = database.cancel_job(job_id)
     finally:
-        services.close()
+        database.close()
     echo_json({"job": job.id, "state": job.state})
 
 
 @jobs_group.command("retry")
 @config_option
-@click.argument("job_id", type=click.IntRange(1))
+@click.argument("job_id", type=JOB_ID)
 @click.pass_context
 def jobs_retry_command(ctx: click.Context, job_id: int) -> None:
     """Put a job's failed items back in the queue (a cancelled job resumes); workers take them."""
-    services = services_for(ctx)
+    database = _database(ctx)
     try:
-        job, requeued = services.db.retry_job(job_id)
+        job, requeued = database.retry_job(job_id)
     finally:
-        services.close()
+        database.close()
     echo_json({"job": job.id, "state": job.state, "requeued": requeued})
 
 

@@ -14,6 +14,9 @@ import click
 
 from fsrecrypt.cli import State, config_option
 
+ROLE_NAMES = ("listen", "download", "ingest", "admin")
+"""``fsrecrypt.web.auth.ROLES`` again, so ``--help`` need not import Flask (a test compares)."""
+
 
 @click.command("serve")
 @config_option
@@ -46,20 +49,43 @@ def apikeys_group() -> None:
 @config_option
 @click.option("--tenant", "tenant_name", required=True, help="Tenant the key may read.")
 @click.option("--user", "user_id", required=True, help="User id recorded in the access log.")
+@click.option(
+    "--role",
+    "roles",
+    multiple=True,
+    type=click.Choice(ROLE_NAMES),
+    help="What the key may do (repeatable; default listen): listen = stream and playback "
+    "URLs, download = whole file, ingest = upload, admin = holds, erasure, custody.",
+)
+@click.option(
+    "--on-behalf-of",
+    "on_behalf_of",
+    is_flag=True,
+    help="A service's key: it may name the end user it acts for (X-On-Behalf-Of).",
+)
 @click.pass_context
-def apikeys_create(ctx: click.Context, tenant_name: str, user_id: str) -> None:
+def apikeys_create(
+    ctx: click.Context,
+    tenant_name: str,
+    user_id: str,
+    roles: tuple[str, ...],
+    on_behalf_of: bool,
+) -> None:
     """Create a key for USER of TENANT and print it once (only its hash is kept)."""
     from fsrecrypt.web import create_api_key
 
     services = ctx.ensure_object(State).services()
     try:
-        row, key = create_api_key(services, tenant_name, user_id)
+        row, key = create_api_key(
+            services, tenant_name, user_id, roles=roles or ("listen",), on_behalf_of=on_behalf_of
+        )
     finally:
         services.close()
     click.echo(key)
+    acting = "; may act for end users" if row.on_behalf_of else ""
     click.echo(
-        f"key id {row.key_id} for user {row.user_id!r} of tenant {row.tenant_name!r}; "
-        "store the key now, it cannot be shown again",
+        f"key id {row.key_id} for user {row.user_id!r} of tenant {row.tenant_name!r}, "
+        f"roles {', '.join(row.roles)}{acting}; store the key now, it cannot be shown again",
         err=True,
     )
 
@@ -86,6 +112,8 @@ def apikeys_list(ctx: click.Context, tenant_name: str | None) -> None:
                     "key_id": r.key_id,
                     "tenant": r.tenant_name,
                     "user": r.user_id,
+                    "roles": list(r.roles),
+                    "on_behalf_of": r.on_behalf_of,
                     "created_at": iso(r.created_at),
                     "last_used_at": iso(r.last_used_at),
                     "state": state,

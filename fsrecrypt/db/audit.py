@@ -9,10 +9,12 @@ refusals are counted per minute rather than logged one row each.
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import hashlib
 import ipaddress
 import json
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from datetime import UTC, datetime
 from typing import Any
 
@@ -99,11 +101,41 @@ def audit_row_hash(prev_hash: str, fields: Mapping[str, Any]) -> str:
     return hashlib.sha256(prev_hash.encode("ascii") + payload.encode("utf-8")).hexdigest()
 
 
+_REQUEST = contextvars.ContextVar[Mapping[str, Any] | None]("fsrecrypt_audit_request", default=None)
+
+
+@contextlib.contextmanager
+def audit_context(
+    details: Mapping[str, Any], *, ip_address: str | None = None, user_agent: str | None = None
+) -> Iterator[None]:
+    """Every audit row written inside (this greenlet or thread) also says who asked, and from where.
+
+    Why: the API runs the CLI's own domain functions (holds, erasure, custody),
+    which write their rows with a user id only; the request's credential
+    (API key id, token issuer, the service acting for a user) and the
+    client's address belong in those same rows. A row's own details and
+    address win over the context's.
+    """
+    token = _REQUEST.set(
+        {"details": dict(details), "ip_address": ip_address, "user_agent": user_agent}
+    )
+    try:
+        yield
+    finally:
+        _REQUEST.reset(token)
+
+
 def append_audit_row(cur: Any, **fields: Any) -> int:
     """Append an audit row inside the caller's transaction, so a change and
     its log row commit (or roll back) together."""
     tenant_id = fields.get("tenant_id")
     fields.setdefault("details", None)
+    request = _REQUEST.get()
+    if request is not None:
+        fields["details"] = {**request["details"], **(fields["details"] or {})}
+        for name in ("ip_address", "user_agent"):
+            if not fields.get(name):
+                fields[name] = request[name]
     fields["details"] = bounded_details(dict(fields["details"] or {}))
     fields["user_id"] = bounded(fields["user_id"], USER_ID_LIMIT)
     if fields.get("error_message"):

@@ -132,13 +132,27 @@ class JobItems(Pool):
             (JobItem(int(r[0]), int(r[1]), r[2], int(r[3])) for r in rows), key=lambda i: i.seq
         )
 
-    def renew_job_leases(self, worker: str, lease_seconds: float) -> int:
-        """The heartbeat: push out the lease of every item this worker holds."""
+    def renew_job_leases(
+        self, worker: str, lease_seconds: float, held: list[tuple[int, int]] | None = None
+    ) -> int:
+        """The heartbeat: push out the leases this worker holds (only ``held`` if given).
+
+        Naming the items (``(job_id, seq)``) means an item the worker gave up
+        on (its loop died mid-batch) is not kept alive by the heartbeat: its
+        lease runs out and another worker takes it.
+        """
+        if held is not None and not held:
+            return 0
+        where = "state = 'running' AND claimed_by = %s"
+        params: list[Any] = [lease_seconds, worker]
+        if held is not None:
+            where += " AND (job_id, seq) IN (SELECT * FROM unnest(%s::bigint[], %s::bigint[]))"
+            params += [[j for j, _ in held], [q for _, q in held]]
         with self.statement("renewing job leases") as cur:
             cur.execute(
                 "UPDATE job_items SET lease_until = now() + make_interval(secs => %s)"
-                " WHERE state = 'running' AND claimed_by = %s",
-                (lease_seconds, worker),
+                f" WHERE {where}",
+                params,
             )
             return cur.rowcount
 

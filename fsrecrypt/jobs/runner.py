@@ -31,6 +31,8 @@ from fsrecrypt.pipeline import Services, worker_id
 _log = logging.getLogger("fsrecrypt.jobs")
 
 ProgressCallback = Callable[[int, int], None]
+# How long a command working its own job waits out a database outage before failing.
+OUTAGE_PATIENCE = 300.0
 
 
 @dataclass(frozen=True)
@@ -81,8 +83,10 @@ class JobWorker:
         settings: JobsConfig | None = None,
         worker: str | None = None,
         on_item: Callable[[ItemEvent], None] | None = None,
+        warn: Callable[[str], None] | None = None,
     ) -> None:
         self.services = services
+        self.warn = warn or _log.warning
         self.settings = settings or services.config.jobs
         self.worker = worker or worker_id()
         self.on_item = on_item
@@ -91,11 +95,14 @@ class JobWorker:
         self._lock = threading.Lock()
         self._next_job = 0
         self._unknown: set[int] = set()
+        self._held: set[tuple[int, int]] = set()
 
     # --- leases -------------------------------------------------------
     def heartbeat(self) -> int:
         """Renew my leases and take over expired ones (call every heartbeat_interval)."""
-        renewed = self.services.db.renew_job_leases(self.worker, self.settings.lease_seconds)
+        with self._lock:
+            held = list(self._held)
+        renewed = self.services.db.renew_job_leases(self.worker, self.settings.lease_seconds, held)
         self.services.db.reap_job_leases(self.settings.max_attempts)
         return renewed
 
@@ -123,24 +130,32 @@ class JobWorker:
         return 0
 
     def _work(self, job_id: int, items: list[JobItem], stop: Callable[[], bool]) -> int:
-        ctx, kind = self._context(job_id)
+        with self._lock:
+            self._held.update((i.job_id, i.seq) for i in items)
         self.in_flight += len(items)
         handled = 0
         try:
-            for index, item in enumerate(items):
+            ctx, kind = self._context(job_id)
+            for item in items:
                 if stop():
-                    for unstarted in items[index:]:
-                        with contextlib.suppress(FsrecryptError):
-                            self.services.db.requeue_job_item(
-                                unstarted, self.worker, delay=0, refund=True
-                            )
                     break
                 self._one(ctx, kind, item)
                 handled += 1
-                self.in_flight -= 1
+                self._let_go(item)
         finally:
-            self.in_flight -= len(items) - handled
+            # Stopped, or the loop failed (database away): hand the unstarted
+            # items back; if even that fails they are no longer renewed, so
+            # their lease runs out and another worker takes them.
+            for unstarted in items[handled:]:
+                with contextlib.suppress(FsrecryptError):
+                    self.services.db.requeue_job_item(unstarted, self.worker, delay=0, refund=True)
+                self._let_go(unstarted)
         return handled
+
+    def _let_go(self, item: JobItem) -> None:
+        self.in_flight -= 1
+        with self._lock:
+            self._held.discard((item.job_id, item.seq))
 
     def _knows(self, job_id: int) -> bool:
         """False for a job of a kind this version does not know: its items are left alone.
@@ -154,7 +169,7 @@ class JobWorker:
             self._context(job_id)
         except ConfigError as exc:
             self._unknown.add(job_id)
-            _log.warning("job %s skipped: %s", job_id, exc.message)
+            self.warn(f"job {job_id} skipped: {exc.message}")
             return False
         return True
 
@@ -281,20 +296,34 @@ def run_job(
         reap_dead_local(services)
     beat = threading.Thread(target=_beat, args=(worker, stop), daemon=True, name="job-heartbeat")
     beat.start()
+
+    def step() -> bool:
+        """One batch, or one look at the job when none was due; True once it is over."""
+        if worker.work_batch([job_id], stop.is_set):
+            return False
+        report()
+        if not db.job(job_id).active:
+            return True
+        if not worker.try_finish(job_id):
+            stop.wait(min(worker.settings.poll_interval, 1.0))
+            db.reap_job_leases(worker.settings.max_attempts)
+            reap_dead_local(services)
+        return False
+
+    outage_since: float | None = None
     try:
         report()
         while not stop.is_set():
-            if worker.work_batch([job_id], stop.is_set):
-                continue
-            report()
-            if not db.job(job_id).active:
-                break
-            if worker.try_finish(job_id):
-                continue
-            stop.wait(min(worker.settings.poll_interval, 1.0))
-            with contextlib.suppress(DatabaseError):
-                db.reap_job_leases(worker.settings.max_attempts)
-                reap_dead_local(services)
+            try:
+                if step():
+                    break
+                outage_since = None
+            except DatabaseError:
+                # PostgreSQL restarting: keep trying (the pool reconnects) for a while.
+                outage_since = outage_since or time.monotonic()
+                if time.monotonic() - outage_since > OUTAGE_PATIENCE:
+                    raise
+                stop.wait(1.0)
     finally:
         stop.set()
         beat.join(timeout=5)

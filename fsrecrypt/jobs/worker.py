@@ -107,7 +107,11 @@ class Worker:
         self.services = Services(config)
         self.metrics = WorkerMetrics()
         self.log = structlog.get_logger("fsrecrypt.worker")
-        self.jobs = JobWorker(self.services, on_item=self._on_item)
+        self.jobs = JobWorker(
+            self.services,
+            on_item=self._on_item,
+            warn=lambda why: self.log.warning("worker.job_skipped", reason=why),
+        )
         self.stopping = gevent.event.Event()
         self.exit_code = 0
         self._next_anchor = 0.0

@@ -288,6 +288,32 @@ class AwsKmsProvider(KeyProvider):
         except UnicodeDecodeError:
             return None
 
+    # Signing (audit anchors): an asymmetric ECC_NIST_P256 SIGN_VERIFY key.
+
+    def sign(self, key_id: str, message: bytes) -> bytes:
+        """ECDSA_SHA_256 signature (DER) of ``message`` (RAW, at most 4096 bytes) by KMS."""
+        ref = kms_key_ref(key_id)
+        resp = self._call(
+            "sign",
+            ref,
+            KeyId=ref,
+            Message=message,
+            MessageType="RAW",
+            SigningAlgorithm="ECDSA_SHA_256",
+        )
+        return bytes(resp["Signature"])
+
+    def public_key(self, key_id: str) -> bytes:
+        """The key's public half (DER SubjectPublicKeyInfo); refused unless it is SIGN_VERIFY."""
+        ref = kms_key_ref(key_id)
+        resp = self._call("get_public_key", ref, KeyId=ref)
+        if resp.get("KeyUsage", "SIGN_VERIFY") != "SIGN_VERIFY":
+            raise KeyAccessError(
+                f"KMS key {ref} is not a SIGN_VERIFY key",
+                hint="Create one with key spec ECC_NIST_P256 and key usage SIGN_VERIFY.",
+            )
+        return bytes(resp["PublicKey"])
+
 
 def _map_client_error(exc: Any, op: str, key_ref: str) -> KeyAccessError:
     """Turn a botocore ClientError into the matching typed error (codes only, no bodies)."""

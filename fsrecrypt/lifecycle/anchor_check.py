@@ -1,7 +1,7 @@
 """``audit check-export``: check an exported access log offline, against its signed anchors.
 
-An auditor receives a JSON-lines export (rows, then the anchors covering
-them) and the anchor key (the HMAC key, or the Ed25519 public key). With no
+An auditor receives an export (JSON lines or CSV: rows, then the anchors
+covering them) and the anchor key (the HMAC key, or the Ed25519 public key). With no
 database access this proves: every row hashes to its stored hash and links
 to the one before it; every anchor is genuinely signed, and consecutive
 anchors link; the row each anchor names as the tenant's head is in the
@@ -12,15 +12,21 @@ count. Rows after the last covering anchor are reported as not anchored.
 
 from __future__ import annotations
 
+import csv
+import itertools
 import json
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
 from fsrecrypt.db import GENESIS_HASH, audit_row_hash
 from fsrecrypt.lifecycle.anchors import AnchorSigner, anchor_hash, canonical, parse_anchor
+from fsrecrypt.lifecycle.audit import EXPORT_COLUMNS
 
 MAX_LINE = 8 * 1024 * 1024
+CSV_HEADER = ",".join(EXPORT_COLUMNS)
+# Text columns where an empty CSV cell may have been an empty string or NULL.
+_NULLABLE_TEXT = ("user_id", "error_message", "user_agent")
 
 
 @dataclass
@@ -45,6 +51,22 @@ class ExportCheck:
 
 
 def _read(lines: Iterable[str], result: ExportCheck) -> tuple[list[dict], list[dict]]:
+    """Rows and anchors of a JSON-lines or CSV export (told apart by the CSV header)."""
+    it = iter(lines)
+    first = next(it, "")
+    if first.strip().lstrip("\ufeff") == CSV_HEADER:
+        return _read_csv(it, result)
+    return _read_jsonl(itertools.chain([first], it), result)
+
+
+def _anchor_item(item: Any, where: str, result: ExportCheck, anchors: list[dict]) -> None:
+    try:
+        anchors.append(parse_anchor(canonical(item["anchor"])))
+    except (ValueError, RecursionError, TypeError, KeyError) as exc:
+        result.problems.append(f"{where}: anchor unreadable: {exc}")
+
+
+def _read_jsonl(lines: Iterable[str], result: ExportCheck) -> tuple[list[dict], list[dict]]:
     rows: list[dict[str, Any]] = []
     anchors: list[dict[str, Any]] = []
     for number, line in enumerate(lines, 1):
@@ -59,10 +81,7 @@ def _read(lines: Iterable[str], result: ExportCheck) -> tuple[list[dict], list[d
             result.problems.append(f"line {number}: not JSON (is this a JSON-lines export?)")
             continue
         if isinstance(item, dict) and "anchor" in item:
-            try:
-                anchors.append(parse_anchor(canonical(item["anchor"])))
-            except (ValueError, RecursionError) as exc:
-                result.problems.append(f"line {number}: anchor unreadable: {exc}")
+            _anchor_item(item, f"line {number}", result, anchors)
         elif isinstance(item, dict) and type(item.get("id")) is int:
             rows.append(item)
         else:
@@ -70,10 +89,86 @@ def _read(lines: Iterable[str], result: ExportCheck) -> tuple[list[dict], list[d
     return rows, anchors
 
 
+def _bounded_lines(lines: Iterator[str], result: ExportCheck) -> Iterator[str]:
+    for line in lines:
+        if len(line) > MAX_LINE:
+            result.problems.append("a CSV line is longer than any exported row")
+            return
+        yield line
+
+
+def _read_csv(lines: Iterator[str], result: ExportCheck) -> tuple[list[dict], list[dict]]:
+    rows: list[dict[str, Any]] = []
+    anchors: list[dict[str, Any]] = []
+    reader = csv.DictReader(_bounded_lines(lines, result), fieldnames=list(EXPORT_COLUMNS))
+    try:
+        for cells in reader:
+            where = f"CSV record {reader.line_num}"
+            if None in cells or any(v is None for v in cells.values()):
+                result.problems.append(f"{where}: not {len(EXPORT_COLUMNS)} columns")
+                continue
+            try:
+                if cells["id"] == "" and cells["action"] == "anchor":
+                    _anchor_item(json.loads(cells["details"]), where, result, anchors)
+                else:
+                    rows.append(_typed_row(cells))
+            except (ValueError, RecursionError, TypeError) as exc:
+                result.problems.append(f"{where}: unreadable: {str(exc)[:200]}")
+    except csv.Error as exc:
+        result.problems.append(f"the CSV is malformed: {str(exc)[:200]}")
+    return rows, anchors
+
+
+def _typed_row(cells: dict[str, str]) -> dict[str, Any]:
+    """A CSV record back to the values the row hash covers (empty cell = NULL)."""
+    row: dict[str, Any] = {k: (v if v != "" else None) for k, v in cells.items()}
+    if not cells["id"].isascii() or not cells["id"].isdigit() or len(cells["id"]) > 19:
+        raise ValueError(f"id {cells['id'][:30]!r} is not a row number")
+    row["id"] = int(cells["id"])
+    if cells["success"] not in ("True", "False"):
+        raise ValueError(f"success {cells['success'][:30]!r} is neither True nor False")
+    row["success"] = cells["success"] == "True"
+    if row["decryption_duration_ms"] is not None:
+        row["decryption_duration_ms"] = float(row["decryption_duration_ms"])
+    row["details"] = json.loads(cells["details"]) if cells["details"] else None
+    return row
+
+
+def _csv_readings(row: dict[str, Any]) -> Iterator[dict[str, Any]]:
+    """Each way an ambiguous CSV cell can be read (NULL first).
+
+    CSV has one spelling for an empty text and NULL, and the export writes
+    NULL ``details`` as ``{}``; the row hash was computed over the value the
+    database held, so exactly the right reading reproduces it.
+    """
+    options: dict[str, tuple[Any, ...]] = {
+        name: (None, "") for name in _NULLABLE_TEXT if row.get(name) is None
+    }
+    if row.get("details") == {}:
+        options["details"] = ({}, None)
+    names = list(options)
+    for choice in itertools.product(*(options[n] for n in names)):
+        yield {**row, **dict(zip(names, choice, strict=True))}
+
+
+def _row_hash_matches(row: dict[str, Any], from_csv: bool) -> bool:
+    readings = _csv_readings(row) if from_csv else iter([row])
+    for reading in readings:
+        try:
+            if audit_row_hash(str(reading.get("prev_hash")), reading) == row.get("row_hash"):
+                return True
+        except (ValueError, TypeError, OverflowError):
+            return False  # a field no audit row can hold (bad address, number)
+    return False
+
+
 def check_export(lines: Iterable[str], signer: AnchorSigner) -> ExportCheck:
     """Check one exported tenant log (JSON lines) with no database; see the module doc."""
     result = ExportCheck()
-    rows, anchors = _read(lines, result)
+    lines = iter(lines)
+    first = next(lines, "")
+    from_csv = first.strip().lstrip("\ufeff") == CSV_HEADER
+    rows, anchors = _read(itertools.chain([first], lines), result)
     result.rows, result.anchors = len(rows), len(anchors)
     tenants = {r.get("tenant_id") for r in rows}
     if len(tenants) > 1:
@@ -83,11 +178,7 @@ def check_export(lines: Iterable[str], signer: AnchorSigner) -> ExportCheck:
     by_id: dict[int, dict[str, Any]] = {}
     prev: dict[str, Any] | None = None
     for row in rows:
-        try:
-            recomputed = audit_row_hash(str(row.get("prev_hash")), row)
-        except (ValueError, TypeError, OverflowError):
-            recomputed = None  # a field no audit row can hold (bad address, number)
-        if recomputed is None or recomputed != row.get("row_hash"):
+        if not _row_hash_matches(row, from_csv):
             result.problems.append(f"row {row['id']}: its contents no longer match its hash")
         if prev is not None and row.get("prev_hash") != prev.get("row_hash"):
             result.problems.append(

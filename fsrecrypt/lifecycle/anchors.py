@@ -12,9 +12,6 @@ the rewritten row hashes contradict the anchor taken before the rewrite.
 
 from __future__ import annotations
 
-import base64
-import hashlib
-import hmac
 import json
 import socket
 import time
@@ -23,10 +20,15 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
-from fsrecrypt.config import AuditConfig, Config
+from fsrecrypt.config import Config
 from fsrecrypt.db import GENESIS_HASH
 from fsrecrypt.errors import ConfigError, IntegrityError
-from fsrecrypt.keyfile import KeyFileSpec, load_key_file
+from fsrecrypt.lifecycle.anchor_signing import (
+    ANCHOR_KEY,
+    AnchorSigner,
+    anchor_hash,
+    canonical,
+)
 from fsrecrypt.lifecycle.common import iso
 from fsrecrypt.pipeline import Services
 from fsrecrypt.store.anchors import (
@@ -38,15 +40,21 @@ from fsrecrypt.store.anchors import (
 )
 
 ANCHOR_FORMAT = "fsrecrypt-audit-anchor/1"
-_SIGNING_LABEL = b"fsrecrypt-audit-anchor-v1\n"
 _LOCK_SQL = "hashtextextended('audit:anchor', 7)"
 
-ANCHOR_KEY = KeyFileSpec(
-    what="audit anchor signing key",
-    setting="[audit] anchor_key_file",
-    power="forge audit anchors",
-    created_by="fsrecrypt audit anchor (anchors signed with the old key no longer verify)",
-)
+__all__ = [
+    "ANCHOR_FORMAT",
+    "ANCHOR_KEY",
+    "AnchorContradicted",
+    "AnchorSigner",
+    "AnchorsNotConfigured",
+    "anchor_hash",
+    "anchor_if_due",
+    "canonical",
+    "read_anchors",
+    "verify_against_anchors",
+    "write_anchor",
+]
 
 
 class AnchorsNotConfigured(ConfigError):
@@ -63,108 +71,6 @@ class AnchorContradicted(IntegrityError):
         "recording_access_logs from a backup older than the named anchor and investigate "
         "database access"
     )
-
-
-def canonical(value: Any) -> bytes:
-    """The one byte form that is signed and hashed (sorted keys, no spaces, ASCII)."""
-    return json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=True).encode()
-
-
-def anchor_hash(doc: Mapping[str, Any]) -> str:
-    """sha256 of the whole signed anchor: what the next anchor names as its predecessor."""
-    return hashlib.sha256(canonical(doc)).hexdigest()
-
-
-# --- signing ----------------------------------------------------------------------------------
-
-
-class AnchorSigner:
-    """Signs and checks anchors with an HMAC key, an Ed25519 private key or public key.
-
-    ``key_id`` is a hash of the (public) key, never the key: it tells an
-    auditor which key to use without revealing anything.
-    """
-
-    def __init__(self, alg: str, *, secret: bytes | None = None, public: bytes | None = None):
-        self.alg = alg
-        self._secret = secret
-        self._public = public
-        if alg == "hmac-sha256":
-            if secret is None:
-                raise ConfigError("an HMAC anchor key is needed to check HMAC-signed anchors")
-            self.key_id = hashlib.sha256(b"fsrecrypt-anchor-key-id\n" + secret).hexdigest()[:16]
-        elif alg == "ed25519":
-            from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
-
-            if secret is not None:
-                private = Ed25519PrivateKey.from_private_bytes(secret[:32])
-                self._public = private.public_key().public_bytes_raw()
-            if self._public is None or len(self._public) != 32:
-                raise ConfigError("an Ed25519 public key is 32 bytes (base64)")
-            self.key_id = hashlib.sha256(self._public).hexdigest()[:16]
-        else:
-            raise ConfigError(f"unknown anchor signature {alg[:40]!r}")
-
-    def __repr__(self) -> str:
-        return f"AnchorSigner({self.alg}, key_id={self.key_id})"
-
-    @classmethod
-    def from_config(cls, cfg: AuditConfig, *, create: bool = False) -> AnchorSigner:
-        return cls(
-            cfg.anchor_signature,
-            secret=load_key_file(cfg.anchor_key_file, ANCHOR_KEY, create=create),
-        )
-
-    @property
-    def public_key(self) -> str | None:
-        """The Ed25519 public key (base64) auditors need, or None for HMAC."""
-        return base64.b64encode(self._public).decode() if self._public else None
-
-    def sign(self, body: Mapping[str, Any]) -> dict[str, str]:
-        message = _SIGNING_LABEL + canonical(body)
-        if self.alg == "hmac-sha256":
-            assert self._secret is not None
-            raw = hmac.new(self._secret, message, hashlib.sha256).digest()
-        else:
-            from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
-
-            if self._secret is None:
-                raise ConfigError("signing an anchor needs the Ed25519 private key file")
-            raw = Ed25519PrivateKey.from_private_bytes(self._secret[:32]).sign(message)
-        return {"alg": self.alg, "key_id": self.key_id, "value": base64.b64encode(raw).decode()}
-
-    def check(self, doc: Mapping[str, Any]) -> str | None:
-        """None if ``doc``'s signature is ours and valid, else why not."""
-        sig = doc.get("signature")
-        if not isinstance(sig, Mapping):
-            return "it carries no signature"
-        if sig.get("alg") != self.alg or sig.get("key_id") != self.key_id:
-            return (
-                f"it is signed with {str(sig.get('alg'))[:20]} key {str(sig.get('key_id'))[:20]},"
-                f" not the configured {self.alg} key {self.key_id}"
-            )
-        try:
-            raw = base64.b64decode(str(sig.get("value", "")), validate=True)
-        except ValueError:
-            return "its signature is not base64"
-        body = {k: v for k, v in doc.items() if k != "signature"}
-        message = _SIGNING_LABEL + canonical(body)
-        if self.alg == "hmac-sha256":
-            assert self._secret is not None
-            good = hmac.compare_digest(
-                hmac.new(self._secret, message, hashlib.sha256).digest(), raw
-            )
-        else:
-            from cryptography.exceptions import InvalidSignature
-            from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
-
-            assert self._public is not None
-            try:
-                Ed25519PublicKey.from_public_bytes(self._public).verify(raw, message)
-                good = True
-            except InvalidSignature:
-                good = False
-        return None if good else "its signature does not match its contents (forged or edited)"
 
 
 # --- sinks --------------------------------------------------------------------------------------
@@ -271,7 +177,7 @@ def _heads(cur: Any) -> list[dict[str, Any]]:
 def _write_locked(services: Services, cur: Any, *, user_id: str) -> AnchorReceipt:
     config = services.config
     sinks = anchor_sinks(config)
-    signer = AnchorSigner.from_config(config.audit, create=True)
+    signer = AnchorSigner.from_config(config.audit, create=True, keys=config.keys)
     # The newest anchor in any sink: if a write reached one sink and not the
     # other, the next anchor still gets a fresh number (verify names the gap).
     found = [a for a in (sink.latest() for sink in sinks) if a is not None]
@@ -482,7 +388,7 @@ def verify_against_anchors(services: Services) -> AnchorVerification:
     the anchored hash, and the chain must hold as many rows up to it.
     """
     sink = _primary(services.config)
-    signer = AnchorSigner.from_config(services.config.audit)
+    signer = AnchorSigner.from_config(services.config.audit, keys=services.config.keys)
     result = AnchorVerification()
     seen: dict[str, _Seen] = {}
     prev_hash, prev_seq = GENESIS_HASH, 0

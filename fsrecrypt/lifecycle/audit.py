@@ -295,22 +295,44 @@ def iter_audit_rows(
             yield row
 
 
-def write_export(rows: Iterable[Mapping[str, Any]], out: IO[str], fmt: str) -> int:
-    """JSON lines (``details`` as an object) or CSV (``details`` as a JSON string)."""
-    count = 0
-    if fmt == "jsonl":
+class ExportWriter:
+    """Writes an export: rows, then the anchors covering them, in JSON lines or CSV.
+
+    JSON lines carry ``details`` as an object and each anchor as one line
+    ``{"anchor": ..., "location": ...}``. CSV carries ``details`` as a JSON
+    string and each anchor as a row with an empty ``id``, action ``anchor``
+    and that same object in ``details``, so a spreadsheet export is as
+    checkable offline as a JSON-lines one.
+    """
+
+    def __init__(self, out: IO[str], fmt: str) -> None:
+        self._out = out
+        self._csv: csv.DictWriter[str] | None = None
+        if fmt != "jsonl":
+            self._csv = csv.DictWriter(out, fieldnames=list(EXPORT_COLUMNS), lineterminator="\n")
+            self._csv.writeheader()
+
+    def rows(self, rows: Iterable[Mapping[str, Any]]) -> int:
+        count = 0
         for row in rows:
-            out.write(json.dumps(row, sort_keys=False, default=str) + "\n")
+            if self._csv is None:
+                self._out.write(json.dumps(row, sort_keys=False, default=str) + "\n")
+            else:
+                flat = dict(row)
+                flat["details"] = json.dumps(flat.get("details") or {}, sort_keys=True)
+                self._csv.writerow(flat)
             count += 1
         return count
-    writer = csv.DictWriter(out, fieldnames=list(EXPORT_COLUMNS), lineterminator="\n")
-    writer.writeheader()
-    for row in rows:
-        flat = dict(row)
-        flat["details"] = json.dumps(flat.get("details") or {}, sort_keys=True)
-        writer.writerow(flat)
-        count += 1
-    return count
+
+    def anchors(self, anchors: Iterable[Mapping[str, Any]]) -> int:
+        count = 0
+        for item in anchors:
+            if self._csv is None:
+                self._out.write(json.dumps(item) + "\n")
+            else:
+                self._csv.writerow({"action": "anchor", "details": json.dumps(item)})
+            count += 1
+        return count
 
 
 def _parse_when(value: str | None, option: str) -> datetime | None:
@@ -399,10 +421,11 @@ def export_audit_log(
 
     anchors = 0
     with open_output() as out:
-        count = write_export(tracked(), out, fmt)
-        if fmt == "jsonl" and services.config.audit.anchoring and span:
-            anchors = write_covering_anchors(
-                services, str(tenant.id), span["first"], span["last"], out
+        writer = ExportWriter(out, fmt)
+        count = writer.rows(tracked())
+        if services.config.audit.anchoring and span:
+            anchors = writer.anchors(
+                covering_anchors(services, str(tenant.id), span["first"], span["last"])
             )
     services.db.audit(
         action="audit_export",
@@ -420,22 +443,18 @@ def export_audit_log(
     return count
 
 
-def write_covering_anchors(
-    services: Services, tenant_id: str, first_id: int, last_id: int, out: IO[str]
-) -> int:
-    """Append, after the rows, every anchor whose head of this tenant's chain is an exported row.
+def covering_anchors(
+    services: Services, tenant_id: str, first_id: int, last_id: int
+) -> Iterator[dict[str, Any]]:
+    """Every anchor whose head of this tenant's chain is an exported row, as written.
 
-    One JSON line ``{"anchor": {...}, "location": ...}`` each, so ``audit
-    check-export`` can check the rows against signed heads without the
-    database. Anchors are signed documents: the export carries them as they
-    were written.
+    Each as ``{"anchor": {...}, "location": ...}``, so ``audit check-export``
+    can check the rows against signed heads without the database. Anchors
+    are signed documents: the export carries them unchanged.
     """
     from fsrecrypt.lifecycle.anchors import read_anchors
 
-    written = 0
     for stored, doc in read_anchors(services.config):
         heads = [c for c in doc["chains"] if c["chain"] == tenant_id]
         if heads and first_id <= heads[0]["last_id"] <= last_id:
-            out.write(json.dumps({"anchor": doc, "location": stored.location}) + "\n")
-            written += 1
-    return written
+            yield {"anchor": doc, "location": stored.location}

@@ -12,12 +12,13 @@ from __future__ import annotations
 
 import hmac
 from collections.abc import Iterator
+from dataclasses import asdict, dataclass, field
 from typing import IO, Any
 
 from fsrecrypt.db import Recording
-from fsrecrypt.errors import IntegrityError
-from fsrecrypt.lifecycle.common import iso
-from fsrecrypt.pipeline import Services
+from fsrecrypt.errors import FsrecryptError, IntegrityError
+from fsrecrypt.lifecycle.common import ProgressCallback, iso
+from fsrecrypt.pipeline import Services, iter_plaintext, open_recording
 from fsrecrypt.pipeline.custody import FingerprintKey
 
 _CREATED_BY = ("origin", "assigned_by", "adopted_by", "source", "event")
@@ -109,6 +110,7 @@ def recording_custody(services: Services, recording_id: str, *, user_id: str) ->
             "alg": "hmac-sha256 (per-tenant key derived on the server)",
             "value": columns["plaintext_hmac"],
             "key_id": columns["plaintext_hmac_key_id"],
+            "computed": _fingerprint_origin(columns),
         },
         "plaintext_deleted": {
             "at": iso(columns["plaintext_deleted_at"]),
@@ -170,3 +172,104 @@ def check_copy(
     if not match:
         raise FingerprintMismatch(f"the file does not match recording {rec.id}'s fingerprint")
     return {"recording_id": rec.id, "match": True, "key_id": key.key_id}
+
+
+def _fingerprint_origin(columns: dict[str, Any]) -> str | None:
+    if not columns["plaintext_hmac"]:
+        return None
+    if columns.get("plaintext_hmac_source") == "decrypted":
+        return (
+            f"from the authenticated decryption of the stored object at "
+            f"{iso(columns['plaintext_hmac_at'])} (stored before fingerprints existed)"
+        )
+    return "over the bytes read while the recording was encrypted"
+
+
+@dataclass
+class FingerprintFill:
+    """What ``custody --fill-missing`` did: fingerprinted, skipped (changed meanwhile), failed."""
+
+    fingerprinted: int = 0
+    skipped: int = 0
+    failures: dict[str, str] = field(default_factory=dict)
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def fill_missing_fingerprints(
+    services: Services,
+    *,
+    tenant_name: str | None = None,
+    user_id: str,
+    limit: int | None = None,
+    progress: ProgressCallback | None = None,
+) -> FingerprintFill:
+    """Fingerprint stored recordings that predate fingerprints, from their decrypted objects.
+
+    Each object is decrypted and authenticated frame by frame (as ``verify``
+    does) and its size checked against the row; only then is the HMAC
+    written, once, with source ``decrypted`` and an audit row, so the
+    custody document never presents it as computed while encrypting. A
+    recording that fails is named and left without a fingerprint.
+    """
+    key = FingerprintKey.from_config(services.config, create=True)
+    tenant_id = services.db.tenant_by_name(tenant_name).id if tenant_name else None
+    result = FingerprintFill()
+    after: str | None = None
+    done = 0
+    total = int(services.db.unfingerprinted(after_id=None, tenant_id=tenant_id, limit=None)[0])
+    total = min(total, limit) if limit is not None else total
+    if progress is not None:
+        progress(0, total)
+    while limit is None or done < limit:
+        batch = services.db.unfingerprinted(
+            after_id=after, tenant_id=tenant_id, limit=min(100, limit - done if limit else 100)
+        )
+        if not batch:
+            break
+        for recording_id in batch:
+            after = recording_id
+            done += 1
+            try:
+                _fingerprint_one(services, key, recording_id, user_id, result)
+            except FsrecryptError as exc:
+                result.failures[recording_id] = exc.message
+            if progress is not None:
+                progress(done, total)
+    return result
+
+
+def _fingerprint_one(
+    services: Services, key: FingerprintKey, recording_id: str, user_id: str, result: Any
+) -> None:
+    rec = services.db.recording(recording_id)
+    mac = key.hasher(rec.tenant_id)
+    total = 0
+    for chunk in iter_plaintext(services, open_recording(services, rec)):
+        mac.update(chunk)
+        total += len(chunk)
+    if rec.file_size_bytes is not None and total != rec.file_size_bytes:
+        raise IntegrityError(
+            f"decrypted {total} bytes, the row says {rec.file_size_bytes}",
+            hint="Run 'fsrecrypt verify --recording ID' and restore the object.",
+        )
+    fingerprint = str(mac.hexdigest())
+    with services.db.transaction("recording a custody fingerprint") as cur:
+        written = services.db.set_decrypted_fingerprint(
+            cur, rec.id, fingerprint, key.key_id, rec.s3_path or ""
+        )
+        if written:
+            services.db.audit_in_transaction(
+                cur,
+                action="custody_fingerprint",
+                user_id=user_id,
+                success=True,
+                recording_id=rec.id,
+                tenant_id=rec.tenant_id,
+                details={"source": "decrypted", "key_id": key.key_id, "bytes": total},
+            )
+    if written:
+        result.fingerprinted += 1
+    else:
+        result.skipped += 1

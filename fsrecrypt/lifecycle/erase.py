@@ -136,7 +136,7 @@ def check_erasable(
     _check_storage_lock(services, live, now)
 
 
-def _check_storage_lock(services: Services, live: Sequence[Recording], now: datetime) -> None:
+def _check_storage_lock(services: Services, live: Iterable[Recording], now: datetime) -> None:
     """Refuse, before anything is destroyed, an erasure the storage's Object Lock would refuse.
 
     Compliance retention can be shortened or bypassed by nobody, not even
@@ -380,6 +380,22 @@ def start_erase_selected(
     """
     if not reason.strip():
         raise ConfigError("erasure needs a --reason", hint="Say why, e.g. the request ticket.")
+    if tenant_name and not recording_id and not call_uuid:  # maybe millions: streamed
+        from fsrecrypt.lifecycle.erase_select import TenantRecordings, check_tenant_erasable
+
+        selection = TenantRecordings(services, services.db.tenant_by_name(tenant_name).id)
+        if not selection:
+            raise NotFound("no recordings match", hint="Check the tenant name.")
+        check_tenant_erasable(services, selection, override_retention=override_retention)
+        if confirm is not None:
+            confirm(selection)
+        return start_erasure(
+            services,
+            (item["id"] for item in selection.ids()),
+            reason=reason,
+            user_id=user_id,
+            override_retention=override_retention,
+        )
     recordings = select_recordings(
         services, recording_id=recording_id, call_uuid=call_uuid, tenant_name=tenant_name
     )

@@ -19,10 +19,13 @@ from fsrecrypt.db import USER_AGENT_LIMIT, bounded
 from fsrecrypt.errors import FsrecryptError, InvalidState, NotFound, RecordingGone
 from fsrecrypt.web.auth import API_KEY_HEADER, Principal, authenticate_api_key
 from fsrecrypt.web.errors import ApiAuthError
+from fsrecrypt.web.routes import ON_BEHALF_OF_HEADER, Route
 from fsrecrypt.web.signing import UrlSigner
 
 if TYPE_CHECKING:
     from fsrecrypt.pipeline import Services
+    from fsrecrypt.web.app import Params
+    from fsrecrypt.web.tokens import TokenVerifier
 
 log = logging.getLogger("fsrecrypt.web")
 
@@ -31,6 +34,9 @@ _UUID_RE = re.compile(
 )
 PATH_LIMIT = 256
 REQUESTED_ID_LIMIT = 64
+END_USER_LIMIT = 200
+BEARER_PREFIX = "bearer "
+_END_USER_RE = re.compile(r"[^\x00-\x1f\x7f]{1,200}")
 
 
 def client_ip() -> str | None:
@@ -53,10 +59,17 @@ def requested_id(recording_id: str) -> str | None:
 class Access:
     """The checks and the access-log rows of the current request (state lives in ``flask.g``)."""
 
-    def __init__(self, services: Services, signer: UrlSigner, now: Callable[[], float]) -> None:
+    def __init__(
+        self,
+        services: Services,
+        signer: UrlSigner,
+        now: Callable[[], float],
+        tokens: TokenVerifier | None = None,
+    ) -> None:
         self.services = services
         self.signer = signer
         self.now = now
+        self.tokens = tokens
 
     def audit(
         self,
@@ -97,7 +110,7 @@ class Access:
             user_agent=user_agent(),
             decryption_duration_ms=duration_ms,
             error_message=error,
-            details={**(details or {}), **({"key_id": who.key_id, "via": who.via} if who else {})},
+            details={**(details or {}), **(who.audit_details() if who else {})},
         )
 
     def audit_unaudited_refusal(self, status: int, code: str) -> None:
@@ -114,23 +127,120 @@ class Access:
         except FsrecryptError as exc:
             log.error("could not write the refusal's access-log row: %s", exc.one_line())
 
-    def require_key(self) -> Principal:
-        """The caller behind ``X-API-Key``, or 401 (audited)."""
+    def principal(self) -> Principal:
+        """The caller of this request, as ``authorize`` found it before the view ran."""
+        found = g.get("principal")
+        if found is None:  # a view of a public route asked: a bug in the route table
+            raise LookupError("this route is public: there is no principal")
+        return found
+
+    def authorize(self, route: Route, params: Params) -> Principal:
+        """Authenticate the caller the way ``route.security`` allows and check ``route.roles``.
+
+        Run by the app before every non-public view. 401 when credentials are
+        missing or refused, 403 ``forbidden_role`` when the caller lacks every
+        role the route names, 403 ``on_behalf_refused`` when a key without the
+        right names an end user; each refusal writes an access-log row.
+        """
+        bearer = request.headers.get("Authorization", "")
         key = request.headers.get(API_KEY_HEADER)
-        if not key:
-            self.audit("auth", False, error="missing API key", details={"path": request_path()})
+        if route.security == "api_key_or_signed_url" and params.has("sig") and not (key or bearer):
+            signed = {name: params.text(name) or "" for name in ("kid", "exp", "sig", "who")}
+            principal = self.signed_url(params.path("id"), signed)
+        elif bearer:
+            principal = self._bearer(bearer)
+        else:
+            principal = self._api_key(key)
+        end_user = params.header(ON_BEHALF_OF_HEADER)
+        if end_user is not None:
+            principal = self._acting_for(principal, end_user)
+        g.principal = principal
+        if not principal.has_any(route.roles):
+            self.audit(
+                "auth",
+                False,
+                error="forbidden_role",
+                details={
+                    "path": request_path(),
+                    "operation": route.operation_id,
+                    "required_any_of": list(route.roles),
+                    "roles": list(principal.roles),
+                },
+            )
             raise ApiAuthError(
-                "an API key is required",
-                code="auth_required",
-                hint=f"Send the key in the {API_KEY_HEADER} header.",
+                f"this request needs the role {' or '.join(route.roles)}; "
+                f"the caller holds {', '.join(principal.roles) or 'no role'}",
+                code="forbidden_role",
+                status=403,
+                hint="Ask the administrators for a key or token with that role.",
+            )
+        return principal
+
+    def _refuse(
+        self, code: str, message: str, hint: str, status: int = 401, reason: str | None = None
+    ) -> ApiAuthError:
+        """The refusal to raise, audited first (``reason``: the row's text if not the code)."""
+        self.audit("auth", False, error=reason or code, details={"path": request_path()})
+        return ApiAuthError(message, code=code, status=status, hint=hint)
+
+    def _api_key(self, key: str | None) -> Principal:
+        """The caller behind ``X-API-Key``, or 401 (audited)."""
+        if not key:
+            raise self._refuse(
+                "auth_required",
+                "an API key or a bearer token is required",
+                f"Send the key in the {API_KEY_HEADER} header, or a token as "
+                "'Authorization: Bearer <token>'.",
+                reason="missing API key",  # the refusal buckets' reason since before tokens
             )
         try:
-            principal = authenticate_api_key(self.services, key)
+            return authenticate_api_key(self.services, key)
         except ApiAuthError as exc:
             self.audit("auth", False, error=exc.code, details={"path": request_path()})
             raise
+
+    def _bearer(self, header: str) -> Principal:
+        """The caller behind ``Authorization: Bearer <JWT>``, or 401 (audited, with the reason)."""
+        if header[: len(BEARER_PREFIX)].lower() != BEARER_PREFIX:
+            raise self._refuse(
+                "unsupported_authorization",
+                "only 'Authorization: Bearer <token>' is accepted",
+                f"Send a token as 'Authorization: Bearer <token>', or a key in {API_KEY_HEADER}.",
+            )
+        if self.tokens is None:
+            raise self._refuse(
+                "bearer_not_configured",
+                "this server accepts no bearer tokens",
+                "Use an API key, or configure [auth] jwks_url or jwks_file.",
+            )
+        try:
+            return self.tokens.principal(header[len(BEARER_PREFIX) :].strip())
+        except ApiAuthError as exc:
+            self.audit(
+                "auth", False, error=exc.code, details={"path": request_path(), "via": "jwt"}
+            )
+            raise
+
+    def _acting_for(self, principal: Principal, end_user: str) -> Principal:
+        """The service key's principal acting for ``end_user``; 403 unless the key has the right."""
         g.principal = principal
-        return principal
+        if not principal.may_act_for_users:
+            raise self._refuse(
+                "on_behalf_refused",
+                f"this credential may not act for another user ({ON_BEHALF_OF_HEADER})",
+                "Only keys created with 'fsrecrypt apikeys create --on-behalf-of' may name "
+                "the end user they act for.",
+                status=403,
+            )
+        if not _END_USER_RE.fullmatch(end_user.strip()):
+            raise self._refuse(
+                "invalid_on_behalf_of",
+                f"{ON_BEHALF_OF_HEADER} must be a user id of 1-{END_USER_LIMIT} printable "
+                "characters",
+                "Send the end user's id, e.g. alice@example.com.",
+                status=400,
+            )
+        return principal.acting_for(end_user.strip())
 
     def signed_url(self, recording_id: str, signed: Mapping[str, str]) -> Principal:
         """The caller a signed stream URL speaks for, or 400/403 (audited)."""
@@ -173,7 +283,7 @@ class Access:
             "user_agent": user_agent(),
             "error_message": "not_found",
         }
-        via = {"key_id": principal.key_id, "via": principal.via}
+        via = principal.audit_details()
         rows: list[dict[str, Any]] = [
             {
                 **common,

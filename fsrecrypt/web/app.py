@@ -8,30 +8,35 @@ a parameter the document does not list, so the document and the code agree.
 
 from __future__ import annotations
 
+import json
 import logging
 import time
 from collections.abc import Callable, Mapping
 from datetime import UTC, datetime
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from flask import Flask, Response, g, jsonify, request
 from werkzeug.exceptions import HTTPException
 
+from fsrecrypt.db import audit_context
 from fsrecrypt.errors import FsrecryptError
 from fsrecrypt.numbers import NumberError, parse_int
 from fsrecrypt.web import schemas
-from fsrecrypt.web.access import Access, request_path
+from fsrecrypt.web.access import Access, client_ip, request_path, user_agent
 from fsrecrypt.web.auth import API_KEY_HEADER
 from fsrecrypt.web.errors import ApiError, classify
 from fsrecrypt.web.openapi import openapi_document
 from fsrecrypt.web.routes import ROUTES, Param, Route
 from fsrecrypt.web.signing import UrlSigner, load_signing_key
+from fsrecrypt.web.tokens import TokenVerifier
 from fsrecrypt.web.views import Views
 
 if TYPE_CHECKING:
     from fsrecrypt.pipeline import Services
 
 log = logging.getLogger("fsrecrypt.web")
+MAX_JSON_BODY = 65536
+"""Bytes a JSON request body may have (a reason and a flag need a few hundred)."""
 
 
 class Params:
@@ -43,7 +48,8 @@ class Params:
     """
 
     def __init__(self, route: Route, path_values: Mapping[str, str]) -> None:
-        self._declared = {(p.location, p.name): p for p in route.params}
+        self._route = route
+        self._declared = {(p.location, p.name): p for p in route.all_params}
         self._path = path_values
         self.read: set[str] = set()
 
@@ -105,6 +111,37 @@ class Params:
             ) from None
         return parsed if parsed.tzinfo is not None else parsed.replace(tzinfo=UTC)
 
+    def body(self) -> Any:
+        """The JSON request body as the route's declared ``Body.schema``, or 400 ``invalid_body``.
+
+        At most MAX_JSON_BODY bytes are read; the media type must be
+        application/json; fields are checked by :func:`.schemas.from_json`.
+        """
+        declared = self._route.body
+        if declared is None or declared.schema is None:
+            raise LookupError("this route declares no JSON body")
+
+        def refused(why: str) -> ApiError:
+            return ApiError(
+                f"the request body is not valid: {why}",
+                code="invalid_body",
+                hint=f"Send a JSON object ({declared.description}).",
+            )
+
+        if request.mimetype != "application/json":
+            raise refused("the media type must be application/json")
+        if (request.content_length or 0) > MAX_JSON_BODY:
+            raise refused(f"it exceeds {MAX_JSON_BODY} bytes")
+        raw = request.stream.read(MAX_JSON_BODY + 1)
+        if len(raw) > MAX_JSON_BODY:
+            raise refused(f"it exceeds {MAX_JSON_BODY} bytes")
+        try:
+            return schemas.from_json(declared.schema, json.loads(raw))
+        except RecursionError:
+            raise refused("it is nested too deeply") from None
+        except ValueError as exc:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+            raise refused(str(exc)[:200]) from None
+
 
 def error_response(
     status: int, code: str, message: str, hint: str | None, headers: Mapping[str, str]
@@ -117,27 +154,49 @@ def error_response(
     return response
 
 
-def _endpoint(route: Route, view: Callable[[Params], Response]) -> Callable[..., Response]:
+def _endpoint(
+    route: Route, view: Callable[[Params], Response], access: Access
+) -> Callable[..., Response]:
+    """The view behind its route's checks: the caller authenticated and holding a role first."""
+
     def endpoint(**path_values: str) -> Response:
         g.params = Params(route, path_values)
-        return view(g.params)
+        if route.security == "public":
+            return view(g.params)
+        principal = access.authorize(route, g.params)
+        # Rows the view's domain calls write (holds, erasure, custody) name the credential too.
+        with audit_context(
+            principal.audit_details(), ip_address=client_ip(), user_agent=user_agent()
+        ):
+            return view(g.params)
 
     endpoint.__name__ = route.view
     return endpoint
 
 
-def create_app(services: Services, *, now: Callable[[], float] = time.time) -> Flask:
-    """The Flask application over the daemon's key provider, store and database."""
+def create_app(
+    services: Services,
+    *,
+    now: Callable[[], float] = time.time,
+    tokens: TokenVerifier | None = None,
+) -> Flask:
+    """The Flask application over the daemon's key provider, store and database.
+
+    Bearer tokens are accepted when ``[auth]`` names a key set (or ``tokens``
+    is given); otherwise only API keys and signed URLs.
+    """
     app = Flask("fsrecrypt.web", static_folder=None)
     app.json.sort_keys = False  # type: ignore[attr-defined]
     signer = UrlSigner(load_signing_key(services.config.playback.signing_key_file))
-    access = Access(services, signer, now)
+    if tokens is None and services.config.auth.enabled:
+        tokens = TokenVerifier(services)
+    access = Access(services, signer, now, tokens)
     views = Views(services, access, openapi_document(), now)
     for route in ROUTES:
         app.add_url_rule(
             route.rule,
             endpoint=route.operation_id,
-            view_func=_endpoint(route, getattr(views, route.view)),
+            view_func=_endpoint(route, getattr(views, route.view), access),
             methods=[route.method],
         )
 
@@ -154,7 +213,10 @@ def create_app(services: Services, *, now: Callable[[], float] = time.time) -> F
         if status >= 500:
             log.error("%s %s failed: %s", request.method, request_path(), exc.one_line())
         if status == 401:
-            headers.setdefault("WWW-Authenticate", f'ApiKey header="{API_KEY_HEADER}"')
+            challenge = f'ApiKey header="{API_KEY_HEADER}"'
+            if access.tokens is not None:
+                challenge += ', Bearer realm="fsrecrypt"'
+            headers.setdefault("WWW-Authenticate", challenge)
         access.audit_unaudited_refusal(status, code)
         return error_response(status, code, message, hint, headers)
 

@@ -16,12 +16,13 @@ from typing import Any, Literal, get_args, get_origin, get_type_hints
 from fsrecrypt import __version__
 from fsrecrypt.web import schemas
 from fsrecrypt.web.auth import API_KEY_HEADER
-from fsrecrypt.web.routes import ROUTES, Answer, Param, Route
+from fsrecrypt.web.routes import ROUTES, Answer, Body, Param, Route
 
 ERROR_DESCRIPTIONS = {
     400: "Bad request parameters",
-    401: "Missing or invalid API key",
-    403: "Invalid or expired signed URL",
+    401: "Missing or invalid API key or bearer token",
+    403: "The caller lacks the route's role, may not act for another user, "
+    "or the signed URL is invalid or expired",
     404: "No such recording for this tenant",
     409: "The recording is not stored yet",
     410: "The recording was erased",
@@ -31,8 +32,8 @@ ERROR_DESCRIPTIONS = {
 }
 
 _SECURITY: dict[str, list[dict[str, list[str]]]] = {
-    "api_key": [{"ApiKey": []}],
-    "api_key_or_signed_url": [{"ApiKey": []}, {}],
+    "api_key": [{"ApiKey": []}, {"Bearer": []}],
+    "api_key_or_signed_url": [{"ApiKey": []}, {"Bearer": []}, {}],
     "public": [],
 }
 
@@ -41,6 +42,7 @@ _KINDS: dict[str, dict[str, Any]] = {
     "uuid": {"type": "string", "format": "uuid"},
     "integer": {"type": "integer"},
     "date-time": {"type": "string", "format": "date-time"},
+    "boolean": {"type": "boolean"},
 }
 
 _PLAIN_TYPES: dict[Any, dict[str, Any]] = {
@@ -100,6 +102,9 @@ def _components(routes: tuple[Route, ...]) -> dict[str, Any]:
     """Every schema the routes answer with, and those they refer to, by class name."""
     pending: dict[str, type] = {"Error": schemas.Error}
     pending.update({a.body.__name__: a.body for r in routes for a in r.answers if a.body})
+    pending.update(
+        {r.body.schema.__name__: r.body.schema for r in routes if r.body and r.body.schema}
+    )
     done: dict[str, Any] = {}
     while pending:
         name, cls = pending.popitem()
@@ -136,18 +141,37 @@ def _answer(answer: Answer) -> dict[str, Any]:
     return {"description": answer.description, "content": {answer.media_type: {"schema": schema}}}
 
 
+def _request_body(body: Body) -> dict[str, Any]:
+    content: dict[str, Any] = {}
+    for media_type in body.media_types:
+        if body.schema is not None and not media_type.startswith("audio/"):
+            content[media_type] = {"schema": _ref(body.schema)}
+        else:
+            content[media_type] = {"schema": {"type": "string", "format": "binary"}}
+    return {"description": body.description, "required": body.required, "content": content}
+
+
 def _operation(route: Route) -> dict[str, Any]:
     op: dict[str, Any] = {"operationId": route.operation_id, "summary": route.summary}
-    if route.description:
-        op["description"] = route.description
+    description = route.description or ""
+    if route.roles:
+        needed = " or ".join(f"'{r}'" for r in route.roles)
+        description = f"{description}\n\nRequires the role {needed}.".strip()
+        op["x-roles"] = list(route.roles)
+    if description:
+        op["description"] = description
     if route.security != "api_key":
         op["security"] = _SECURITY[route.security]
-    if route.params:
-        op["parameters"] = [_parameter(p) for p in route.params]
+    if route.all_params:
+        op["parameters"] = [_parameter(p) for p in route.all_params]
+    if route.body is not None:
+        op["requestBody"] = _request_body(route.body)
     responses = {str(a.status): _answer(a) for a in route.answers}
     error_ref = {"application/json": {"schema": _ref(schemas.Error)}}
-    for status in route.errors:
-        responses[str(status)] = {"description": ERROR_DESCRIPTIONS[status], "content": error_ref}
+    notes = dict(route.error_notes)
+    for status in route.statuses:
+        description = notes.get(status, ERROR_DESCRIPTIONS[status])
+        responses[str(status)] = {"description": description, "content": error_ref}
     op["responses"] = responses
     return op
 
@@ -164,7 +188,10 @@ def openapi_document(routes: tuple[Route, ...] = ROUTES) -> dict[str, Any]:
             "version": __version__,
             "description": (
                 "Lists a tenant's encrypted call recordings and streams them with server-side "
-                "decryption and HTTP Range support. Every access is written to the tenant's "
+                "decryption and HTTP Range support. Callers authenticate with an API key "
+                "(X-API-Key) or a bearer token (JWT) from the platform's identity provider, "
+                "and each operation names the roles it requires (x-roles: listen, download, "
+                "ingest, admin). Every access is written to the tenant's "
                 'hash-chained access log. Errors are JSON: {"error": {"code", "message", '
                 '"hint"}} with a stable code.'
             ),
@@ -174,7 +201,8 @@ def openapi_document(routes: tuple[Route, ...] = ROUTES) -> dict[str, Any]:
         "paths": paths,
         "components": {
             "securitySchemes": {
-                "ApiKey": {"type": "apiKey", "in": "header", "name": API_KEY_HEADER}
+                "ApiKey": {"type": "apiKey", "in": "header", "name": API_KEY_HEADER},
+                "Bearer": {"type": "http", "scheme": "bearer", "bearerFormat": "JWT"},
             },
             "schemas": _components(routes),
         },

@@ -11,6 +11,7 @@ the body when it is None; ``fmt`` names the string format.
 from __future__ import annotations
 
 import dataclasses
+import typing
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any, Literal
@@ -37,14 +38,26 @@ class Error:
     error: ErrorDetail
 
 
+Role = Literal["listen", "download", "ingest", "admin"]
+Via = Literal["api_key", "jwt", "signed_url"]
+
+
 @dataclass(frozen=True)
 class Principal:
-    """The tenant and user behind the API key (``GET /v1/me``); cf. ``auth.Principal``."""
+    """The caller (``GET /v1/me``): tenant, user, roles, how they signed in (``auth.Principal``).
+
+    ``key_id`` for an API key, ``issuer`` for a bearer token, ``service_user``
+    when a service key acts for ``user`` (``X-On-Behalf-Of``).
+    """
 
     tenant: str
     tenant_id: str = fmt("uuid")
     user: str
-    key_id: str
+    roles: list[Role]
+    via: Via
+    key_id: str | None = None
+    issuer: str | None = None
+    service_user: str | None = None
 
 
 @dataclass(frozen=True)
@@ -73,6 +86,72 @@ class PlaybackUrl:
     url: str
     expires_at: str = fmt("date-time")
     expires_in: int
+
+
+@dataclass(frozen=True)
+class HoldRequest:
+    """The body of the hold routes: why (a case or matter number; on release, why it ends)."""
+
+    reason: str
+
+
+@dataclass(frozen=True)
+class EraseRequest:
+    """The body of ``POST /erase``: why, and whether to erase inside the retention period."""
+
+    reason: str
+    override_retention: bool = False
+
+
+@dataclass(frozen=True)
+class HoldResult:
+    recording_id: str = fmt("uuid")
+    status: Literal["held", "already held", "erased", "released", "not held"]
+    hold_id: int | None = None
+    storage_legal_hold: str | None = None
+
+
+@dataclass(frozen=True)
+class HoldResults:
+    """What ``fsrecrypt hold add|remove`` prints, per recording."""
+
+    results: list[HoldResult]
+
+
+REQUEST_TEXT_LIMIT = 1000
+"""Characters a string field of a request body may hold (a reason, a case number)."""
+
+
+def from_json(cls: type, value: Any) -> Any:
+    """A request body (parsed JSON) as an instance of ``cls``; ValueError saying what is wrong.
+
+    Only the fields ``cls`` declares, each of its declared type (str, bool,
+    int; strings 1..REQUEST_TEXT_LIMIT characters), the required ones present.
+    """
+    if not isinstance(value, dict):
+        raise ValueError("the body must be a JSON object")
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(value) - set(fields))
+    if unknown:
+        raise ValueError(f"unknown field {unknown[0][:40]!r} (known: {', '.join(fields)})")
+    hints = typing.get_type_hints(cls)
+    out: dict[str, Any] = {}
+    for name, f in fields.items():
+        if name not in value:
+            if f.default is dataclasses.MISSING:
+                raise ValueError(f"the field {name!r} is required")
+            continue
+        item, want = value[name], hints[name]
+        if want is bool and not isinstance(item, bool):
+            raise ValueError(f"{name} must be true or false")
+        if want is int and (isinstance(item, bool) or not isinstance(item, int)):
+            raise ValueError(f"{name} must be an integer")
+        if want is str and not (
+            isinstance(item, str) and 0 < len(item.strip()) and len(item) <= REQUEST_TEXT_LIMIT
+        ):
+            raise ValueError(f"{name} must be a string of 1-{REQUEST_TEXT_LIMIT} characters")
+        out[name] = item
+    return cls(**out)
 
 
 def to_json(value: Any) -> Any:

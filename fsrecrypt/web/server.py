@@ -36,7 +36,7 @@ log = logging.getLogger("fsrecrypt.web")
 
 
 _SENSITIVE_PARAMS = frozenset(
-    {"sig", "signature", "token", "access_token", "api_key", "apikey", "key", "x-api-key"}
+    {"sig", "signature", "token", "access_token", "api_key", "apikey", "key", "x-api-key", "who"}
 )
 _QUERY_PARAM_RE = re.compile(r"([?&;])([^=&;\s\"]*)=([^&;\s\"]*)")
 _KEY_IN_TEXT_RE = re.compile(r"fsr_([0-9a-f]{16})_[A-Za-z0-9_-]+")

@@ -20,7 +20,8 @@ from fsrecrypt.db import bounded
 from fsrecrypt.errors import FsrecryptError
 from fsrecrypt.web import schemas
 from fsrecrypt.web.access import Access, client_ip, user_agent
-from fsrecrypt.web.auth import API_KEY_HEADER, Principal
+from fsrecrypt.web.admin import AdminViews
+from fsrecrypt.web.auth import Principal
 from fsrecrypt.web.errors import classify
 from fsrecrypt.web.ranges import BadRange, parse_range
 from fsrecrypt.web.routes import DEFAULT_LIST_LIMIT
@@ -51,8 +52,11 @@ def _static_file(name: str, mimetype: str) -> Response:
     return response
 
 
-class Views:
-    """The route handlers over one set of services (key provider, store, database)."""
+class Views(AdminViews):
+    """The route handlers over one set of services (key provider, store, database).
+
+    The admin routes' handlers are mixed in from :mod:`.admin`.
+    """
 
     def __init__(
         self, services: Services, access: Access, spec: dict[str, Any], now: Callable[[], float]
@@ -81,12 +85,23 @@ class Views:
     # -- API -------------------------------------------------------------------------------
 
     def me(self, _params: Params) -> Response:
-        p = self.access.require_key()
-        return _json(schemas.Principal(p.tenant_name, p.tenant_id, p.user_id, p.key_id))
+        p = self.access.principal()
+        return _json(
+            schemas.Principal(
+                p.tenant_name,
+                p.tenant_id,
+                p.user_id,
+                list(p.roles),
+                p.via,
+                p.key_id,
+                p.issuer,
+                p.service_user,
+            )
+        )
 
     def list_recordings(self, params: Params) -> Response:
         g.action = "list"
-        principal = self.access.require_key()
+        principal = self.access.principal()
         limit = params.integer("limit", default=DEFAULT_LIST_LIMIT)
         rows = self.services.db.recordings(
             tenant_id=principal.tenant_id,
@@ -99,13 +114,13 @@ class Views:
 
     def get_recording(self, params: Params) -> Response:
         g.action = "metadata"
-        principal = self.access.require_key()
+        principal = self.access.principal()
         recording = self.access.tenant_recording(principal, params.path("id"), "metadata")
         return _json(schemas.recording_of(recording))
 
     def playback_url(self, params: Params) -> Response:
         g.action = "playback_url"
-        principal = self.access.require_key()
+        principal = self.access.principal()
         recording = self.access.tenant_recording(principal, params.path("id"), "playback_url")
         self.access.usable(recording, "playback_url")
         url_ttl = self.services.config.playback.url_ttl
@@ -122,23 +137,27 @@ class Views:
         return _json(schemas.PlaybackUrl(url, expires_at, ttl))
 
     def stream(self, params: Params) -> Response:
-        g.action = "stream"
+        return self._audio(params, "stream", "inline", params.header("Range"))
+
+    def download(self, params: Params) -> Response:
+        return self._audio(params, "download", "attachment", None)
+
+    def _audio(
+        self, params: Params, action: str, disposition: str, range_header: str | None
+    ) -> Response:
+        """The recording's audio: ``stream`` (inline, Range) or ``download`` (attachment, whole)."""
+        g.action = action
         started = time.monotonic()
         recording_id = params.path("id")
-        signed = {name: params.text(name) or "" for name in ("kid", "exp", "sig")}
-        if params.has("sig") and not request.headers.get(API_KEY_HEADER):
-            principal = self.access.signed_url(recording_id, signed)
-        else:
-            principal = self.access.require_key()
-        recording = self.access.tenant_recording(principal, recording_id, "stream")
-        self.access.usable(recording, "stream")
+        principal = self.access.principal()
+        recording = self.access.tenant_recording(principal, recording_id, action)
+        self.access.usable(recording, action)
         size = recording.file_size_bytes or 0
-        range_header = params.header("Range")
         try:
             wanted = parse_range(range_header, size)
         except BadRange as exc:
             self.access.audit(
-                "stream",
+                action,
                 False,
                 recording=recording,
                 error="range_not_satisfiable",
@@ -147,16 +166,17 @@ class Views:
             exc.headers = {"Content-Range": f"bytes */{size}"}  # type: ignore[attr-defined]
             raise
         headers = {
-            "Accept-Ranges": "bytes",
-            "Content-Disposition": f'inline; filename="{recording.id}.wav"',
+            "Content-Disposition": f'{disposition}; filename="{recording.id}.wav"',
             "Cache-Control": "private, no-store",
         }
+        if action == "stream":
+            headers["Accept-Ranges"] = "bytes"
         if request.method == "HEAD":
             response = Response(b"", mimetype="audio/wav", headers=headers)
             response.headers["Content-Length"] = str(size)
             return response
         start, end = (0, size) if wanted is None else wanted
-        body = self._audited_body(principal, recording, wanted, start, end, started)
+        body = self._audited_body(principal, recording, wanted, (start, end), started, action)
         status = 200 if wanted is None else 206
         response = Response(
             body, status=status, mimetype="audio/wav", headers=headers, direct_passthrough=True
@@ -171,11 +191,12 @@ class Views:
         principal: Principal,
         recording: Any,
         wanted: tuple[int, int] | None,
-        start: int,
-        end: int,
+        span: tuple[int, int],
         started: float,
+        action: str,
     ) -> AuditedStream:
         """The plaintext of ``[start, end)``, its first frame verified, audited when it ends."""
+        start, end = span
         size = recording.file_size_bytes or 0
         range_details = {"range": {"start": start, "end": end - 1 if end else None, "size": size}}
         agent = user_agent()
@@ -195,7 +216,7 @@ class Views:
             # (integrity_error, key_unavailable, ...), so tampering and a
             # swapped object are told apart from outages in the audit log.
             self.access.audit(
-                "stream",
+                action,
                 False,
                 recording=recording,
                 error=f"{type(exc).__name__}: {exc.message}",
@@ -206,7 +227,7 @@ class Views:
 
         def on_close(sent: int, error: str | None, completed: bool) -> None:
             services.db.audit(
-                action="stream",
+                action=action,
                 user_id=principal.user_id,
                 success=error is None,
                 recording_id=recording.id,
@@ -219,8 +240,7 @@ class Views:
                     **range_details,
                     "bytes_sent": sent,
                     "completed": completed,
-                    "key_id": principal.key_id,
-                    "via": principal.via,
+                    **principal.audit_details(),
                 },
             )
 

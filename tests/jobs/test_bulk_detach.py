@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 
+import pytest
 from click.testing import CliRunner
 
 from fsrecrypt.cli import main
@@ -58,3 +59,43 @@ def test_expire_detached_then_worked_writes_the_expire_audit_row(world) -> None:
     rows = [r for r in svc.db.audit_rows(action="expire") if r["recording_id"] is None]
     assert rows[-1]["success"] and rows[-1]["details"]["erased"] == len(receipt["recording_ids"])
     assert rows[-1]["details"]["receipt_id"] == receipt["receipt_id"]
+
+
+def test_erase_tenant_never_loads_the_tenants_recordings_into_a_list(world) -> None:  # noqa: F811
+    """A tenant may own millions: the checks are SQL, the selection and the items stream."""
+    svc, tenant, ids, _cfg = world
+
+    def no_full_listing(**_kw):
+        raise AssertionError("erase --tenant listed every recording into memory")
+
+    svc.db.recordings = no_full_listing  # type: ignore[method-assign]
+    shown: list[tuple[int, list[str]]] = []
+    from fsrecrypt.lifecycle.erase import erase_selected
+
+    receipt = erase_selected(
+        svc,
+        reason="GDPR-9",
+        user_id="dpo",
+        tenant_name=tenant.name,
+        override_retention=True,
+        confirm=lambda sel: shown.append((len(sel), [r.id for r in sel[:2]])),
+    )
+    assert shown == [(3, sorted(ids)[:2])]
+    assert sorted(receipt["recording_ids"]) == sorted(ids)
+    del svc.db.recordings
+    assert all(svc.db.recording(i).status == "erased" for i in ids)
+
+
+def test_erase_tenant_refusals_are_checked_in_sql(world) -> None:  # noqa: F811
+    svc, tenant, ids, _cfg = world
+    from fsrecrypt.lifecycle.erase import RetentionActive, erase_selected
+    from fsrecrypt.lifecycle.holds import LegalHoldActive, add_hold
+
+    with pytest.raises(RetentionActive, match=r"3 recording\(s\) are inside the retention period"):
+        erase_selected(svc, reason="x", user_id="dpo", tenant_name=tenant.name)
+    add_hold(svc, reason="case 1", user_id="counsel", recording_id=ids[1])
+    with pytest.raises(LegalHoldActive, match=ids[1]):
+        erase_selected(
+            svc, reason="x", user_id="dpo", tenant_name=tenant.name, override_retention=True
+        )
+    assert all(svc.db.recording(i).status == "stored" for i in ids)

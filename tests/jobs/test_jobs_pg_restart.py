@@ -1,10 +1,11 @@
-"""PostgreSQL restarted in the middle of a job: the workers reconnect and finish it.
+"""PostgreSQL restarted in the middle of a job: the workers and the command reconnect and finish.
 
 A PRIVATE cluster (``tests/support/pg_restartable.py``), never the shared one.
-Two ``fsrecrypt worker`` processes work a detached ``rotate --rewrite-headers``
-job; the cluster is restarted (fast shutdown: every connection is cut) once
+Two ``fsrecrypt worker`` processes and the ``rotate --rewrite-headers``
+command that created the job work it; the cluster is restarted (fast shutdown:
+every connection is cut) once
 some items are done. The job must finish with every recording re-wrapped
-exactly once and both workers still running.
+exactly once, the command exiting 0 and both workers still running.
 """
 
 from __future__ import annotations
@@ -68,15 +69,6 @@ def test_workers_reconnect_after_postgresql_restarts_mid_job(
         ids.append(ingest_file(services, str(wav), tenant, user_id="t").recording.id)
     services.close()
 
-    def cli(*args: str, **kw):
-        return subprocess.run(
-            [sys.executable, "-m", "fsrecrypt.cli", "-c", str(cfg), *args],
-            capture_output=True, text=True, cwd=ROOT, timeout=120, **kw,
-        )  # fmt: skip
-
-    created = cli("rotate", "--tenant", tenant, "--to", "new", "--rewrite-headers", "--detach")
-    assert created.returncode == 0, created.stderr
-    job_id = json.loads(created.stdout)["job"]
     logs = [open(tmp_path / f"worker{n}.log", "w") for n in range(2)]
     workers = [
         subprocess.Popen(
@@ -88,6 +80,21 @@ def test_workers_reconnect_after_postgresql_restarts_mid_job(
         )
         for log in logs
     ]
+    deadline = time.monotonic() + 60
+    while not all("worker.started" in (tmp_path / f"worker{n}.log").read_text() for n in range(2)):
+        assert time.monotonic() < deadline, "the workers did not start"
+        time.sleep(0.05)
+    # The command works the job itself (attached) beside two workers.
+    command = subprocess.Popen(
+        [sys.executable, "-m", "fsrecrypt.cli", "-c", str(cfg), "rotate", "--tenant", tenant,
+         "--to", "new", "--rewrite-headers"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT,
+    )  # fmt: skip
+    deadline = time.monotonic() + 60
+    while (job_id := _one(dsn, "SELECT max(id) FROM jobs")[0]) is None:
+        assert time.monotonic() < deadline and command.poll() is None, "no job was created"
+        time.sleep(0.05)
+    state = None
     try:
         deadline = time.monotonic() + 120
         while _one(dsn, "SELECT coalesce(sum(done), 0) FROM job_counts WHERE job_id = %s",
@@ -100,7 +107,6 @@ def test_workers_reconnect_after_postgresql_restarts_mid_job(
         )[0]
         assert restarted_done < len(ids), "the job finished before the restart: too fast"
         deadline = time.monotonic() + 180
-        state = None
         while state not in ("done", "failed"):
             assert time.monotonic() < deadline, "the job did not finish after the restart"
             for w in workers:
@@ -120,10 +126,15 @@ def test_workers_reconnect_after_postgresql_restarts_mid_job(
         for w in workers:
             if w.poll() is None:
                 w.send_signal(signal.SIGTERM)
+        if command.poll() is None and state != "done":
+            command.kill()
         for w in workers:
             w.wait(60)
         for log in logs:
             log.close()
+    out, err = command.communicate(timeout=240)
+    assert command.returncode == 0, err[-3000:]
+    assert json.loads(out)["remaining"] == 0
     assert all(w.returncode == 0 for w in workers)
     text = "".join((tmp_path / f"worker{n}.log").read_text() for n in range(2))
     assert "worker.loop_pass_failed" in text or "database unavailable" in text

@@ -128,3 +128,83 @@ def test_custody_of_a_bad_id_is_a_typed_error(env, bad: str) -> None:
     run = _cli(cfg, "custody", bad)
     assert run.exit_code != 0
     assert "Traceback" not in run.output and "no recording" in run.output
+
+
+def _forget_fingerprint(services: Services, rec_id: str) -> str:
+    """What a recording stored before fingerprints looks like: no HMAC, no key id."""
+    with services.db.transaction() as cur:
+        cur.execute(
+            "UPDATE call_recordings SET plaintext_hmac = NULL, plaintext_hmac_key_id = NULL"
+            " WHERE id = %s RETURNING (SELECT plaintext_hmac FROM call_recordings WHERE id = %s)",
+            (rec_id, rec_id),
+        )
+        return str(cur.fetchone()[0])
+
+
+def test_fill_missing_fingerprints_from_the_decrypted_object(env, tmp_path) -> None:
+    cfg, services, (tenant, other) = env
+    ids, originals = [], {}
+    for seed, name in enumerate((tenant, tenant, other)):
+        wav = tmp_path / f"old{seed}.wav"
+        originals_bytes = _wav(wav, seed + 10)
+        rec = ingest_file(services, str(wav), name, user_id="ops").recording
+        originals[rec.id] = (originals_bytes, _forget_fingerprint(services, rec.id))
+        ids.append(rec.id)
+
+    run = _cli(cfg, "custody", "--fill-missing", "--tenant", tenant)
+    assert run.exit_code == 0, run.output
+    result = json.loads(run.stdout)
+    assert result == {"fingerprinted": 2, "skipped": 0, "failures": {}}
+    for rec_id in ids[:2]:
+        columns = services.db.custody_columns(rec_id)
+        # The same HMAC the encryptor computed: decryption gives back exactly those bytes.
+        assert columns["plaintext_hmac"] == originals[rec_id][1]
+        assert columns["plaintext_hmac_source"] == "decrypted"
+        doc = json.loads(_cli(cfg, "custody", rec_id).stdout)
+        assert doc["fingerprint"]["computed"].startswith("from the authenticated decryption")
+        assert any(e["action"] == "custody_fingerprint" for e in doc["events"])
+        copy = tmp_path / f"{rec_id}.wav"
+        copy.write_bytes(originals[rec_id][0])
+        assert _cli(cfg, "custody", rec_id, "--check", str(copy)).exit_code == 0
+    # The other tenant's recording was not touched; a second run does nothing more.
+    assert services.db.custody_columns(ids[2])["plaintext_hmac"] is None
+    again = json.loads(_cli(cfg, "custody", "--fill-missing", "--tenant", tenant).stdout)
+    assert again["fingerprinted"] == 0
+    # A fingerprint computed while encrypting says so.
+    wav = tmp_path / "new.wav"
+    _wav(wav, 99)
+    fresh = ingest_file(services, str(wav), tenant, user_id="ops").recording
+    doc = json.loads(_cli(cfg, "custody", fresh.id).stdout)
+    assert doc["fingerprint"]["computed"] == "over the bytes read while the recording was encrypted"
+
+
+def test_fill_missing_never_fingerprints_a_damaged_object(env, tmp_path) -> None:
+    cfg, services, (tenant, _other) = env
+    wav = tmp_path / "old.wav"
+    _wav(wav, 3)
+    rec = ingest_file(services, str(wav), tenant, user_id="ops").recording
+    _forget_fingerprint(services, rec.id)
+    obj = tmp_path / "objects" / (rec.s3_path or "")
+    data = bytearray(obj.read_bytes())
+    data[-100] ^= 0x01  # one bit in the last frame
+    obj.chmod(0o600)
+    obj.write_bytes(bytes(data))
+    run = _cli(cfg, "custody", "--fill-missing")
+    assert run.exit_code == 1
+    result = json.loads(run.stdout)
+    assert result["fingerprinted"] == 0 and rec.id in result["failures"]
+    assert services.db.custody_columns(rec.id)["plaintext_hmac"] is None
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ("custody",),
+        ("custody", "some-id", "--fill-missing"),
+        ("custody", "some-id", "--tenant", "acme"),
+    ],
+)
+def test_custody_refuses_ambiguous_requests(env, args) -> None:
+    cfg, _services, _tenants = env
+    run = _cli(cfg, *args)
+    assert run.exit_code != 0 and "--fill-missing" in run.output

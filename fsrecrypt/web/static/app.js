@@ -1,11 +1,41 @@
-// The supervisor's page: sign in with an API key (kept in sessionStorage, so it
-// dies with the tab), list the tenant's recordings, play one through a
-// short-lived signed URL. The <audio> element fetches the stream itself and
-// sends Range requests when the user seeks; the API key never appears in a URL.
+// The supervisor's page: sign in with an API key or a bearer token from the
+// platform's sign-in (kept in sessionStorage, so it dies with the tab), list the
+// tenant's recordings, play one through a short-lived signed URL. The <audio>
+// element fetches the stream itself and sends Range requests when the user
+// seeks; neither the key nor the token ever appears in a URL the page requests.
+// A platform may hand over its token as /#access_token=<JWT>: the fragment is
+// read once, removed from the address bar, and never sent to a server.
 "use strict";
 
 const KEY_STORAGE = "fsrecrypt.apiKey";
+const TOKEN_STORAGE = "fsrecrypt.token";
+const JWT_SHAPE = /^[A-Za-z0-9_-]+\.[A-Za-z0-9_-]+\.[A-Za-z0-9_-]*$/;
 const $ = (id) => document.getElementById(id);
+let canListen = true; // from /v1/me: the Play buttons need the role "listen"
+let canDownload = false; // and the Download buttons the role "download"
+
+function credentialHeaders() {
+  const token = sessionStorage.getItem(TOKEN_STORAGE);
+  if (token) return { Authorization: `Bearer ${token}` };
+  return { "X-API-Key": sessionStorage.getItem(KEY_STORAGE) || "" };
+}
+
+function remember(credential) {
+  sessionStorage.removeItem(KEY_STORAGE);
+  sessionStorage.removeItem(TOKEN_STORAGE);
+  // An API key looks like fsr_<id>_<secret>; a JWT is three base64url parts.
+  const isToken = !credential.startsWith("fsr_") && JWT_SHAPE.test(credential);
+  sessionStorage.setItem(isToken ? TOKEN_STORAGE : KEY_STORAGE, credential);
+}
+
+function tokenFromFragment() {
+  const fragment = new URLSearchParams(window.location.hash.slice(1));
+  const token = fragment.get("access_token") || fragment.get("token");
+  if (!token) return false;
+  history.replaceState(null, "", window.location.pathname + window.location.search);
+  remember(token.trim());
+  return true;
+}
 
 function setStatus(text, isError) {
   const el = $("status");
@@ -14,8 +44,7 @@ function setStatus(text, isError) {
 }
 
 async function api(path) {
-  const key = sessionStorage.getItem(KEY_STORAGE);
-  const response = await fetch(path, { headers: { "X-API-Key": key || "" }, cache: "no-store" });
+  const response = await fetch(path, { headers: credentialHeaders(), cache: "no-store" });
   let body = null;
   try { body = await response.json(); } catch (e) { body = null; }
   if (!response.ok) {
@@ -57,6 +86,29 @@ async function play(recording) {
   }
 }
 
+// The download route needs the credential header, so the page fetches the file
+// itself and hands the browser a blob: URL to save (the credential stays out of URLs).
+async function download(recording) {
+  setStatus("Downloading…");
+  try {
+    const path = `/v1/recordings/${encodeURIComponent(recording.id)}/download`;
+    const response = await fetch(path, { headers: credentialHeaders(), cache: "no-store" });
+    if (!response.ok) {
+      const body = await response.json().catch(() => null);
+      throw new Error((body && body.error && body.error.message) || response.statusText);
+    }
+    const url = URL.createObjectURL(await response.blob());
+    const link = document.createElement("a");
+    link.href = url;
+    link.download = `${recording.id}.wav`;
+    link.click();
+    setTimeout(() => URL.revokeObjectURL(url), 60000);
+    setStatus(`Downloaded ${recording.call_uuid || recording.id}.`);
+  } catch (e) {
+    setStatus(`Cannot download: ${e.message}`, true);
+  }
+}
+
 function render(recordings) {
   const body = document.querySelector("#recordings tbody");
   body.replaceChildren();
@@ -76,12 +128,20 @@ function render(recordings) {
       row.appendChild(td);
     });
     const action = document.createElement("td");
-    if (rec.status === "stored") {
+    if (rec.status === "stored" && canListen) {
       const button = document.createElement("button");
       button.type = "button";
       button.className = "play";
       button.textContent = "Play";
       button.addEventListener("click", () => play(rec));
+      action.appendChild(button);
+    }
+    if (rec.status === "stored" && canDownload) {
+      const button = document.createElement("button");
+      button.type = "button";
+      button.className = "download";
+      button.textContent = "Download";
+      button.addEventListener("click", () => download(rec));
       action.appendChild(button);
     }
     row.appendChild(action);
@@ -110,7 +170,11 @@ async function search(event) {
 
 async function showSignedIn() {
   const me = await api("/v1/me");
-  $("who").textContent = `${me.user} @ ${me.tenant}`;
+  const how = me.via === "jwt" ? `token from ${me.issuer}` : "API key";
+  $("who").textContent = `${me.user} @ ${me.tenant} (${how}; roles: ${me.roles.join(", ") || "none"})`;
+  $("who").dataset.via = me.via;
+  canListen = me.roles.includes("listen");
+  canDownload = me.roles.includes("download");
   $("whoami").hidden = false;
   $("signin-panel").hidden = true;
   $("browse").hidden = false;
@@ -119,18 +183,20 @@ async function showSignedIn() {
 
 function signOut(message) {
   sessionStorage.removeItem(KEY_STORAGE);
+  sessionStorage.removeItem(TOKEN_STORAGE);
   const audio = $("player");
   audio.pause();
   audio.removeAttribute("src");
   $("whoami").hidden = true;
   $("browse").hidden = true;
+  document.querySelector("#recordings tbody").replaceChildren();
   $("signin-panel").hidden = false;
   setStatus(message || "Signed out.", Boolean(message));
 }
 
 async function signIn(event) {
   event.preventDefault();
-  sessionStorage.setItem(KEY_STORAGE, $("apikey").value.trim());
+  remember($("apikey").value.trim());
   $("apikey").value = "";
   try {
     await showSignedIn();
@@ -147,7 +213,11 @@ document.addEventListener("DOMContentLoaded", () => {
     const err = $("player").error;
     if (err) setStatus(`Playback error (code ${err.code}); the link may have expired — press Play again.`, true);
   });
-  if (sessionStorage.getItem(KEY_STORAGE)) {
+  window.addEventListener("hashchange", () => {
+    if (tokenFromFragment()) showSignedIn().catch((e) => signOut(`Sign-in failed: ${e.message}`));
+  });
+  const handedOver = tokenFromFragment();
+  if (handedOver || sessionStorage.getItem(KEY_STORAGE) || sessionStorage.getItem(TOKEN_STORAGE)) {
     showSignedIn().catch((e) => signOut(`Session ended: ${e.message}`));
   }
 });
