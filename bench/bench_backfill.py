@@ -14,8 +14,11 @@
 * (b) S3: source bucket and target store (and KMS) on moto behind a TCP proxy
   that holds every request 20 ms (like real S3 first-byte latency). The
   same number of objects is backfilled by 1 ``fsrecrypt worker`` and then by
-  3 (``--detach`` job, time from the job's first claim to its end). Target:
-  3 workers >= 2x faster than 1.
+  3 (``--detach`` job, time from the first item finished to the last), each
+  worker taking one item at a time (``[jobs] concurrency = 1``, batches of
+  2) so the ratio is scale-out across processes alone. Target: 3 workers
+  >= 2x faster than 1. CPU per object of the workers and of moto is printed:
+  on 2 cores shared with moto and PostgreSQL, CPU caps the ratio.
 
 Run: ``.venv/bin/python bench/bench_backfill.py [--scale 0.25] [--case local|s3] [--rounds 2]``.
 ``FSRECRYPT_BENCH_SCALE`` scales the counts.
