@@ -141,7 +141,12 @@ def test_unversioned_object_changed_since_listing_is_neither_stored_nor_deleted(
     assert b.client.get_object(Bucket=b.name, Key=key)["Body"].read() == newer
 
 
-def test_s3_source_into_s3_store(s3_target_services, versioned_s3_bucket, tmp_path) -> None:
+def test_s3_source_into_s3_store(
+    s3_target_services, versioned_s3_bucket, tmp_path, monkeypatch
+) -> None:
+    import aws_encryption_sdk
+    from aws_encryption_sdk.identifiers import CommitmentPolicy
+
     services, tenant, target = s3_target_services
     b = versioned_s3_bucket
     data = make_wav(tmp_path / "1.wav", 0.3, seed=1)
@@ -153,6 +158,16 @@ def test_s3_source_into_s3_store(s3_target_services, versioned_s3_bucket, tmp_pa
     (rec,) = services.db.recordings(tenant_id=tenant.id)
     assert b"".join(iter_plaintext(services, open_recording(services, rec))) == data
     assert _versions(b) == []
+    # The official ESDK reads the stored object with the tenant's KMS key (on moto).
+    monkeypatch.setenv("AWS_ENDPOINT_URL", target.endpoint_url)
+    client = aws_encryption_sdk.EncryptionSDKClient(
+        commitment_policy=CommitmentPolicy.REQUIRE_ENCRYPT_REQUIRE_DECRYPT
+    )
+    provider = aws_encryption_sdk.StrictAwsKmsMasterKeyProvider(key_ids=[tenant.kms_key_id])
+    blob = target.client.get_object(Bucket=target.name, Key=rec.s3_path)["Body"].read()
+    plaintext, header = client.decrypt(source=blob, key_provider=provider)
+    assert plaintext == data
+    assert dict(header.encryption_context) == {"tenant_id": tenant.id, "recording_id": rec.id}
     assert rec.encryption_metadata["store"] == "s3"
     assert services.store.exists(rec.s3_path) and target.name in repr(services.store)
 
