@@ -271,7 +271,8 @@ class ItemWorker:
             for rec in self.services.db.recordings(
                 tenant_id=tenant.id, call_uuid=item.call_uuid, status=["stored"]
             )
-            if rec.file_size_bytes == source.size and rec.source_path != source.path
+            if rec.file_size_bytes == source.size
+            and (rec.source_path, rec.source_fingerprint) != (source.path, source.fingerprint)
         ]
         if not candidates:
             return None
@@ -345,7 +346,8 @@ class ItemWorker:
             except SourceObjectChanged as exc:
                 reason = f"stored, but {exc.message} (kept)"
                 return ItemOutcome(status="changed", reason=reason, **base)
-        if rec.source_path == source.path:  # a copy's row keeps its own source's history
+        if (rec.source_path, rec.source_fingerprint) == (source.path, source.fingerprint):
+            # (a copy's row keeps its own source's history)
             with contextlib.suppress(FsrecryptError):
                 self.services.db.note_plaintext_deleted(rec.id, socket.gethostname())
         return ItemOutcome(status=status, source_removed=True, versions_removed=versions, **base)

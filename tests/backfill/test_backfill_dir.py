@@ -155,6 +155,12 @@ def test_keep_source_and_dry_run_remove_nothing(local_services) -> None:
     final = _run(services, [archive], Naming(tenant=tenant.name), keep_source=True)
     assert final.result["counts"] == {"already-stored": 1}
     assert len(_rows(services, tenant)) == 1
+    # Touched (new mtime, so a new source identity), same audio: still not stored twice.
+    (path,) = archive.iterdir()
+    os.utime(path, (1_700_000_000, 1_700_000_000))
+    final = _run(services, [archive], Naming(tenant=tenant.name))
+    assert final.result["counts"] == {"already-stored": 1}
+    assert len(_rows(services, tenant)) == 1 and list(archive.iterdir()) == []
 
 
 def test_tenant_and_call_from_the_name(local_services) -> None:
