@@ -25,6 +25,7 @@ BENCHES = [
     "bench_stream",
     "bench_jobs",
     "bench_listeners",
+    "bench_backfill",
 ]
 
 

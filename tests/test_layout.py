@@ -151,7 +151,7 @@ def test_keys_stay_below_db_store_pipeline_and_cli() -> None:
 
 
 # Packages of domain code: they return results; only fsrecrypt.cli talks to the terminal.
-DOMAIN_PACKAGES = ("format", "store", "keys", "lifecycle", "web", "daemon", "jobs")
+DOMAIN_PACKAGES = ("format", "store", "keys", "lifecycle", "web", "daemon", "jobs", "backfill")
 
 
 @pytest.mark.parametrize("package", DOMAIN_PACKAGES)
@@ -273,6 +273,7 @@ HEAVY_ADAPTERS = (
     "fsrecrypt.keys.hierarchy",
     "fsrecrypt.keys.branch_items",
     "fsrecrypt.keys.awserrors",
+    "fsrecrypt.backfill.s3source",
 )
 
 # The documented deferral points outside fsrecrypt/cli/: (module, function) -> why.
@@ -287,6 +288,8 @@ LAZY_IMPORT_POINTS = {
         "AwsKmsProvider, kms_key_ref and AwsKmsHierarchyProvider are re-exported lazily"
     ),
     ("fsrecrypt.db.pool", "enable_gevent"): "psycogreen brings gevent: only a gevent process pays",
+    ("fsrecrypt.backfill.sources", "iter_source"): "boto3 is loaded only for an s3:// SOURCE",
+    ("fsrecrypt.backfill.item", "ItemWorker.bucket"): "boto3 only for items of an s3:// SOURCE",
 }
 
 
@@ -535,6 +538,7 @@ def test_esl_imports_no_store_keys_or_db() -> None:
 COMPOSERS = (
     "fsrecrypt.pipeline",
     "fsrecrypt.lifecycle",
+    "fsrecrypt.backfill",
     "fsrecrypt.cli",
     "fsrecrypt.daemon",
     "fsrecrypt.web",

@@ -124,6 +124,7 @@ LAZY_COMMANDS: dict[str, str] = {
     "retry": "fsrecrypt.cli.recordings:retry_command",
     "jobs": "fsrecrypt.cli.jobs:jobs_group",
     "worker": "fsrecrypt.cli.jobs:worker_command",
+    "backfill": "fsrecrypt.cli.backfill:backfill_command",
 }
 
 # What ``fsrecrypt --help`` lists for each command: its help's first sentence,
@@ -156,6 +157,7 @@ COMMAND_SUMMARIES: dict[str, str] = {
     "retry": "Queue failed recordings again; the daemon stores them at its next sweep (audited).",
     "jobs": "Bulk jobs: list, show progress, cancel, retry failed items.",
     "worker": "Work items of every bulk job (any number, on any host; SIGTERM drains).",
+    "backfill": "Encrypt an existing archive of plaintext recordings, then remove the plaintext.",
 }
 
 

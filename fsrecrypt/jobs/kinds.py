@@ -23,6 +23,7 @@ from fsrecrypt.pipeline import Services
 # kind name -> module defining ``JOB_KIND`` (imported when first needed).
 KIND_MODULES: dict[str, str] = {
     "rotate": "fsrecrypt.lifecycle.rotate",
+    "backfill": "fsrecrypt.backfill.job",
     "verify": "fsrecrypt.lifecycle.verify",
     "erase": "fsrecrypt.lifecycle.erase",
     "expire": "fsrecrypt.lifecycle.erase",

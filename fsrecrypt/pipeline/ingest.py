@@ -14,7 +14,7 @@ import contextlib
 import secrets
 import socket
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -55,6 +55,9 @@ class StoreOutcome:
     # The plaintext was kept because it changed after it was opened: it holds
     # bytes that were not stored, and must be stored again (the daemon re-queues it).
     source_changed: bool = False
+    # The keyed fingerprint of the bytes encrypted (None when already stored):
+    # what a read-back of the object must reproduce (backfill checks it).
+    plaintext_hmac: str | None = None
 
 
 def register_source(
@@ -89,12 +92,18 @@ def store_recording(
     lease_seconds: float = 600.0,
     on_chunk: Callable[[int], None] | None = None,
     claimed: Recording | None = None,
+    changed: Callable[[SourceFile], str | None] = content_changed,
+    audit_details: Mapping[str, Any] | None = None,
 ) -> StoreOutcome:
     """Encrypt one claimed recording into the store, mark it stored, then drop the plaintext.
 
     ``claimed``: the row as returned by a claim this ``worker`` already holds
     (the daemon claims and reads the tenant in one statement); the claim is
     then not taken a second time. Anything else is claimed here.
+    ``changed``: why the source is no longer what was read (None if it is);
+    a file's descriptor by default, a pinned object version for a backfill
+    from S3. ``audit_details``: added to the ``encrypt`` audit row's details
+    (a backfill names its origin there).
     """
     config = services.config
     delete = config.pipeline.delete_plaintext if delete is None else delete
@@ -163,7 +172,7 @@ def store_recording(
     changed = (
         f"{source.size} bytes at open, {encryptor.plaintext_length} read"
         if encryptor.plaintext_length != source.size
-        else content_changed(source)
+        else changed(source)
     )
     if changed is not None:
         # What was read is not the file as it is now: never mark it stored.
@@ -208,6 +217,7 @@ def store_recording(
                     "object_version": info.version_id,
                     "bytes": encryptor.plaintext_length,
                     "worker": worker,
+                    **(audit_details or {}),
                 },
             },
         )
@@ -228,7 +238,8 @@ def store_recording(
         encryptor.ciphertext_length,
         elapsed,
         deleted,
-        source_changed=bool(delete) and not deleted and content_changed(source) is not None,
+        source_changed=bool(delete) and not deleted and changed(source) is not None,
+        plaintext_hmac=plaintext.mac.hexdigest(),
     )
 
 
