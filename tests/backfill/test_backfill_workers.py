@@ -98,7 +98,11 @@ def test_detached_backfill_worker_killed_survivor_finishes(local_services, tmp_p
 
     job = services.db.job(job_id)
     assert job.state == "done", job.error
-    assert job.result["counts"] == {"stored": 80}
+    # An item the killed worker stored but had not yet marked done is found
+    # stored by the survivor ("already-stored"): counted once, stored once.
+    counts = job.result["counts"]
+    assert set(counts) <= {"stored", "already-stored"}, counts
+    assert sum(counts.values()) == 80 and counts.get("already-stored", 0) <= 8, counts
     rows = services.db.recordings(tenant_id=tenant.id)
     assert sorted(r.source_path for r in rows) == sorted(files)
     assert all(r.status == "stored" for r in rows)
