@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from fsrecrypt.db.audit import AuditLog
 from fsrecrypt.db.custody import Custody
+from fsrecrypt.db.masks import MaskSessions
 from fsrecrypt.db.pool import translate_errors
 from fsrecrypt.db.queue import WorkQueue
 from fsrecrypt.db.recordings import Recordings
@@ -12,7 +13,7 @@ from fsrecrypt.db.tenants import Tenants
 from fsrecrypt.db.unassigned import UnassignedFiles
 
 
-class Database(WorkQueue, Recordings, Tenants, UnassignedFiles, AuditLog, Custody):
+class Database(WorkQueue, Recordings, Tenants, UnassignedFiles, AuditLog, Custody, MaskSessions):
     """A small connection pool plus the queries; safe to share across greenlets/threads.
 
     Each base holds one responsibility's SQL (see its module); callers use one

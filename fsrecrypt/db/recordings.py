@@ -15,6 +15,7 @@ from datetime import datetime
 from typing import Any
 
 from fsrecrypt.db.audit import append_audit_row
+from fsrecrypt.db.masks import store_mask_verdict
 from fsrecrypt.db.rows import RECORDING_COLUMNS, Recording, recording_from_row
 from fsrecrypt.db.tenants import Tenants
 from fsrecrypt.errors import AlreadyExists, InvalidState, NotFound
@@ -191,13 +192,18 @@ class Recordings(Tenants):
         claimed_by: str,
         audit: Mapping[str, Any] | None = None,
         plaintext_hmac: tuple[str, str] | None = None,
+        mask: tuple[int, list[dict[str, Any]], bool] | None = None,
     ) -> Recording:
         """Move a row to ``stored`` (and write its audit row) in one transaction.
 
         Only a ``pending`` or ``failed`` row can become stored: a row that was
         stored, discarded or erased meanwhile is left alone (InvalidState).
+        ``mask``: (mask session id, spans, verdict) of a recording with masked
+        spans, written in the same transaction (:mod:`fsrecrypt.db.masks`).
         """
         with self.transaction("recording the stored object") as cur:
+            if mask is not None:
+                store_mask_verdict(cur, recording_id, *mask)
             cur.execute(
                 "UPDATE call_recordings SET status = 'stored', encrypted = true,"
                 " encryption_algorithm = %s, encrypted_dek = %s, kms_key_id = %s, s3_path = %s,"
