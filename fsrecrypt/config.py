@@ -266,6 +266,35 @@ class AuditConfig:
 
 
 @dataclass(frozen=True)
+class PciConfig:
+    """Masked (PCI-paused) spans: tracked from the events, checked in the audio.
+
+    ``require_verified_mask`` (every tenant) or ``require_verified_mask_tenants``
+    (those named) turn a recording whose announced mask the audio does not
+    show into an alert: ``fsrecrypt health`` reports degraded until
+    ``fsrecrypt recordings ack-mask ID`` acknowledges it.
+    """
+
+    track_masks: bool = True
+    mask_tolerance: float = 0.5
+    require_verified_mask: bool = False
+    require_verified_mask_tenants: tuple[str, ...] = ()
+
+    def validate(self) -> None:
+        if not 0.02 <= self.mask_tolerance <= 10:
+            raise ValueError("mask_tolerance must be between 0.02 and 10 seconds")
+        for name in self.require_verified_mask_tenants:
+            if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]{0,62}", name):
+                raise ValueError(
+                    f"require_verified_mask_tenants: {name[:70]!r} is not a tenant name"
+                )
+
+    def requires_verified_mask(self, tenant_name: str) -> bool:
+        """Is an unverified mask of this tenant an alert?"""
+        return self.require_verified_mask or tenant_name in self.require_verified_mask_tenants
+
+
+@dataclass(frozen=True)
 class LoggingConfig:
     level: str = "info"
     format: str = "json"
@@ -288,6 +317,7 @@ class Config:
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
     retention: RetentionConfig = field(default_factory=RetentionConfig)
     audit: AuditConfig = field(default_factory=AuditConfig)
+    pci: PciConfig = field(default_factory=PciConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     source: str = "<defaults>"
 

@@ -29,7 +29,7 @@ from fsrecrypt.daemon.eslparse import Event, db_safe_text
 from fsrecrypt.errors import EventError
 from fsrecrypt.numbers import NumberError, parse_int
 
-__all__ = ["MAX_PATH", "MaskKind", "RecordMark", "classify_mark"]
+__all__ = ["MAX_PATH", "MaskKind", "RecordMark", "classify_mark", "event_time_us"]
 
 MaskKind = Literal["start", "mask", "unmask"]
 MaskVia = Literal["record", "dialplan", "api"]
@@ -40,7 +40,7 @@ MAX_PATH = 4096
 # 2001-09-09 .. 2286-11-20 in microseconds: anything outside is not a clock.
 _MIN_TS = 10**15
 _MAX_TS = 10**16 - 1
-_CHANNEL = re.compile(r"[\x21-\x7e]{1,%d}" % MAX_CHANNEL)
+_CHANNEL = re.compile(rf"[\x21-\x7e]{{1,{MAX_CHANNEL}}}")
 _APPS = {"record_session_mask": "mask", "record_session_unmask": "unmask"}
 
 
@@ -65,12 +65,19 @@ def _strip_prefix(path: str) -> str:
     return path
 
 
-def _timestamp(event: Event) -> int:
-    raw = event.get("Event-Date-Timestamp") or ""
+def event_time_us(value: str | None) -> int | None:
+    """``Event-Date-Timestamp`` in microseconds; None unless ASCII digits of a plausible clock."""
     try:
-        return parse_int(raw.strip(), minimum=_MIN_TS, maximum=_MAX_TS, max_digits=16)
-    except NumberError as exc:
-        raise EventError(f"{event.name}: Event-Date-Timestamp is not a clock ({exc})") from None
+        return parse_int((value or "").strip(), minimum=_MIN_TS, maximum=_MAX_TS, max_digits=16)
+    except NumberError:
+        return None
+
+
+def _timestamp(event: Event) -> int:
+    value = event_time_us(event.get("Event-Date-Timestamp"))
+    if value is None:
+        raise EventError(f"{event.name}: Event-Date-Timestamp is not a plausible clock")
+    return value
 
 
 def _channel(value: str | None, what: str) -> str:

@@ -39,12 +39,20 @@ class MaskAnnouncement:
 
 
 def store_mask_verdict(
-    cur: Any, recording_id: str, session_id: int, spans: list[dict[str, Any]], ok: bool
+    cur: Any,
+    recording_id: str,
+    session_id: int,
+    spans: list[dict[str, Any]] | None,
+    ok: bool | None,
 ) -> None:
-    """Inside mark_stored's transaction: the verdict on the row, the session linked to it."""
+    """Inside mark_stored's transaction: the verdict on the row, the session linked to it.
+
+    ``spans``/``ok`` None: the recording's start was seen but no mask (the
+    session is linked so no later recording at the same path takes it).
+    """
     cur.execute(
         "UPDATE call_recordings SET mask_spans = %s::jsonb, mask_verified = %s WHERE id = %s",
-        (json.dumps(spans), ok, recording_id),
+        (None if spans is None else json.dumps(spans), ok, recording_id),
     )
     cur.execute(
         "UPDATE recording_mask_sessions SET recording_id = %s WHERE id = %s",

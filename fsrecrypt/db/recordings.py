@@ -192,7 +192,7 @@ class Recordings(Tenants):
         claimed_by: str,
         audit: Mapping[str, Any] | None = None,
         plaintext_hmac: tuple[str, str] | None = None,
-        mask: tuple[int, list[dict[str, Any]], bool] | None = None,
+        mask: tuple[int, list[dict[str, Any]] | None, bool | None] | None = None,
     ) -> Recording:
         """Move a row to ``stored`` (and write its audit row) in one transaction.
 

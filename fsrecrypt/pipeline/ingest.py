@@ -22,6 +22,7 @@ from fsrecrypt import format as esdk
 from fsrecrypt.errors import FsrecryptError, InvalidState, SourceChanged, SourceIncomplete
 from fsrecrypt.pipeline.custody import FingerprintingReader, FingerprintKey
 from fsrecrypt.pipeline.envelope import ALGORITHM_NAME, edk_to_bytes, encryption_context
+from fsrecrypt.pipeline.masks import plan_mask_check
 from fsrecrypt.pipeline.services import Services, worker_id
 from fsrecrypt.plaintext import (
     HEAD_BYTES,
@@ -49,6 +50,8 @@ class StoreOutcome:
     # The plaintext was kept because it changed after it was opened: it holds
     # bytes that were not stored, and must be stored again (the daemon re-queues it).
     source_changed: bool = False
+    # Why the announced mask is not verified (None: verified, or no mask).
+    mask_reason: str | None = None
 
 
 def register_source(
@@ -144,7 +147,9 @@ def store_recording(
             yield chunk
 
     fingerprint_key = FingerprintKey.from_config(config)
-    plaintext = FingerprintingReader(source.fileobj, fingerprint_key.hasher(tenant.id))
+    mask_check = plan_mask_check(services, recording)
+    stream = source.fileobj if mask_check is None else mask_check.wrap(source.fileobj)
+    plaintext = FingerprintingReader(stream, fingerprint_key.hasher(tenant.id))
     info = services.store.put_stream(
         key,
         counted(encryptor.stream(plaintext)),  # type: ignore[arg-type]
@@ -175,6 +180,11 @@ def store_recording(
     }
     if info.version_id:
         metadata["object_version"] = info.version_id
+    mask = mask_check.result() if mask_check is not None else None
+    details: dict[str, Any] = {}
+    if mask is not None and mask[2] is not None:
+        details["mask_verified"] = mask[2]
+        details["mask_spans"] = len(mask[1] or [])
     try:
         stored = services.db.mark_stored(
             recording.id,
@@ -197,8 +207,10 @@ def store_recording(
                     "object_version": info.version_id,
                     "bytes": encryptor.plaintext_length,
                     "worker": worker,
+                    **details,
                 },
             },
+            mask=mask,
         )
     except InvalidState:
         # Someone else owns the row now; our object is an orphan: remove it.
@@ -218,6 +230,7 @@ def store_recording(
         elapsed,
         deleted,
         source_changed=bool(delete) and not deleted and content_changed(source) is not None,
+        mask_reason=mask_check.reason if mask_check is not None else None,
     )
 
 
