@@ -76,7 +76,20 @@ def announced_spans(
             open_at = None
     if open_at is not None:
         spans.append(AnnouncedSpan(open_at, None, open_via))
-    return spans
+    return _merged(spans)
+
+
+def _merged(spans: list[AnnouncedSpan]) -> list[AnnouncedSpan]:
+    """Overlapping or touching spans as one (a replayed or repeated mask/unmask pair)."""
+    out: list[AnnouncedSpan] = []
+    for span in sorted(spans, key=lambda s: (s.start_ms, s.end_ms is None, s.end_ms or 0)):
+        last = out[-1] if out else None
+        if last is not None and (last.end_ms is None or span.start_ms <= last.end_ms):
+            end = None if None in (last.end_ms, span.end_ms) else max(last.end_ms, span.end_ms)  # type: ignore[type-var]
+            out[-1] = AnnouncedSpan(last.start_ms, end, last.via)
+        else:
+            out.append(span)
+    return out
 
 
 @dataclass(frozen=True)

@@ -198,3 +198,14 @@ def test_flooded_marks_make_the_verdict_false() -> None:
     scanner.feed(data)
     verdict = scanner.finish()
     assert not verdict.verified and "more mask events" in (verdict.reason or "")
+
+
+def test_repeated_and_overlapping_spans_are_merged() -> None:
+    s = 10**15
+    marks = [("mask", "api", s + 1_000_000), ("unmask", "api", s + 3_000_000)] * 500
+    marks += [("mask", "dialplan", s + 2_500_000), ("unmask", "dialplan", s + 3_500_000)]
+    marks += [("mask", "api", s + 5_000_000)]
+    assert announced_spans(s, s + 9_000_000, marks) == [
+        AnnouncedSpan(1000, 3500, "api"),
+        AnnouncedSpan(5000, None, "api"),
+    ]

@@ -20,6 +20,13 @@ from fsrecrypt.db.rows import RECORDING_COLUMNS, Recording, recording_from_row
 from fsrecrypt.db.tenants import Tenants
 from fsrecrypt.errors import AlreadyExists, InvalidState, NotFound
 
+MASK_FILTERS = {
+    "unverified": "mask_verified = false AND mask_ack_at IS NULL",
+    "verified": "mask_verified = true",
+    "any": "mask_verified IS NOT NULL",
+    "none": "mask_verified IS NULL",
+}
+
 
 class Recordings(Tenants):
     """Recording queries (part of :class:`fsrecrypt.db.Database`); a recording has a tenant."""
@@ -147,8 +154,13 @@ class Recordings(Tenants):
         source_path: str | None = None,
         limit: int | None = None,
         after_id: str | None = None,
+        mask: str | None = None,
     ) -> list[Recording]:
+        """Rows matching every filter given; ``mask``: 'unverified' (not yet acknowledged),
+        'verified', 'any' (a mask was announced) or 'none'."""
         clauses, params = [], []
+        if mask is not None:
+            clauses.append(MASK_FILTERS[mask])
         for column, value in (
             ("tenant_id", tenant_id),
             ("call_uuid", call_uuid),

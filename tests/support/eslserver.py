@@ -705,6 +705,8 @@ def _control_op(server: EslReplayServer, msg: Mapping[str, Any]) -> Any:
         return server.emit_fixture(msg["name"], msg.get("overrides"), msg.get("event_body"))
     if op == "emit_frame":
         return server.emit_frame(base64.b64decode(msg["data_b64"]))
+    if op == "emit_frames":
+        return sum(server.emit_frame(base64.b64decode(f)) for f in msg["frames_b64"])
     if op == "sent_events":
         return server.sent_events()
     if op == "emit_raw":
