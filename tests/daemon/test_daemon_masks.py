@@ -250,7 +250,7 @@ def test_hostile_mask_events_are_refused_and_harmless(daemon_env: DaemonEnv) -> 
     # 1500 identical mask/unmask pairs are one span (same instants), found in the audio.
     assert rec.mask_verified is True
     assert [(s["start_ms"], s["end_ms"]) for s in rec.mask_spans] == [(500, 2500)]
-    assert metric(daemon_env, 'fsrecrypt_refused_events_total{reason="bad-mask-event"}') == 7
+    assert metric(daemon_env, 'fsrecrypt_refused_events_total{reason="bad-mask-event"}') == 8
     assert (
         metric(daemon_env, 'fsrecrypt_refused_events_total{reason="mask-unknown-recording"}') == 2
     )
