@@ -183,8 +183,10 @@ def store_recording(
     mask = mask_check.result() if mask_check is not None else None
     details: dict[str, Any] = {}
     if mask is not None and mask[2] is not None:
-        details["mask_verified"] = mask[2]
-        details["mask_spans"] = len(mask[1] or [])
+        # In the hash-chained encrypt row (and so in `audit export`): the
+        # verdict and the spans (the first 200; all are on the recording).
+        spans = mask[1] or []
+        details["mask"] = {"verified": mask[2], "span_count": len(spans), "spans": spans[:200]}
     try:
         stored = services.db.mark_stored(
             recording.id,

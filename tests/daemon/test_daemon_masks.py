@@ -12,6 +12,7 @@ events refused without harm.
 from __future__ import annotations
 
 import base64
+import json
 import shutil
 import subprocess
 import sys
@@ -171,8 +172,36 @@ def test_forged_mask_over_tone_is_flagged_stored_and_alerted_until_acknowledged(
     assert check_masks(config, daemon_env.services()) == "no unacknowledged unverified mask"
     acked = daemon_env.services().db.recording(rec.id)
     assert acked.mask_ack_at is not None
-    audit = daemon_env.services().db.audit_rows(recording_id=rec.id)
-    assert [a for a in audit if a["action"] == "ack-mask"]
+    # The spans and the verdict are in the hash-chained log, and so in `audit export`.
+    export = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "fsrecrypt",
+            "-c",
+            str(cfg_path),
+            "audit",
+            "export",
+            "--tenant",
+            daemon_env.tenant,
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert export.returncode == 0, export.stderr
+    rows = [json.loads(line) for line in export.stdout.splitlines()]
+    (encrypt,) = [r for r in rows if r["action"] == "encrypt" and r["recording_id"] == rec.id]
+    assert encrypt["details"]["mask"]["verified"] is False
+    (span,) = encrypt["details"]["mask"]["spans"]
+    assert (span["announced_start_ms"], span["announced_end_ms"], span["silent"]) == (
+        3100,
+        3900,
+        False,
+    )
+    (ack,) = [r for r in rows if r["action"] == "ack-mask"]
+    assert ack["recording_id"] == rec.id and "forgot" in ack["details"]["note"]
 
 
 def test_mask_open_at_record_stop_runs_to_the_end(daemon_env: DaemonEnv) -> None:
