@@ -17,7 +17,14 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-BENCHES = ["bench_startup", "bench_format", "bench_rss", "bench_daemon", "bench_stream"]
+BENCHES = [
+    "bench_startup",
+    "bench_format",
+    "bench_rss",
+    "bench_daemon",
+    "bench_stream",
+    "bench_masks",
+]
 
 
 def main() -> int:

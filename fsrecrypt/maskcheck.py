@@ -17,7 +17,6 @@ keeps memory constant: per announced span, only the best silent run so far.
 from __future__ import annotations
 
 import bisect
-import re
 import struct
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -35,7 +34,6 @@ __all__ = [
 MIN_RUN_MS = 20
 # How much of the header we buffer looking for the "data" chunk.
 MAX_HEADER = 64 * 1024
-_NONZERO = re.compile(rb"[^\x00]")
 _PCM, _EXTENSIBLE = 1, 0xFFFE
 
 
@@ -201,23 +199,23 @@ class SilenceScanner:
         self._data_left = left - len(chunk)
         pos = 0
         if self._run_start is not None:
-            m = _NONZERO.search(chunk)
-            if m is None:
+            nonzero = _first_nonzero(chunk, 0)
+            if nonzero is None:
                 return
-            self._emit(self._run_start, base + m.start())
+            self._emit(self._run_start, base + nonzero)
             self._run_start = None
-            pos = m.start()
+            pos = nonzero
         block = b"\x00" * self._min_run
         while True:
             at = chunk.find(block, pos)
             if at == -1:
                 break
-            m = _NONZERO.search(chunk, at + len(block))
-            if m is None:
+            nonzero = _first_nonzero(chunk, at + len(block))
+            if nonzero is None:
                 self._run_start = base + at
                 return
-            self._emit(base + at, base + m.start())
-            pos = m.start()
+            self._emit(base + at, base + nonzero)
+            pos = nonzero
         # Zeros at the end may begin a run that goes on in the next chunk.
         tail = len(chunk) - len(chunk.rstrip(b"\x00"))
         if tail:
@@ -305,6 +303,25 @@ class SilenceScanner:
         if reason is None and not all(s["silent"] for s in out):
             reason = "a masked span is not digital silence in the audio"
         return MaskVerdict(out, reason is None, reason)
+
+
+def _first_nonzero(chunk: bytes, pos: int) -> int | None:
+    """Index of the first non-zero byte at or after ``pos``, or None.
+
+    Comparisons against zero blocks (memcmp) halving the range: a silent
+    64 KiB chunk costs one comparison, where a byte loop (regex, lstrip)
+    costs ~30x the encryption of it.
+    """
+    lo, hi = pos, len(chunk)
+    if lo >= hi or chunk[lo:hi] == bytes(hi - lo):
+        return None
+    while hi - lo > 64:  # invariant: chunk[pos:lo] is zero, a non-zero byte is in [lo, hi)
+        mid = (lo + hi) // 2
+        if chunk[lo:mid] == bytes(mid - lo):
+            lo = mid
+        else:
+            hi = mid
+    return next(i for i in range(lo, hi) if chunk[i])
 
 
 class ScanningReader:

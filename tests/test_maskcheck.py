@@ -209,3 +209,15 @@ def test_repeated_and_overlapping_spans_are_merged() -> None:
         AnnouncedSpan(1000, 3500, "api"),
         AnnouncedSpan(5000, None, "api"),
     ]
+
+
+def test_first_nonzero_finds_the_exact_byte() -> None:
+    from fsrecrypt.maskcheck import _first_nonzero
+
+    for size in (1, 63, 64, 65, 1000, 65536):
+        for at in {0, size // 3, size - 1}:
+            chunk = bytearray(size)
+            chunk[at] = 7
+            for pos in {0, at, max(0, at - 1)}:
+                assert _first_nonzero(bytes(chunk), pos) == at
+            assert _first_nonzero(bytes(chunk), at + 1) is None
