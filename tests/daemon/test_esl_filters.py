@@ -84,3 +84,45 @@ def test_without_filters_every_api_and_execute_event_arrives() -> None:
     assert {"status", "show", "uuid_getvar", "uuid_broadcast"} <= commands
     assert len(events) > 4 * wanted
     assert len(events) / stops > 15
+
+
+def test_filters_are_sent_before_the_subscription_and_again_after_a_reconnect() -> None:
+    sub = recording_subscription(masks=True)
+    server = EslReplayServer().start()
+    source = EventSource(
+        EslSettings(
+            port=server.port,
+            backoff_base=0.02,
+            backoff_cap=0.1,
+            events=sub.events,
+            filters=sub.filters,
+        ),
+        lambda _e: None,
+    )
+    try:
+        source.start()
+        assert wait_until(lambda: server.subscribed == 1)
+        server.kill_connections()
+        assert wait_until(lambda: source.reconnects == 1 and server.subscribed == 1)
+        lines = [c.line for c in server.commands() if c.line.split()[0] in ("filter", "event")]
+        once = [
+            "filter Event-Name RECORD_START",
+            "filter Event-Name RECORD_STOP",
+            "filter Application record_session_mask",
+            "filter Application record_session_unmask",
+            "filter API-Command uuid_record",
+            "event plain RECORD_START RECORD_STOP CHANNEL_EXECUTE API",
+        ]
+        assert lines == once + once
+    finally:
+        source.stop(timeout=2)
+        server.stop()
+
+
+def test_filter_lines_cannot_inject_commands() -> None:
+    from fsrecrypt.daemon.eslsub import EslFilter
+
+    with pytest.raises(ValueError, match="single line"):
+        EslFilter("API-Command", "x\nevent plain ALL").command()
+    with pytest.raises(ValueError):
+        EslFilter("Bad Header", "x").command()
