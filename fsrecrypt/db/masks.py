@@ -134,11 +134,13 @@ class MaskSessions(Pool):
     def mask_announcement(
         self, session_id: int | None, source_path: str
     ) -> MaskAnnouncement | None:
-        """A recording's announced marks: by session id, else the newest unlinked one of the path.
+        """A recording's announced marks: by session id, else the newest open one of the path.
 
         The path fallback covers a file whose RECORD_STOP the daemon never
         handled (the sweep adopts it): its session is still open, so a span
-        masked at that point runs to the end of the file.
+        masked at that point runs to the end of the file. A closed session
+        is only ever used by its id (its RECORD_STOP handed it to the row),
+        so an older recording's spans never land on a new file at the path.
         """
         with self.transaction("reading a recording's mask events") as cur:
             if session_id is not None:
@@ -150,7 +152,7 @@ class MaskSessions(Pool):
             else:
                 cur.execute(
                     "SELECT id, started_us, stopped_us, marks FROM recording_mask_sessions"
-                    " WHERE source_path = %s AND recording_id IS NULL"
+                    " WHERE source_path = %s AND recording_id IS NULL AND stopped_us IS NULL"
                     " ORDER BY started_us DESC, id DESC LIMIT 1",
                     (source_path,),
                 )

@@ -284,3 +284,23 @@ def test_hostile_mask_events_are_refused_and_harmless(daemon_env: DaemonEnv) -> 
         metric(daemon_env, 'fsrecrypt_refused_events_total{reason="mask-unknown-recording"}') == 2
     )
     assert daemon_env.daemons[-1].alive()
+
+
+def test_record_stop_missed_while_down_sweep_still_applies_the_open_mask(
+    daemon_env: DaemonEnv,
+) -> None:
+    """Killed after the mask; RECORD_STOP came while it was down: the sweep adopts the
+    file, and the span (still open in PostgreSQL) runs to the end of it."""
+    dialplan = (MASK_DIR / "dialplan_mask.wav").read_bytes()
+    wav = dialplan[: 44 + 16000] + b"\x00" * (len(dialplan) - 44 - 16000)
+    first = daemon_env.start()
+    call = MaskCall(daemon_env, "dialplan", wav=wav)
+    call.emit("start", "mask")
+    daemon_env.wait(lambda: marks_in_db(daemon_env) == 1, what="the mask in PostgreSQL")
+    first.kill9()
+    call.path.write_bytes(wav)  # FreeSWITCH finished the file; nobody heard its RECORD_STOP
+    daemon_env.start()
+    rec = daemon_env.wait_status(call.path, "stored", timeout=60)
+    assert rec.mask_verified is True
+    (span,) = rec.mask_spans
+    assert span["open_at_stop"] is True and (span["start_ms"], span["end_ms"]) == (1000, 4000)

@@ -45,8 +45,11 @@ def test_marks_follow_the_open_session_of_their_channel_and_path(database) -> No
     ann = database.mask_announcement(sid, path)
     assert ann is not None and ann.marks == (("mask", "api", 10**15 + 1),)
     assert (ann.started_us, ann.stopped_us, ann.total_marks) == (10**15, 10**15 + 9, 1)
-    # Without the id, the newest session of the path not linked to a recording.
-    assert database.mask_announcement(None, path).session_id == sid
+    # Without the id: only an open session of the path (a RECORD_STOP never
+    # handled); a closed one belongs to the row its RECORD_STOP registered.
+    assert database.mask_announcement(None, path) is None
+    later = database.mask_session_start("core", ch, path, 10**15 + 20)
+    assert database.mask_announcement(None, path).session_id == later
 
 
 def test_marks_are_capped_per_recording(database, monkeypatch: pytest.MonkeyPatch) -> None:
