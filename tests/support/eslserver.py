@@ -623,6 +623,8 @@ class EslReplayServer:
             ok = client.send(_reply(f"+OK Job-UUID: {job}", {"Job-UUID": job}))
             api_cmd, _, api_arg = arg.partition(" ")
             _, result = split_frame(self._api(arg))
+            if self.api_events:  # bgapi runs switch_api_execute too
+                self.emit_api_event(api_cmd, api_arg or None)
             self.emit_frame(
                 build_event_frame(
                     "background_job.esl",
