@@ -202,6 +202,12 @@ def test_forged_mask_over_tone_is_flagged_stored_and_alerted_until_acknowledged(
     )
     (ack,) = [r for r in rows if r["action"] == "ack-mask"]
     assert ack["recording_id"] == rec.id and "forgot" in ack["details"]["note"]
+    # And in the recording's chain of custody.
+    from fsrecrypt.lifecycle.custody import recording_custody
+
+    doc = recording_custody(daemon_env.services(), rec.id, user_id="auditor")
+    assert doc["pci_mask"]["verified"] is False and doc["pci_mask"]["acknowledged_at"]
+    assert doc["pci_mask"]["spans"] == rec.mask_spans
 
 
 def test_mask_open_at_record_stop_runs_to_the_end(daemon_env: DaemonEnv) -> None:
