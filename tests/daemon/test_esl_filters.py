@@ -126,3 +126,9 @@ def test_filter_lines_cannot_inject_commands() -> None:
         EslFilter("API-Command", "x\nevent plain ALL").command()
     with pytest.raises(ValueError):
         EslFilter("Bad Header", "x").command()
+
+
+def test_without_mask_tracking_only_record_stop_and_no_filter() -> None:
+    from fsrecrypt.daemon.eslsub import Subscription
+
+    assert recording_subscription(masks=False) == Subscription(("RECORD_STOP",), ())
