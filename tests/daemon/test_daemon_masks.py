@@ -115,7 +115,11 @@ def test_captured_masked_call_is_stored_with_the_span_the_audio_shows(
     assert (span["start_ms"], span["end_ms"]) == found
     assert span["silent"] is True and span["via"] == kind and span["open_at_stop"] is False
     assert daemon_env.decrypt(rec) == call.wav
-    assert metric(daemon_env, 'fsrecrypt_mask_verdicts_total{verdict="verified"}') == 1
+    # Counted once the job finishes (just after the row is committed).
+    daemon_env.wait(
+        lambda: metric(daemon_env, 'fsrecrypt_mask_verdicts_total{verdict="verified"}') == 1,
+        what="the verified-mask counter",
+    )
 
 
 def test_forged_mask_over_tone_is_flagged_stored_and_alerted_until_acknowledged(
