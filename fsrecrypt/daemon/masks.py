@@ -26,6 +26,9 @@ if TYPE_CHECKING:
 
 MARK_EVENTS = frozenset({"RECORD_START", "CHANNEL_EXECUTE", "API"})
 HOUSEKEEPING_INTERVAL = 3600.0
+# Refused mask events are counted each, logged at most this often per reason:
+# anyone with API access can send "uuid_record <any> mask <any>" in a loop.
+REFUSAL_LOG_INTERVAL = 10.0
 
 
 class MaskTracker:
@@ -34,6 +37,18 @@ class MaskTracker:
     def __init__(self, rt: Runtime) -> None:
         self.rt = rt
         self._last_housekeeping = 0.0
+        self._refusals: dict[str, tuple[float, int]] = {}  # reason -> (last logged, suppressed)
+
+    def _refuse(self, reason: str, **fields: Any) -> None:
+        """Count every refusal; log one per REFUSAL_LOG_INTERVAL per reason (with the skipped)."""
+        now = time.monotonic()
+        last, suppressed = self._refusals.get(reason, (-REFUSAL_LOG_INTERVAL, 0))
+        if now - last < REFUSAL_LOG_INTERVAL:
+            self.rt.count_refused(reason)
+            self._refusals[reason] = (last, suppressed + 1)
+            return
+        self._refusals[reason] = (now, 0)
+        self.rt.refuse(reason, suppressed_since_last=suppressed, **fields)
 
     @property
     def enabled(self) -> bool:
@@ -46,7 +61,7 @@ class MaskTracker:
             mark = classify_mark(event)
         except EventError as exc:
             rt.metrics.mask_events.labels("malformed").inc()
-            rt.refuse("bad-mask-event", error=str(exc))
+            self._refuse("bad-mask-event", error=str(exc))
             return
         if mark is None:
             return
@@ -82,7 +97,7 @@ class MaskTracker:
         if outcome == "stored":
             rt.log.info("mask.event", session=session, **fields)
         elif outcome == "unknown-recording":
-            rt.refuse(
+            self._refuse(
                 "mask-unknown-recording",
                 error="mask event for a recording whose RECORD_START was not seen",
                 **fields,

@@ -293,6 +293,14 @@ def test_hostile_mask_events_are_refused_and_harmless(daemon_env: DaemonEnv) -> 
     assert (
         metric(daemon_env, 'fsrecrypt_refused_events_total{reason="mask-unknown-recording"}') == 2
     )
+    # Counted each, logged once per 10 s per reason (a loop of made-up API commands
+    # must not flood the journal).
+    logged = [
+        line
+        for line in daemon_env.log_lines()
+        if line.get("event") == "event.refused" and line.get("reason") == "bad-mask-event"
+    ]
+    assert len(logged) == 1 and logged[0]["suppressed_since_last"] == 0
     assert daemon_env.daemons[-1].alive()
 
 
