@@ -26,6 +26,7 @@ BENCHES = [
     "bench_jobs",
     "bench_listeners",
     "bench_backfill",
+    "bench_masks",
 ]
 
 

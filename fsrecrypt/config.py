@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Any, get_args, get_origin, get_type_hints
 
 from fsrecrypt.config_auth import AuthConfig
-from fsrecrypt.config_evidence import AuditConfig, RetentionConfig
+from fsrecrypt.config_evidence import AuditConfig, PciConfig, RetentionConfig
 from fsrecrypt.errors import ConfigError
 from fsrecrypt.numbers import NumberError, parse_int
 
@@ -329,6 +329,7 @@ class Config:
     retention: RetentionConfig = field(default_factory=RetentionConfig)
     audit: AuditConfig = field(default_factory=AuditConfig)
     auth: AuthConfig = field(default_factory=AuthConfig)
+    pci: PciConfig = field(default_factory=PciConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     jobs: JobsConfig = field(default_factory=JobsConfig)
     source: str = "<defaults>"

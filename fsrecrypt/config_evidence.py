@@ -1,5 +1,6 @@
-"""The ``[retention]`` and ``[audit]`` sections: how long recordings are kept, where the
-audit chain's heads are anchored and how anchors and custody fingerprints are keyed.
+"""The ``[retention]``, ``[audit]`` and ``[pci]`` sections: how long recordings are kept,
+where the audit chain's heads are anchored, how anchors and custody fingerprints are
+keyed, and how masked (PCI-paused) spans are checked.
 
 Their own module so the configuration schema stays readable; ``fsrecrypt.config``
 composes them into :class:`fsrecrypt.config.Config` like every other section
@@ -9,9 +10,10 @@ composes them into :class:`fsrecrypt.config.Config` like every other section
 from __future__ import annotations
 
 import os
+import re
 from dataclasses import dataclass
 
-__all__ = ["ANCHOR_SIGNATURES", "AuditConfig", "RetentionConfig"]
+__all__ = ["ANCHOR_SIGNATURES", "AuditConfig", "PciConfig", "RetentionConfig"]
 
 
 @dataclass(frozen=True)
@@ -81,3 +83,32 @@ class AuditConfig:
     def anchoring(self) -> bool:
         """True if anchors have somewhere to go."""
         return bool(self.anchor_dir or self.anchor_bucket)
+
+
+@dataclass(frozen=True)
+class PciConfig:
+    """Masked (PCI-paused) spans: tracked from the events, checked in the audio.
+
+    ``require_verified_mask`` (every tenant) or ``require_verified_mask_tenants``
+    (those named) turn a recording whose announced mask the audio does not
+    show into an alert: ``fsrecrypt health`` reports degraded until
+    ``fsrecrypt recordings ack-mask ID`` acknowledges it.
+    """
+
+    track_masks: bool = True
+    mask_tolerance: float = 0.5
+    require_verified_mask: bool = False
+    require_verified_mask_tenants: tuple[str, ...] = ()
+
+    def validate(self) -> None:
+        if not 0.02 <= self.mask_tolerance <= 10:
+            raise ValueError("mask_tolerance must be between 0.02 and 10 seconds")
+        for name in self.require_verified_mask_tenants:
+            if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]{0,62}", name):
+                raise ValueError(
+                    f"require_verified_mask_tenants: {name[:70]!r} is not a tenant name"
+                )
+
+    def requires_verified_mask(self, tenant_name: str) -> bool:
+        """Is an unverified mask of this tenant an alert?"""
+        return self.require_verified_mask or tenant_name in self.require_verified_mask_tenants

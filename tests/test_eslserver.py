@@ -6,8 +6,10 @@ be testing against a fiction; these tests pin it to the captured bytes.
 
 from __future__ import annotations
 
+import contextlib
 import socket
 import time
+from collections.abc import Callable
 
 import pytest
 
@@ -18,7 +20,9 @@ from tests.support.eslserver import (
     build_event_frame,
     fs_url_encode,
     load_fixture,
+    mask_frames,
     split_frame,
+    split_transcript,
 )
 
 pytestmark = pytest.mark.timeout(20)
@@ -134,3 +138,97 @@ def test_wait_subscribed_times_out(esl_server: EslReplayServer) -> None:
     t0 = time.monotonic()
     assert esl_server.wait_subscribed(1, timeout=0.2) is False
     assert time.monotonic() - t0 >= 0.2
+
+
+# --- filter: mod_event_socket's semantics ----------------------------------------------
+
+
+def _events_after(port: int, commands: bytes, emit: Callable[[], object]) -> list[str]:
+    """Subscribe with ``commands``, run ``emit``, return the Event-Names received."""
+    with socket.create_connection(("127.0.0.1", port), timeout=5) as sock:
+        sock.sendall(b"auth ClueCon\n\n" + commands)
+        deadline = time.monotonic() + 5
+        data = b""
+        expected = commands.count(b"\n\n") + 1
+        while data.count(b"Content-Type: command/reply") < expected:
+            assert time.monotonic() < deadline, data
+            data += sock.recv(65536)
+        emit()
+        sock.settimeout(0.3)
+        with contextlib.suppress(TimeoutError):
+            while chunk := sock.recv(65536):
+                data += chunk
+    names = []
+    for frame in split_transcript(data[data.index(b"Content-Length") :]):
+        if b"text/event-plain" in frame.split(b"\n\n", 1)[0]:
+            names.append(parse_event_body(split_frame(frame)[1]).name)
+    return names
+
+
+def _mask_mix(server: EslReplayServer) -> Callable[[], object]:
+    frames = mask_frames()
+
+    def emit() -> None:
+        for frame in frames:
+            server.emit_frame(frame)
+
+    return emit
+
+
+def test_filter_replies_like_freeswitch(esl_server: EslReplayServer) -> None:
+    out = _talk(
+        esl_server.port,
+        b"auth ClueCon\n\nfilter Event-Name RECORD_STOP\n\nfilter add API-Command-Argument a b\n\n"
+        b"filter Event-Name\n\nfilter delete Event-Name RECORD_STOP\n\nfilter delete all\n\n",
+    )
+    replies = [line for line in out.decode().split("\n") if line.startswith("Reply-Text")]
+    assert replies[1:] == [
+        "Reply-Text: +OK filter added. [Event-Name]=[RECORD_STOP]",
+        "Reply-Text: +OK filter added. [API-Command-Argument]=[a b]",
+        "Reply-Text: -ERR invalid syntax",
+        "Reply-Text: +OK filter deleted. [Event-Name][RECORD_STOP]",
+        "Reply-Text: +OK filter deleted. [all][]",
+    ]
+
+
+def test_no_filter_sends_every_subscribed_event(esl_server: EslReplayServer) -> None:
+    names = _events_after(
+        esl_server.port, b"event plain API CHANNEL_EXECUTE\n\n", _mask_mix(esl_server)
+    )
+    assert names.count("API") == 7 and names.count("CHANNEL_EXECUTE") == 13
+
+
+def test_filters_are_ored_across_and_within_headers(esl_server: EslReplayServer) -> None:
+    names = _events_after(
+        esl_server.port,
+        b"filter Application record_session_mask\n\nfilter application RECORD_SESSION_UNMASK\n\n"
+        b"filter API-Command uuid_record\n\nevent plain API CHANNEL_EXECUTE RECORD_STOP\n\n",
+        _mask_mix(esl_server),
+    )
+    # RECORD_STOP is subscribed but matches no filter: not sent. Header names
+    # and values compare case-insensitively.
+    assert names == ["CHANNEL_EXECUTE", "CHANNEL_EXECUTE", "API", "API", "API", "API"]
+
+
+def test_filter_regex_and_negative_veto(esl_server: EslReplayServer) -> None:
+    names = _events_after(
+        esl_server.port,
+        b"filter API-Command-Argument /^\\S+ (mask|unmask) /\n\n"
+        b"filter Event-Name API\n\nfilter API-Command -uuid_kill\n\nevent plain API\n\n",
+        _mask_mix(esl_server),
+    )
+    # All 7 API events pass "Event-Name API" but uuid_kill is vetoed.
+    assert names == ["API"] * 6
+
+
+def test_api_commands_fire_api_events_through_the_filters(esl_server: EslReplayServer) -> None:
+    def run_api() -> None:
+        out = _talk(esl_server.port, b"auth ClueCon\n\napi status\n\napi uuid_record x mask y\n\n")
+        assert out.count(b"api/response") == 2
+
+    names = _events_after(
+        esl_server.port, b"filter API-Command uuid_record\n\nevent plain API\n\n", run_api
+    )
+    assert names == ["API"]
+    sent = esl_server.sent_events()
+    assert ["API uuid_record"] in sent

@@ -601,3 +601,21 @@ def test_cli_package_root_holds_only_the_group() -> None:
     assert not decorated, (
         f"commands defined in cli/__init__.py (move them to a module): {decorated}"
     )
+
+
+def test_maskcheck_is_pure() -> None:
+    """The audio check sees the bytes the encryptor reads and nothing else: no I/O, no package."""
+    forbidden = (
+        "fsrecrypt",
+        "os",
+        "io",
+        "pathlib",
+        "socket",
+        "subprocess",
+        "gevent",
+        "psycopg2",
+        "boto3",
+        "click",
+    )
+    bad = _forbidden_imports([PACKAGE / "maskcheck.py"], forbidden)
+    assert not bad, "fsrecrypt.maskcheck must stay pure (stdlib, no I/O):\n" + "\n".join(bad)

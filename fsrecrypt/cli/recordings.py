@@ -127,6 +127,10 @@ def _row(rec: Recording, tenant_names: dict[str, str]) -> dict[str, Any]:
         "last_error": rec.last_error,
         "next_attempt_at": rec.next_attempt_at.isoformat() if rec.next_attempt_at else None,
         "metadata": rec.encryption_metadata,
+        "mask_verified": rec.mask_verified,
+        "mask_spans": rec.mask_spans,
+        "mask_acknowledged_at": rec.mask_ack_at.isoformat() if rec.mask_ack_at else None,
+        "mask_acknowledged_by": rec.mask_ack_by,
     }
 
 
@@ -154,6 +158,11 @@ def recordings_group() -> None:
 )
 @click.option("--since", callback=_when, help="Created at or after (ISO 8601; UTC if no zone).")
 @click.option("--until", callback=_when, help="Created before (ISO 8601; UTC if no zone).")
+@click.option(
+    "--mask",
+    type=click.Choice(["unverified", "verified", "any", "none"]),
+    help="By masked (PCI-paused) spans: unverified = not silent in the audio and not acknowledged.",
+)
 @click.option("--limit", type=click.IntRange(1, 100_000), default=100, show_default=True)
 @json_option
 @click.pass_context
@@ -164,6 +173,7 @@ def recordings_list(
     statuses: tuple[str, ...],
     since: datetime | None,
     until: datetime | None,
+    mask: str | None,
     limit: int,
     as_json: bool,
 ) -> None:
@@ -179,6 +189,7 @@ def recordings_list(
             created_from=since,
             created_to=until,
             limit=limit,
+            mask=mask,
         )
     finally:
         services.close()
@@ -254,6 +265,24 @@ def recordings_pending(ctx: click.Context, limit: int, as_json: bool) -> None:
         click.echo(f"hint: {UNASSIGNED_HINT}", err=True)
     if not waiting and not files and not orphans:
         click.echo("nothing waiting")
+
+
+@recordings_group.command("ack-mask")
+@config_option
+@click.argument("recording_id", callback=_recording_id)
+@click.option("--note", required=True, help="What was checked (kept in the audit log).")
+@user_option
+@click.pass_context
+def recordings_ack_mask(
+    ctx: click.Context, recording_id: str, note: str, user_id: str | None
+) -> None:
+    """Acknowledge RECORDING_ID's unverified mask: health stops alerting on it (audited)."""
+    services = services_for(ctx)
+    try:
+        services.db.acknowledge_mask(recording_id, operator(user_id), note)
+    finally:
+        services.close()
+    click.echo(f"acknowledged the unverified mask of {recording_id}")
 
 
 @click.command("retry")

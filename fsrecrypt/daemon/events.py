@@ -16,6 +16,7 @@ from typing import Any
 from fsrecrypt.daemon.eslparse import Event, RecordStop, classify_record_stop
 from fsrecrypt.daemon.files import path_text_problem
 from fsrecrypt.daemon.jobs import Job, JobQueue
+from fsrecrypt.daemon.masks import MARK_EVENTS, MaskTracker
 from fsrecrypt.daemon.runtime import Runtime
 from fsrecrypt.errors import EventError, FsrecryptError, PathRefused, UnknownTenant
 from fsrecrypt.plaintext import open_source, vet_path
@@ -27,6 +28,7 @@ class EventHandler:
     def __init__(self, rt: Runtime, jobs: JobQueue) -> None:
         self.rt = rt
         self.jobs = jobs
+        self.masks = MaskTracker(rt)
 
     def on_event(self, event: Event) -> None:
         """Handle one event (runs in the ESL dispatcher); a failure is this event's alone.
@@ -52,7 +54,13 @@ class EventHandler:
     def _handle_event(self, event: Event) -> None:
         """Classify one event and turn it into a row and a job."""
         rt = self.rt
-        if rt.stopping.is_set() or event.name != "RECORD_STOP":
+        if rt.stopping.is_set():
+            return
+        if event.name in MARK_EVENTS:
+            if self.masks.enabled:
+                self.masks.on_event(event)
+            return
+        if event.name != "RECORD_STOP":
             return
         fs = rt.config.freeswitch
         try:
@@ -71,6 +79,7 @@ class EventHandler:
             # row says which values were altered (NUL or non-UTF-8 bytes).
             rt.log.warning("event.values_sanitised", fields=list(rs.sanitised), **base)
         metadata = _metadata(rs)
+        self.masks.on_record_stop(rs, metadata)
         if rs.disposition == "remote":
             rt.count("out-of-scope")
             rt.log.info("event.out_of_scope", reason="not a local file (URL path)", **base)

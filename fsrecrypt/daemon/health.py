@@ -23,6 +23,7 @@ import gevent
 from fsrecrypt.config import Config
 from fsrecrypt.daemon.esl import EslSettings, EventSource, probe_status
 from fsrecrypt.daemon.jobs import JobQueue
+from fsrecrypt.daemon.masks import MaskTracker, check_masks
 from fsrecrypt.daemon.runtime import Runtime
 from fsrecrypt.errors import (
     DatabaseError,
@@ -71,6 +72,7 @@ class Heartbeat:
         self.esl_down_since: float | None = time.time()  # not connected yet
         self.self_checks: dict[str, dict[str, Any]] = {}
         self._next_self_check = 0.0
+        self.masks = MaskTracker(rt)
 
     @property
     def esl_connected(self) -> bool:
@@ -143,6 +145,7 @@ class Heartbeat:
             if self.send_status_event(depth, age):
                 self._last_status_event = time.monotonic()
         self.anchor_if_due()
+        self.masks.housekeeping()
         rt.notifier.notify(
             f"STATUS=running; queue {depth}; esl "
             f"{'up' if self.esl_connected else 'down'}; "
@@ -475,6 +478,11 @@ def run_health(config: Config) -> list[Check]:
     checks.append(_check("store", DOWN, store))
     checks.append(
         _check("backlog", DEGRADED, backlog) if db_ok else Check("backlog", DEGRADED, skipped)
+    )
+    checks.append(
+        _check("masks", DEGRADED, lambda: check_masks(config, services))
+        if db_ok
+        else Check("masks", DEGRADED, skipped)
     )
     checks.append(_check("heartbeat", DOWN, lambda: check_heartbeat(config)))
     checks.append(_check("daemon", DEGRADED, lambda: check_daemon_view(config)))

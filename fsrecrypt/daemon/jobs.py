@@ -28,6 +28,7 @@ from typing import Any
 import gevent
 import gevent.queue
 
+from fsrecrypt.daemon.masks import MaskTracker
 from fsrecrypt.daemon.runtime import Runtime
 from fsrecrypt.db import Recording, Tenant
 from fsrecrypt.errors import (
@@ -169,6 +170,7 @@ class JobRunner:
     def __init__(self, rt: Runtime, jobs: JobQueue) -> None:
         self.rt = rt
         self.jobs = jobs
+        self.masks = MaskTracker(rt)
 
     def attempt(self, job: Job) -> bool:
         """One try at a job; returns True when a retry was scheduled (path stays busy)."""
@@ -317,6 +319,7 @@ class JobRunner:
         if outcome.source_changed:
             self._requeue_changed(job, tenant)
         rt.metrics.bytes.inc(outcome.plaintext_bytes)
+        self.masks.on_stored(outcome, tenant)
         rt.log.info(
             "recording",
             outcome=result,

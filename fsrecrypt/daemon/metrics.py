@@ -45,6 +45,20 @@ class Metrics:
         self.swept = Counter(
             "fsrecrypt_swept_files", "Orphan files adopted by the sweep", registry=r
         )
+        self.mask_events = Counter(
+            "fsrecrypt_mask_events",
+            "RECORD_START and mask/unmask events, by outcome (stored, start, "
+            "unknown-recording, too-many, malformed, not-recorded)",
+            ["outcome"],
+            registry=r,
+        )
+        self.mask_verdicts = Counter(
+            "fsrecrypt_mask_verdicts",
+            "Stored recordings with a mask announced, by verdict (verified: every span is "
+            "digital silence in the audio; unverified: not)",
+            ["verdict"],
+            registry=r,
+        )
         self.loop_errors = Counter(
             "fsrecrypt_loop_errors",
             "Passes of a periodic loop that failed unexpectedly",

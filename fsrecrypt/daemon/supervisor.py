@@ -41,6 +41,7 @@ import gevent.event
 from fsrecrypt import db
 from fsrecrypt.config import Config, load_config
 from fsrecrypt.daemon.esl import EslSettings, EventSource
+from fsrecrypt.daemon.eslsub import recording_subscription
 from fsrecrypt.daemon.events import EventHandler
 from fsrecrypt.daemon.health import HEARTBEAT_INTERVAL, Heartbeat
 from fsrecrypt.daemon.jobs import JobQueue, JobRunner, backoff, renew_claims
@@ -148,6 +149,7 @@ class Daemon:
             rt.services.close()
             return 0
         fs = cfg.freeswitch
+        subscription = recording_subscription(masks=cfg.pci.track_masks)
         settings = EslSettings(
             host=fs.host,
             port=fs.port,
@@ -156,6 +158,8 @@ class Daemon:
             command_timeout=fs.command_timeout,
             liveness_interval=fs.liveness_interval,
             backoff_cap=fs.backoff_cap,
+            events=subscription.events,
+            filters=subscription.filters,
         )
         self.events = EventSource(settings, self.handler.on_event, self.heartbeat.on_esl_state)
         self.heartbeat.events = self.events

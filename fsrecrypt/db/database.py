@@ -6,6 +6,7 @@ from fsrecrypt.db.audit import AuditLog
 from fsrecrypt.db.branch_keys import BranchKeys
 from fsrecrypt.db.custody import Custody
 from fsrecrypt.db.jobs import Jobs
+from fsrecrypt.db.masks import MaskSessions
 from fsrecrypt.db.pool import translate_errors
 from fsrecrypt.db.queue import WorkQueue
 from fsrecrypt.db.recordings import Recordings
@@ -16,7 +17,16 @@ from fsrecrypt.db.uploads import Uploads
 
 
 class Database(
-    WorkQueue, Recordings, Tenants, UnassignedFiles, AuditLog, Custody, Jobs, BranchKeys, Uploads
+    WorkQueue,
+    Recordings,
+    Tenants,
+    UnassignedFiles,
+    AuditLog,
+    Custody,
+    Jobs,
+    BranchKeys,
+    Uploads,
+    MaskSessions,
 ):
     """A small connection pool plus the queries; safe to share across greenlets/threads.
 

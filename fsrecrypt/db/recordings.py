@@ -15,9 +15,17 @@ from datetime import datetime
 from typing import Any
 
 from fsrecrypt.db.audit import append_audit_row
+from fsrecrypt.db.masks import store_mask_verdict
 from fsrecrypt.db.rows import RECORDING_COLUMNS, Recording, recording_from_row
 from fsrecrypt.db.tenants import Tenants
 from fsrecrypt.errors import AlreadyExists, InvalidState, NotFound
+
+MASK_FILTERS = {
+    "unverified": "mask_verified = false AND mask_ack_at IS NULL",
+    "verified": "mask_verified = true",
+    "any": "mask_verified IS NOT NULL",
+    "none": "mask_verified IS NULL",
+}
 
 
 class Recordings(Tenants):
@@ -146,8 +154,13 @@ class Recordings(Tenants):
         source_path: str | None = None,
         limit: int | None = None,
         after_id: str | None = None,
+        mask: str | None = None,
     ) -> list[Recording]:
+        """Rows matching every filter given; ``mask``: 'unverified' (not yet acknowledged),
+        'verified', 'any' (a mask was announced) or 'none'."""
         clauses, params = [], []
+        if mask is not None:
+            clauses.append(MASK_FILTERS[mask])
         for column, value in (
             ("tenant_id", tenant_id),
             ("call_uuid", call_uuid),
@@ -192,13 +205,18 @@ class Recordings(Tenants):
         claimed_by: str,
         audit: Mapping[str, Any] | None = None,
         plaintext_hmac: tuple[str, str] | None = None,
+        mask: tuple[int, list[dict[str, Any]] | None, bool | None] | None = None,
     ) -> Recording:
         """Move a row to ``stored`` (and write its audit row) in one transaction.
 
         Only a ``pending`` or ``failed`` row can become stored: a row that was
         stored, discarded or erased meanwhile is left alone (InvalidState).
+        ``mask``: (mask session id, spans, verdict) of a recording with masked
+        spans, written in the same transaction (:mod:`fsrecrypt.db.masks`).
         """
         with self.transaction("recording the stored object") as cur:
+            if mask is not None:
+                store_mask_verdict(cur, recording_id, *mask)
             cur.execute(
                 "UPDATE call_recordings SET status = 'stored', encrypted = true,"
                 " encryption_algorithm = %s, encrypted_dek = %s, kms_key_id = %s, s3_path = %s,"

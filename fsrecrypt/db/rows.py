@@ -47,6 +47,12 @@ class Recording:
     updated_at: datetime
     stored_at: datetime | None
     erased_at: datetime | None
+    # Masked (PCI-paused) spans as verified before encryption (migration 0013):
+    # None when no mask was announced.
+    mask_spans: list[dict[str, Any]] | None = None
+    mask_verified: bool | None = None
+    mask_ack_at: datetime | None = None
+    mask_ack_by: str | None = None
 
     def encrypted_dek_bytes(self) -> bytes:
         if not self.encrypted_dek:

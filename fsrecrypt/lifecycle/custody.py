@@ -116,6 +116,16 @@ def recording_custody(services: Services, recording_id: str, *, user_id: str) ->
             "at": iso(columns["plaintext_deleted_at"]),
             "host": columns["plaintext_deleted_host"],
         },
+        # Masked (PCI-paused) spans as checked against the audio before
+        # encryption (null: no mask announced); see README "PCI masking".
+        "pci_mask": None
+        if rec.mask_verified is None
+        else {
+            "verified": rec.mask_verified,
+            "spans": rec.mask_spans or [],
+            "acknowledged_at": iso(rec.mask_ack_at),
+            "acknowledged_by": rec.mask_ack_by,
+        },
         "erased_at": iso(rec.erased_at),
         "events": events,
     }

@@ -28,6 +28,7 @@ from fsrecrypt.errors import (
 )
 from fsrecrypt.pipeline.custody import FingerprintingReader, FingerprintKey
 from fsrecrypt.pipeline.envelope import ALGORITHM_NAME, edk_to_bytes, encryption_context
+from fsrecrypt.pipeline.masks import plan_mask_check
 from fsrecrypt.pipeline.services import Services, worker_id
 from fsrecrypt.plaintext import (
     HEAD_BYTES,
@@ -58,6 +59,8 @@ class StoreOutcome:
     # The keyed fingerprint of the bytes encrypted (None when already stored):
     # what a read-back of the object must reproduce (backfill checks it).
     plaintext_hmac: str | None = None
+    # Why the announced mask is not verified (None: verified, or no mask).
+    mask_reason: str | None = None
 
 
 def register_source(
@@ -162,26 +165,28 @@ def store_recording(
             yield chunk
 
     fingerprint_key = FingerprintKey.from_config(config)
-    plaintext = FingerprintingReader(source.fileobj, fingerprint_key.hasher(tenant.id))
+    mask_check = plan_mask_check(services, recording)
+    stream = source.fileobj if mask_check is None else mask_check.wrap(source.fileobj)
+    plaintext = FingerprintingReader(stream, fingerprint_key.hasher(tenant.id))
     info = services.store.put_stream(
         key,
         counted(encryptor.stream(plaintext)),  # type: ignore[arg-type]
         metadata={"fsrecrypt-recording-id": recording.id, "fsrecrypt-tenant-id": tenant.id},
     )
     elapsed = time.monotonic() - started
-    changed = (
+    why_changed = (
         f"{source.size} bytes at open, {encryptor.plaintext_length} read"
         if encryptor.plaintext_length != source.size
         else changed(source)
     )
-    if changed is not None:
+    if why_changed is not None:
         # What was read is not the file as it is now: never mark it stored.
         # Removing the object is best effort: under S3 Object Lock the storage
         # keeps it until its retention ends (it is encrypted and unreferenced),
         # and the caller must still learn that the source changed.
         with contextlib.suppress(FsrecryptError):
             services.store.delete(key)
-        raise SourceChanged(f"{source.path} changed while it was read ({changed})")
+        raise SourceChanged(f"{source.path} changed while it was read ({why_changed})")
     metadata = {
         "message_id": encryptor.header.message_id.hex(),
         "frame_length": config.pipeline.frame_size,
@@ -194,6 +199,13 @@ def store_recording(
     }
     if info.version_id:
         metadata["object_version"] = info.version_id
+    mask = mask_check.result() if mask_check is not None else None
+    details: dict[str, Any] = {}
+    if mask is not None and mask[2] is not None:
+        # In the hash-chained encrypt row (and so in `audit export`): the
+        # verdict and the spans (the first 200; all are on the recording).
+        spans = mask[1] or []
+        details["mask"] = {"verified": mask[2], "span_count": len(spans), "spans": spans[:200]}
     try:
         stored = services.db.mark_stored(
             recording.id,
@@ -218,8 +230,10 @@ def store_recording(
                     "bytes": encryptor.plaintext_length,
                     "worker": worker,
                     **(audit_details or {}),
+                    **details,
                 },
             },
+            mask=mask,
         )
     except InvalidState:
         # Someone else owns the row now; our object is an orphan: remove it.
@@ -240,6 +254,7 @@ def store_recording(
         deleted,
         source_changed=bool(delete) and not deleted and changed(source) is not None,
         plaintext_hmac=plaintext.mac.hexdigest(),
+        mask_reason=mask_check.reason if mask_check is not None else None,
     )
 
 

@@ -61,6 +61,24 @@ class Principal:
 
 
 @dataclass(frozen=True)
+class MaskSpan:
+    """A masked (PCI-paused) span, in ms from the start of the audio.
+
+    ``announced_*``: where the mask events put it; ``start_ms``/``end_ms``:
+    the digital silence found in the audio before encryption (null when none
+    was found there: ``silent`` false). ``announced_end_ms`` null: still
+    masked when the recording stopped.
+    """
+
+    announced_start_ms: int
+    announced_end_ms: int | None
+    start_ms: int | None
+    end_ms: int | None
+    silent: bool
+    via: Literal["dialplan", "api"]
+
+
+@dataclass(frozen=True)
 class Recording:
     id: str = fmt("uuid")
     call_uuid: str | None
@@ -74,6 +92,9 @@ class Recording:
     channels: int | None
     stream_url: str
     playback_url: str
+    # null: no mask announced; false: a span the audio does not show as silence.
+    mask_verified: bool | None
+    masked_spans: list[MaskSpan]
 
 
 @dataclass(frozen=True)
@@ -200,4 +221,23 @@ def recording_of(recording: Any) -> Recording:
         channels=wav.get("channels"),
         stream_url=f"{base}/stream",
         playback_url=f"{base}/playback",
+        mask_verified=recording.mask_verified,
+        masked_spans=[_mask_span(s) for s in recording.mask_spans or [] if isinstance(s, dict)],
+    )
+
+
+def _mask_span(span: dict[str, Any]) -> MaskSpan:
+    """One stored span (``call_recordings.mask_spans``) as the API shows it."""
+
+    def ms(name: str) -> int | None:
+        value = span.get(name)
+        return value if isinstance(value, int) and not isinstance(value, bool) else None
+
+    return MaskSpan(
+        announced_start_ms=ms("announced_start_ms") or 0,
+        announced_end_ms=ms("announced_end_ms"),
+        start_ms=ms("start_ms"),
+        end_ms=ms("end_ms"),
+        silent=span.get("silent") is True,
+        via="api" if span.get("via") == "api" else "dialplan",
     )

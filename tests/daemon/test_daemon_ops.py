@@ -87,6 +87,7 @@ def test_health_healthy_degraded_down(daemon_env: DaemonEnv) -> None:
         "keys",
         "store",
         "backlog",
+        "masks",
         "heartbeat",
         "daemon",
         "daemon-access",

@@ -19,9 +19,11 @@ from __future__ import annotations
 
 import argparse
 import base64
+import collections
 import contextlib
 import json
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -32,6 +34,7 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+from urllib.parse import unquote
 
 import pytest
 
@@ -41,6 +44,11 @@ FIXTURES_DIR = Path(
         Path(__file__).resolve().parents[1] / "fixtures" / "freeswitch",
     )
 )
+
+# The API event of ``uuid_record <uuid> mask <path>`` in the mask transcript:
+# the template of the API event the server fires for each api command.
+API_EVENT_TEMPLATE_INDEX = 30
+MASK_TRANSCRIPT = "mask/transcript_mask.raw"
 
 # FreeSWITCH's switch_url_encode(): bytes below 0x20, above 0x7e and these
 # printable characters become %XX (upper-case hex). Everything else, including
@@ -146,6 +154,101 @@ def build_event_frame(
     return join_frame(envelope, rewrite_event_body(body, overrides, event_body))
 
 
+def split_transcript(data: bytes) -> list[bytes]:
+    """Cut a ``transcript_*.raw`` (every byte one connection received) into whole frames."""
+    frames: list[bytes] = []
+    pos = 0
+    while pos < len(data):
+        end = data.index(b"\n\n", pos) + 2
+        envelope = dict(
+            line.partition(": ")[::2] for line in data[pos : end - 2].decode("ascii").split("\n")
+        )
+        end += int(envelope.get("Content-Length", "0") or 0)
+        frames.append(data[pos:end])
+        pos = end
+    return frames
+
+
+def mask_frames() -> list[bytes]:
+    """The 37 event frames of ``mask/transcript_mask.raw``, in the order they arrived."""
+    return split_transcript(load_fixture(MASK_TRANSCRIPT))
+
+
+API_EVENT_TEMPLATE = mask_frames()[API_EVENT_TEMPLATE_INDEX]
+
+
+def event_headers(frame: bytes) -> dict[str, str]:
+    """The decoded body headers of an event frame (first occurrence wins), by lower-case name.
+
+    FreeSWITCH looks headers up case-insensitively (``switch_event_get_header``).
+    """
+    _, body = split_frame(frame)
+    headers: dict[str, str] = {}
+    for line in body.split(b"\n\n", 1)[0].split(b"\n"):
+        key, sep, value = line.partition(b": ")
+        if sep:
+            name = key.decode("ascii", "replace").lower()
+            headers.setdefault(name, unquote(value.decode("ascii", "replace")))
+    return headers
+
+
+def _filter_matches(value: str, pattern: str) -> bool:
+    """One filter value against one header value, as mod_event_socket compares them.
+
+    ``/expr/flags`` is a regular expression (switch_regex_perform: PCRE, here
+    Python's ``re``, the same for the patterns fsrecrypt sends); anything
+    else is a case-insensitive equality (strcasecmp).
+    """
+    if pattern.startswith("/"):
+        expr, flags = pattern[1:], 0
+        if "/" in expr:
+            expr, _, tail = expr.rpartition("/")
+            flags |= re.IGNORECASE if "i" in tail else 0
+            flags |= re.DOTALL if "s" in tail else 0
+        try:
+            return re.search(expr, value, flags) is not None
+        except re.error:
+            return False
+    return value.lower() == pattern.lower()
+
+
+def filters_pass(filters: Sequence[tuple[str, str]], headers: Mapping[str, str]) -> bool:
+    """mod_event_socket's ``event_handler`` filter loop, line for line.
+
+    No filter: everything subscribed passes. Otherwise an event passes only
+    if a filter matches: filters are OR'd (same header or not), a value
+    prefixed with ``-`` is a veto that wins, ``+`` (or nothing) is positive;
+    a filter on a header the event lacks is skipped.
+    """
+    if not filters:
+        return True
+    send = False
+    for name, raw in filters:
+        hval = headers.get(name.lower())
+        if hval is None:
+            continue
+        comp_to, positive = raw, True
+        while comp_to and comp_to[0] in "+- ":
+            if comp_to[0] != " ":
+                positive = comp_to[0] == "+"
+            comp_to = comp_to[1:]
+        if send and positive:
+            continue
+        if not comp_to:
+            continue
+        cmp = (
+            _filter_matches(hval, comp_to)
+            if raw.startswith("/")
+            else hval.lower() == comp_to.lower()
+        )
+        if cmp:
+            if positive:
+                send = True
+            else:
+                return False
+    return send
+
+
 @dataclass
 class Command:
     """One command block a client sent, as the server parsed it."""
@@ -165,8 +268,14 @@ class _Client:
     lock: threading.Lock = field(default_factory=threading.Lock)
     authed: bool = False
     events: set[str] = field(default_factory=set)
+    # ``filter`` pairs in the order they were added (duplicates allowed, as in
+    # FreeSWITCH, whose filter list clears EF_UNIQ_HEADERS).
+    filters: list[tuple[str, str]] = field(default_factory=list)
     hung: bool = False
     closed: bool = False
+    # What this connection was sent: Event-Name (plus API-Command / Application).
+    sent: collections.deque[str] = field(default_factory=lambda: collections.deque(maxlen=100_000))
+    sent_bytes: int = 0
 
     def send(self, data: bytes) -> bool:
         """Send bytes unless the connection is gone; report whether they went out."""
@@ -190,13 +299,23 @@ class _Client:
             with contextlib.suppress(OSError):
                 self.sock.close()
 
-    def wants(self, event_name: str, subclass: str | None) -> bool:
-        """Does this subscription cover the event (ALL, the name, or CUSTOM's subclass)?"""
+    def wants(self, headers: Mapping[str, str]) -> bool:
+        """Subscribed (ALL, the name, or CUSTOM's subclass) and passing this client's filters?"""
         if not self.authed or not self.events:
             return False
+        event_name = headers.get("event-name", "")
+        subclass = headers.get("event-subclass")
         if "ALL" in self.events or event_name in self.events:
-            return True
-        return event_name == "CUSTOM" and subclass is not None and subclass in self.events
+            subscribed = event_name != "CUSTOM" or subclass is None or subclass in self.events
+        else:
+            subscribed = event_name == "CUSTOM" and subclass is not None and subclass in self.events
+        return subscribed and filters_pass(self.filters, headers)
+
+    def note_sent(self, headers: Mapping[str, str], size: int) -> None:
+        """Remember what went out (a test asks what the daemon was sent)."""
+        detail = headers.get("api-command") or headers.get("application") or ""
+        self.sent.append(f"{headers.get('event-name', '')} {detail}".strip())
+        self.sent_bytes += size
 
 
 class EslReplayServer:
@@ -211,6 +330,8 @@ class EslReplayServer:
         self.hang_new_connections = False
         self.connections_total = 0
         self._clients: dict[int, _Client] = {}
+        self._all_clients: list[_Client] = []
+        self.api_events = True  # fire an API event per api command, as FreeSWITCH does
         self._lock = threading.Lock()
         self._listener: socket.socket | None = None
         self._accept_thread: threading.Thread | None = None
@@ -318,11 +439,26 @@ class EslReplayServer:
         return self.emit_frame(build_event_frame(name, overrides, event_body))
 
     def emit_frame(self, frame: bytes) -> int:
-        """Send a whole event frame to the clients subscribed to its Event-Name."""
+        """Send a whole event frame to the clients whose subscription and filters take it."""
+        headers = event_headers(frame)
         n = 0
         for c in self._subscribers(frame):
-            n += c.send(frame)
+            if c.send(frame):
+                c.note_sent(headers, len(frame))
+                n += 1
         return n
+
+    def emit_api_event(self, command: str, argument: str | None) -> int:
+        """The ``API`` event FreeSWITCH fires for every API command (switch_api_execute)."""
+        frame = build_event_frame(
+            API_EVENT_TEMPLATE,
+            {
+                "API-Command": command,
+                "API-Command-Argument": argument,
+                "Event-Date-Timestamp": str(int(time.time() * 1_000_000)),
+            },
+        )
+        return self.emit_frame(frame)
 
     def emit_raw(self, data: bytes) -> int:
         """Send arbitrary bytes to every authenticated client (hand-made malicious frames)."""
@@ -370,18 +506,14 @@ class EslReplayServer:
             return [c for c in self._clients.values() if c.authed and not c.closed]
 
     def _subscribers(self, frame: bytes) -> list[_Client]:
-        _, body = split_frame(frame)
-        name = subclass = None
-        for line in body.split(b"\n\n", 1)[0].split(b"\n"):
-            key, _, value = line.partition(b": ")
-            if key == b"Event-Name":
-                name = value.decode("ascii", "replace")
-            elif key == b"Event-Subclass":
-                subclass = value.decode("ascii", "replace")
+        headers = event_headers(frame)
         with self._lock:
-            return [
-                c for c in self._clients.values() if not c.closed and c.wants(name or "", subclass)
-            ]
+            return [c for c in self._clients.values() if not c.closed and c.wants(headers)]
+
+    def sent_events(self) -> list[list[str]]:
+        """Per connection (open or closed since start), what it was sent, in order."""
+        with self._lock:
+            return [list(c.sent) for c in self._all_clients]
 
     def _accept_loop(self, lsock: socket.socket) -> None:
         while True:
@@ -393,6 +525,7 @@ class EslReplayServer:
                 self._next_id += 1
                 client = _Client(self._next_id, sock, hung=self.hang_new_connections)
                 self._clients[client.cid] = client
+                self._all_clients.append(client)
                 self.connections_total += 1
             t = threading.Thread(
                 target=self._serve, args=(client,), name=f"esl-client-{client.cid}", daemon=True
@@ -478,12 +611,20 @@ class EslReplayServer:
             client.events.update(words)
             return client.send(load_fixture("event_subscribe_reply.esl"))
         if verb == "api":
-            return client.send(self._api(arg))
+            ok = client.send(self._api(arg))
+            if self.api_events:
+                api_cmd, _, api_arg = arg.partition(" ")
+                self.emit_api_event(api_cmd, api_arg or None)
+            return ok
+        if verb == "filter":
+            return client.send(_reply(self._filter(client, arg)))
         if verb == "bgapi":
             job = str(uuid.uuid4())
             ok = client.send(_reply(f"+OK Job-UUID: {job}", {"Job-UUID": job}))
             api_cmd, _, api_arg = arg.partition(" ")
             _, result = split_frame(self._api(arg))
+            if self.api_events:  # bgapi runs switch_api_execute too
+                self.emit_api_event(api_cmd, api_arg or None)
             self.emit_frame(
                 build_event_frame(
                     "background_job.esl",
@@ -494,9 +635,35 @@ class EslReplayServer:
             return ok
         if verb == "sendevent":
             return client.send(_reply(f"+OK {uuid.uuid4()}"))
-        if verb in ("noevents", "nixevent", "filter", "linger", "nolinger", "log", "nolog"):
+        if verb in ("noevents", "nixevent", "linger", "nolinger", "log", "nolog"):
             return client.send(_reply("+OK"))
         return client.send(_reply("-ERR command not found"))
+
+    @staticmethod
+    def _filter(client: _Client, arg: str) -> str:
+        """``filter [add] <header> <value>`` / ``filter delete all|<header> [<value>]``.
+
+        As mod_event_socket parses them: the header is the first word, the
+        value everything after the first space (it may hold spaces).
+        """
+        name, _, value = arg.strip(" ").partition(" ")
+        if not value:
+            return "-ERR invalid syntax"
+        if name.lower() == "delete":
+            name, _, value = value.partition(" ")
+            if name.lower() == "all":
+                client.filters.clear()
+            else:
+                client.filters[:] = [
+                    (h, v)
+                    for h, v in client.filters
+                    if h.lower() != name.lower() or (value and v != value)
+                ]
+            return f"+OK filter deleted. [{name}][{value}]"
+        if name.lower() == "add":
+            name, _, value = value.partition(" ")
+        client.filters.append((name, value))
+        return f"+OK filter added. [{name}]=[{value}]"
 
     def _api(self, arg: str) -> bytes:
         """An api/response frame: captured for ``status``, canned or ``-ERR`` otherwise."""
@@ -538,6 +705,12 @@ def _control_op(server: EslReplayServer, msg: Mapping[str, Any]) -> Any:
     op = msg.get("op")
     if op == "emit_fixture":
         return server.emit_fixture(msg["name"], msg.get("overrides"), msg.get("event_body"))
+    if op == "emit_frame":
+        return server.emit_frame(base64.b64decode(msg["data_b64"]))
+    if op == "emit_frames":
+        return sum(server.emit_frame(base64.b64decode(f)) for f in msg["frames_b64"])
+    if op == "sent_events":
+        return server.sent_events()
     if op == "emit_raw":
         return server.emit_raw(base64.b64decode(msg["data_b64"]))
     if op == "drop_mid_frame":

@@ -70,7 +70,47 @@ function toIsoUtc(localValue) {
   return localValue.length === 16 ? localValue + ":00Z" : localValue + "Z";
 }
 
+function maskLabel(rec) {
+  if (rec.mask_verified === null || rec.mask_verified === undefined) return "";
+  const n = (rec.masked_spans || []).length;
+  return rec.mask_verified ? `${n} span(s), silent` : `${n} span(s), NOT verified`;
+}
+
+function clock(ms) {
+  return formatDuration(ms / 1000);
+}
+
+// The masked spans on the player's timeline: where the audio is silent (found
+// before encryption), or where the events announced a mask the audio does not
+// show (striped red).
+function drawTimeline(recording) {
+  const timeline = $("timeline");
+  timeline.querySelectorAll(".mask-span").forEach((el) => el.remove());
+  const total = (recording.duration_s || 0) * 1000;
+  const spans = recording.masked_spans || [];
+  const notes = [];
+  for (const span of spans) {
+    const start = span.silent ? span.start_ms : span.announced_start_ms;
+    const endRaw = span.silent ? span.end_ms : span.announced_end_ms;
+    const end = endRaw === null || endRaw === undefined ? total : endRaw;
+    const el = document.createElement("div");
+    el.className = "mask-span " + (span.silent ? "verified" : "unverified");
+    el.dataset.startMs = String(start);
+    el.dataset.endMs = String(end);
+    el.title = `Masked ${clock(start)}–${clock(end)} (${span.via}): ` +
+      (span.silent ? "digital silence in the audio" : "NOT silent in the audio");
+    if (total > 0) {
+      el.style.left = `${Math.max(0, Math.min(100, (100 * start) / total))}%`;
+      el.style.width = `${Math.max(0.3, Math.min(100, (100 * (end - start)) / total))}%`;
+    }
+    timeline.appendChild(el);
+    notes.push(el.title);
+  }
+  $("mask-legend").textContent = notes.length ? notes.join("; ") : "";
+}
+
 async function play(recording) {
+  drawTimeline(recording);
   setStatus("Preparing playback…");
   try {
     const signed = await api(`/v1/recordings/${encodeURIComponent(recording.id)}/playback`);
@@ -120,11 +160,13 @@ function render(recordings) {
       rec.call_uuid || "",
       formatDuration(rec.duration_s),
       rec.status,
+      maskLabel(rec),
     ];
     cells.forEach((text, i) => {
       const td = document.createElement("td");
       td.textContent = text;
       if (i === 1) td.className = "mono";
+      if (i === 4) td.className = rec.mask_verified === false ? "mask-unverified" : "mask";
       row.appendChild(td);
     });
     const action = document.createElement("td");
@@ -209,6 +251,10 @@ document.addEventListener("DOMContentLoaded", () => {
   $("signin").addEventListener("submit", signIn);
   $("filters").addEventListener("submit", search);
   $("signout").addEventListener("click", () => signOut());
+  $("player").addEventListener("timeupdate", () => {
+    const audio = $("player");
+    if (audio.duration > 0) $("playhead").style.left = `${(100 * audio.currentTime) / audio.duration}%`;
+  });
   $("player").addEventListener("error", () => {
     const err = $("player").error;
     if (err) setStatus(`Playback error (code ${err.code}); the link may have expired — press Play again.`, true);
