@@ -286,7 +286,7 @@ class JobsConfig:
     concurrency: int = 4
     max_attempts: int = 5
     poll_interval: float = 2.0
-    metrics_listen: str = "127.0.0.1:9465"
+    metrics_listen: str = "127.0.0.1:9466"
 
     def validate(self) -> None:
         if not 5 <= self.lease_seconds <= 3600:

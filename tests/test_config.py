@@ -128,3 +128,12 @@ def test_unreadable_config_is_a_clear_error_not_a_traceback(tmp_path: Path, bloc
     assert "Traceback" not in result.stderr, result.stderr
     assert str(config) in result.stderr and "Permission denied" in result.stderr
     assert "sudo -u fsrecrypt" in result.stderr
+
+
+def test_default_metrics_ports_do_not_collide() -> None:
+    """Daemon, serve and a worker on one host each get their own Prometheus port."""
+    from fsrecrypt.config import Config
+
+    cfg = Config()
+    ports = [cfg.metrics.listen, cfg.playback.metrics_listen, cfg.jobs.metrics_listen]
+    assert len(set(ports)) == 3, ports
