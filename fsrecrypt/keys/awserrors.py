@@ -52,19 +52,28 @@ ARN_MISMATCH = (
 NOT_FOUND_TEXT = "No item found"
 
 
+def client_error(exc: Any, where: str, *, not_found: str = "not found") -> KeyAccessError:
+    """A botocore ``ClientError`` as the matching typed error (codes only, never bodies).
+
+    Shared by the KMS provider and the branch key store: the same AWS codes
+    mean the same thing to both (missing, not authentic, try again later).
+    """
+    err = exc.response.get("Error", {}) if hasattr(exc, "response") else {}
+    code = str(err.get("Code", "Unknown"))[:80]
+    status = int(exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0) or 0)
+    if code in _NOT_FOUND:
+        return KeyNotFound(f"{where}: {not_found} ({code})")
+    if code in _BAD_CIPHERTEXT:
+        return DataKeyAuthenticationFailed(f"{where}: {code}")
+    if code in _TRANSIENT or status >= 500 or status == 429:
+        return KeyProviderUnavailable(f"{where}: {code} (HTTP {status})")
+    return KeyAccessError(f"{where}: {code}")
+
+
 def aws_error(exc: Any, where: str) -> KeyAccessError:
     """A botocore ``ClientError`` or ``BotoCoreError`` raised while doing ``where``."""
     if isinstance(exc, ClientError):
-        err = exc.response.get("Error", {})
-        code = str(err.get("Code", "Unknown"))[:80]
-        status = int(exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0) or 0)
-        if code in _NOT_FOUND:
-            return KeyNotFound(f"{where}: not found ({code})")
-        if code in _BAD_CIPHERTEXT:
-            return DataKeyAuthenticationFailed(f"{where}: {code}")
-        if code in _TRANSIENT or status >= 500 or status == 429:
-            return KeyProviderUnavailable(f"{where}: {code} (HTTP {status})")
-        return KeyAccessError(f"{where}: {code}")
+        return client_error(exc, where)
     if isinstance(exc, HTTPClientError | BotoConnectionError):  # timeouts, refused, reset
         return KeyProviderUnavailable(
             f"{where}: cannot reach the branch key store or KMS ({type(exc).__name__})",

@@ -35,6 +35,7 @@ from fsrecrypt.errors import (
     NoUsableDataKey,
 )
 from fsrecrypt.format import EncryptedDataKey
+from fsrecrypt.keys.awserrors import client_error
 from fsrecrypt.keys.base import (
     DATA_KEY_BYTES,
     KMS_PROVIDER_ID,
@@ -44,20 +45,6 @@ from fsrecrypt.keys.base import (
     KeyProvider,
 )
 
-_KMS_NOT_FOUND = {"NotFoundException"}
-_KMS_BAD_CIPHERTEXT = {"InvalidCiphertextException", "IncorrectKeyException"}
-_KMS_TRANSIENT = {
-    "ThrottlingException",
-    "Throttling",
-    "RequestLimitExceeded",
-    "TooManyRequestsException",
-    "LimitExceededException",
-    "DependencyTimeoutException",
-    "KMSInternalException",
-    "KeyUnavailableException",
-    "ServiceUnavailable",
-    "InternalFailure",
-}
 _UUID_RE = re.compile(
     r"(mrk-)?[0-9a-fA-F]{8}-?[0-9a-fA-F]{4}-?[0-9a-fA-F]{4}-?[0-9a-fA-F]{4}-?"
     r"[0-9a-fA-F]{12}|mrk-[0-9a-fA-F]{32}"
@@ -334,17 +321,7 @@ class AwsKmsProvider(KeyProvider):
 
 def _map_client_error(exc: Any, op: str, key_ref: str) -> KeyAccessError:
     """Turn a botocore ClientError into the matching typed error (codes only, no bodies)."""
-    err = exc.response.get("Error", {}) if hasattr(exc, "response") else {}
-    code = str(err.get("Code", "Unknown"))
-    status = int(exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0) or 0)
-    where = f"KMS {op} for {key_ref}"
-    if code in _KMS_NOT_FOUND:
-        return KeyNotFound(f"{where}: key not found ({code})")
-    if code in _KMS_BAD_CIPHERTEXT:
-        return DataKeyAuthenticationFailed(f"{where}: {code}")
-    if code in _KMS_TRANSIENT or status >= 500 or status == 429:
-        return KeyProviderUnavailable(f"{where}: {code} (HTTP {status})")
-    return KeyAccessError(f"{where}: {code}")
+    return client_error(exc, f"KMS {op} for {key_ref}", not_found="key not found")
 
 
 def _map_botocore_error(exc: Any, op: str, key_ref: str, endpoint: str | None) -> KeyAccessError:

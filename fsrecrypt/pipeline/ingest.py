@@ -63,6 +63,28 @@ class StoreOutcome:
     mask_reason: str | None = None
 
 
+def object_metadata(
+    services: Services, encryptor: esdk.Encryptor, info: Any, **extra: Any
+) -> dict[str, Any]:
+    """What the row keeps about its object (format, store, key provider, version).
+
+    One place for the daemon's, the backfill's and the upload's rows, so a
+    recording reads the same whichever way it arrived.
+    """
+    metadata: dict[str, Any] = {
+        "message_id": encryptor.header.message_id.hex(),
+        "frame_length": services.config.pipeline.frame_size,
+        "suite": f"0x{esdk.SUITE_ID:04X}",
+        "header_size": encryptor.header.size,
+        "store": services.store.name,
+        "key_provider": services.keys.name,
+        **extra,
+    }
+    if info.version_id:
+        metadata["object_version"] = info.version_id
+    return metadata
+
+
 def register_source(
     services: Services,
     source: SourceFile,
@@ -187,18 +209,13 @@ def store_recording(
         with contextlib.suppress(FsrecryptError):
             services.store.delete(key)
         raise SourceChanged(f"{source.path} changed while it was read ({why_changed})")
-    metadata = {
-        "message_id": encryptor.header.message_id.hex(),
-        "frame_length": config.pipeline.frame_size,
-        "suite": f"0x{esdk.SUITE_ID:04X}",
-        "header_size": encryptor.header.size,
-        "store": services.store.name,
-        "key_provider": services.keys.name,
+    metadata = object_metadata(
+        services,
+        encryptor,
+        info,
         **({"escrow_missing": escrow_missing} if escrow_missing else {}),
         **({"wav": wav_info(head, source.size)} if head[:4] == b"RIFF" else {}),
-    }
-    if info.version_id:
-        metadata["object_version"] = info.version_id
+    )
     mask = mask_check.result() if mask_check is not None else None
     details: dict[str, Any] = {}
     if mask is not None and mask[2] is not None:

@@ -29,6 +29,7 @@ from fsrecrypt import format as esdk
 from fsrecrypt.errors import FsrecryptError
 from fsrecrypt.pipeline.custody import FingerprintingReader, FingerprintKey
 from fsrecrypt.pipeline.envelope import ALGORITHM_NAME, edk_to_bytes, encryption_context
+from fsrecrypt.pipeline.ingest import object_metadata
 from fsrecrypt.pipeline.playback import IterReader
 from fsrecrypt.pipeline.services import Services, worker_id
 from fsrecrypt.store import object_key
@@ -151,17 +152,7 @@ def _store(
     try:
         facts = dict(check(encryptor.plaintext_length)) if check is not None else {}
         elapsed = time.monotonic() - started
-        metadata: dict[str, Any] = {
-            "message_id": encryptor.header.message_id.hex(),
-            "frame_length": config.pipeline.frame_size,
-            "suite": f"0x{esdk.SUITE_ID:04X}",
-            "header_size": encryptor.header.size,
-            "store": services.store.name,
-            "key_provider": services.keys.name,
-            **facts,
-        }
-        if info.version_id:
-            metadata["object_version"] = info.version_id
+        metadata = object_metadata(services, encryptor, info, **facts)
         stored = services.db.mark_stored(
             recording.id,
             encryption_algorithm=ALGORITHM_NAME,
