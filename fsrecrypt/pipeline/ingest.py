@@ -42,6 +42,7 @@ from fsrecrypt.store import ObjectAccessDenied, object_key
 
 if TYPE_CHECKING:
     from fsrecrypt.db import Recording, Tenant
+    from fsrecrypt.keys import DataKey
 
 
 @dataclass(frozen=True)
@@ -159,14 +160,11 @@ def store_recording(
         claimed = _repoint_grown(services, claimed, source)
 
     started = time.monotonic()
-    context = encryption_context(tenant.id, recording.id)
-    data_key = services.keys.generate_data_key(tenant.kms_key_id, context)
-    escrow, escrow_missing = _escrow_copies(services, tenant, data_key.plaintext, context)
-    encryptor = esdk.Encryptor(
-        data_key.plaintext,
-        [data_key.encrypted, *(edk for _ref, edk in escrow)],
-        context,
-        frame_length=config.pipeline.frame_size,
+    sealing = begin_encryption(services, tenant, recording.id)
+    data_key, escrow_missing, encryptor = (
+        sealing.data_key,
+        sealing.escrow_missing,
+        sealing.encryptor,
     )
     # A per-attempt suffix: a zombie worker whose lease expired can never
     # overwrite the object a later attempt stored and recorded.
@@ -235,7 +233,7 @@ def store_recording(
             metadata=metadata,
             claimed_by=worker,
             plaintext_hmac=(plaintext.mac.hexdigest(), fingerprint_key.key_id),
-            escrow_deks=[(ref, edk_to_bytes(edk)) for ref, edk in escrow],
+            escrow_deks=sealing.escrow_deks(),
             audit={
                 "action": "encrypt",
                 "user_id": user_id,
@@ -273,6 +271,38 @@ def store_recording(
         plaintext_hmac=plaintext.mac.hexdigest(),
         mask_reason=mask_check.reason if mask_check is not None else None,
     )
+
+
+@dataclass(frozen=True)
+class Sealing:
+    """A new recording's data key, its escrow copies and the encryptor holding them all."""
+
+    data_key: DataKey
+    escrow: list[tuple[str, esdk.EncryptedDataKey]]
+    escrow_missing: dict[str, str]
+    encryptor: esdk.Encryptor
+
+    def escrow_deks(self) -> list[tuple[str, bytes]]:
+        """The escrow copies as the database keeps them (``mark_stored(escrow_deks=...)``)."""
+        return [(ref, edk_to_bytes(edk)) for ref, edk in self.escrow]
+
+
+def begin_encryption(services: Services, tenant: Tenant, recording_id: str) -> Sealing:
+    """A fresh data key for one recording, wrapped by the tenant's key and each escrow key.
+
+    The one start of every encryption (daemon, backfill, upload), so every
+    object's header carries the same EDKs whichever way it arrived.
+    """
+    context = encryption_context(tenant.id, recording_id)
+    data_key = services.keys.generate_data_key(tenant.kms_key_id, context)
+    escrow, missing = _escrow_copies(services, tenant, data_key.plaintext, context)
+    encryptor = esdk.Encryptor(
+        data_key.plaintext,
+        [data_key.encrypted, *(edk for _ref, edk in escrow)],
+        context,
+        frame_length=services.config.pipeline.frame_size,
+    )
+    return Sealing(data_key, escrow, missing, encryptor)
 
 
 def _escrow_copies(

@@ -25,11 +25,10 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from fsrecrypt import format as esdk
 from fsrecrypt.errors import FsrecryptError
 from fsrecrypt.pipeline.custody import FingerprintingReader, FingerprintKey
-from fsrecrypt.pipeline.envelope import ALGORITHM_NAME, edk_to_bytes, encryption_context
-from fsrecrypt.pipeline.ingest import object_metadata
+from fsrecrypt.pipeline.envelope import ALGORITHM_NAME, edk_to_bytes
+from fsrecrypt.pipeline.ingest import begin_encryption, object_metadata
 from fsrecrypt.pipeline.playback import IterReader
 from fsrecrypt.pipeline.services import Services, worker_id
 from fsrecrypt.store import object_key
@@ -128,14 +127,8 @@ def _store(
     config = services.config
     tenant = services.db.tenant_by_id(request.tenant_id)
     started = time.monotonic()
-    context = encryption_context(tenant.id, recording.id)
-    data_key = services.keys.generate_data_key(tenant.kms_key_id, context)
-    encryptor = esdk.Encryptor(
-        data_key.plaintext,
-        [data_key.encrypted],
-        context,
-        frame_length=config.pipeline.frame_size,
-    )
+    sealing = begin_encryption(services, tenant, recording.id)
+    data_key, encryptor = sealing.data_key, sealing.encryptor
     key = object_key(
         config.storage.prefix,
         tenant.id,
@@ -152,7 +145,8 @@ def _store(
     try:
         facts = dict(check(encryptor.plaintext_length)) if check is not None else {}
         elapsed = time.monotonic() - started
-        metadata = object_metadata(services, encryptor, info, **facts)
+        missing = {"escrow_missing": sealing.escrow_missing} if sealing.escrow_missing else {}
+        metadata = object_metadata(services, encryptor, info, **missing, **facts)
         stored = services.db.mark_stored(
             recording.id,
             encryption_algorithm=ALGORITHM_NAME,
@@ -164,6 +158,7 @@ def _store(
             metadata=metadata,
             claimed_by=worker,
             plaintext_hmac=(plaintext.mac.hexdigest(), fingerprint_key.key_id),
+            escrow_deks=sealing.escrow_deks(),
             audit={
                 "action": "encrypt",
                 "user_id": request.user_id,

@@ -505,3 +505,29 @@ def test_primary_and_escrow_swap_places(tmp_path: Path, pg_dsn: str) -> None:
         assert _cli(cfg, "verify", "--tenant", tenant)[0] == 0
     finally:
         services.close()
+
+
+def test_an_upload_is_wrapped_by_the_escrow_keys_too(tmp_path: Path, pg_dsn: str) -> None:
+    """The API upload starts its encryption where the daemon does: same EDKs, same rows."""
+    config = _config(tmp_path, pg_dsn, None)
+    services = pipeline.Services(config)
+    try:
+        primary = services.keys.create_key(f"p-{uuid.uuid4().hex[:6]}")
+        LocalKeyring(tmp_path / "escrow" / "escrow-keyring.json").create_key(RAW)
+        tenant = f"up-{uuid.uuid4().hex[:8]}"
+        add_tenant_with_escrow(services, tenant, primary, (f"raw-aes:{RAW}",))
+        data = make_wav(tmp_path / "upload.wav", 1.0, seed=7)
+        request = pipeline.UploadRequest(
+            tenant_id=services.db.tenant_by_name(tenant).id,
+            call_uuid="upload-escrow",
+            user_id="alice",
+        )
+        outcome = pipeline.store_upload(services, request, [data], lease_seconds=60)
+        rid = outcome.recording.id
+        assert [ref for ref, _ in services.db.escrow_deks(rid)] == [f"raw-aes:{RAW}"]
+        message = (tmp_path / "objects" / (services.db.recording(rid).s3_path or "")).read_bytes()
+        assert len(parse_header(message).encrypted_data_keys) == 2
+        ring = _raw_sdk_provider(tmp_path / "escrow" / "escrow-keyring.json", RAW)
+        assert _sdk_decrypt(ring, message) == data
+    finally:
+        services.close()
