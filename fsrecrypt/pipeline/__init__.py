@@ -29,7 +29,6 @@ from fsrecrypt.pipeline.envelope import (
 from fsrecrypt.pipeline.headers import (
     HEADER_PROBE,
     HeaderCache,
-    object_identity,
     read_object_header,
 )
 from fsrecrypt.pipeline.ingest import (
@@ -46,6 +45,7 @@ from fsrecrypt.pipeline.playback import (
     fetch_recording,
     iter_plaintext,
     iter_plaintext_range,
+    open_range,
     open_recording,
     unwrap_data_key,
 )
@@ -82,7 +82,7 @@ __all__ = [
     "is_inside",
     "iter_plaintext",
     "iter_plaintext_range",
-    "object_identity",
+    "open_range",
     "open_recording",
     "open_source",
     "read_object_header",

@@ -28,11 +28,13 @@ from fsrecrypt.errors import (
 )
 from fsrecrypt.keys import DataKeyAuthenticationFailed
 from fsrecrypt.pipeline.envelope import edk_from_bytes, encryption_context
-from fsrecrypt.pipeline.headers import object_identity, read_object_header
+from fsrecrypt.pipeline.headers import read_described_header
 from fsrecrypt.pipeline.services import Services
+from fsrecrypt.store.base import ObjectChanged
 
 if TYPE_CHECKING:
     from fsrecrypt.db import Recording
+    from fsrecrypt.store import ObjectInfo
 
 
 class IterReader(io.RawIOBase):
@@ -80,6 +82,8 @@ class OpenedRecording:
     # The wrapping key that opened it (the primary, or an escrow key).
     opened_with: str = ""
     primary_error: str | None = None
+    # The object as its header was read (reads are conditional on it staying so).
+    info: ObjectInfo | None = None
 
 
 def check_readable(recording: Recording) -> str:
@@ -172,18 +176,21 @@ def checked_plaintext_size(recording: Recording, header: esdk.Header, object_siz
 def open_recording(services: Services, recording: Recording) -> OpenedRecording:
     """Unwrap the data key (database copy) and verify the object's header against the row.
 
-    The header comes from the cache only while the object's identity is
-    unchanged; a header read from the store is cached only after it
-    verified. Any failure drops the cache entry.
+    A header cached for the object (verified when it was read) is used
+    without asking the store anything: the identity it was read under goes
+    with the result, and ``iter_plaintext_range`` makes its read conditional
+    on it, so a replaced object is noticed there (``ObjectChanged``). Without
+    a cache entry the header is read together with the object's identity (one
+    request on S3); it is cached only once it verified. Any failure drops the
+    cache entry.
     """
     key = check_readable(recording)
-    info = services.store.head(key)
-    identity = object_identity(info)
-    header = services.headers.get(key, identity)
-    cached = header is not None
+    cached = services.headers.get(key)
     try:
-        if header is None:
-            header = read_object_header(services.store, key, info.size)
+        if cached is not None:
+            info, header = cached
+        else:
+            header, info = read_described_header(services.store, key)
         unwrapped = unwrap_data_key_from(services, recording, header)
         data_key = unwrapped.data_key
         content_key = esdk.verify_header(header, data_key)
@@ -191,8 +198,8 @@ def open_recording(services: Services, recording: Recording) -> OpenedRecording:
     except FsrecryptError:
         services.headers.drop(key)
         raise
-    if not cached:
-        services.headers.put(key, identity, header)
+    if cached is None:
+        services.headers.put(key, info, header)
     return OpenedRecording(
         recording,
         header,
@@ -202,6 +209,7 @@ def open_recording(services: Services, recording: Recording) -> OpenedRecording:
         size,
         unwrapped.key_ref,
         unwrapped.primary_error,
+        info,
     )
 
 
@@ -233,7 +241,9 @@ def iter_plaintext_range(
     key = opened.recording.s3_path or ""
     plan = esdk.plan_range(opened.header, opened.object_size, start, end)
     try:
-        chunks = services.store.get_range(key, plan.ciphertext_start, plan.ciphertext_end)
+        chunks = services.store.get_range(
+            key, plan.ciphertext_start, plan.ciphertext_end, expect=opened.info
+        )
     except FsrecryptError:
         services.headers.drop(key)
         raise
@@ -242,6 +252,21 @@ def iter_plaintext_range(
         key,
         esdk.decrypt_range(opened.header, opened.content_key, plan, chunks, opened.object_size),
     )
+
+
+def open_range(
+    services: Services, recording: Recording, start: int, end: int | None
+) -> tuple[OpenedRecording, esdk.RangePlan, Iterator[bytes]]:
+    """``open_recording`` then ``iter_plaintext_range``: one request per seek while the
+    object's header is cached, and a fresh open (HEAD, header) when the object turns
+    out to have been replaced since it was cached."""
+    opened = open_recording(services, recording)
+    try:
+        plan, chunks = iter_plaintext_range(services, opened, start, end)
+    except ObjectChanged:
+        opened = open_recording(services, recording)  # the entry was dropped: read afresh
+        plan, chunks = iter_plaintext_range(services, opened, start, end)
+    return opened, plan, chunks
 
 
 def fetch_recording(

@@ -57,6 +57,19 @@ class ObjectAccessDenied(StorageAccessError):
     )
 
 
+class ObjectChanged(StorageError):
+    """The object is no longer the one a caller read before (another size, etag, version
+    or file): a conditional read (``get_range(..., expect=...)``) found it replaced.
+
+    Why typed: a reader holding a cached view of the object (the verified
+    header behind a player's seeks) reads again from scratch on this, rather
+    than decrypting a replaced object against stale facts.
+    """
+
+    hint = "Read the object again: it was replaced since it was last read"
+    transient = False
+
+
 @dataclass(frozen=True)
 class ObjectInfo:
     """Size and identity of a stored object (etag/version only where the store has them).
@@ -97,17 +110,41 @@ class ObjectStore(ABC):
         """Store the concatenated chunks under ``key`` atomically; refuse to overwrite."""
 
     @abstractmethod
-    def get_range(self, key: str, start: int = 0, end: int | None = None) -> Iterator[bytes]:
+    def get_range(
+        self,
+        key: str,
+        start: int = 0,
+        end: int | None = None,
+        *,
+        expect: ObjectInfo | None = None,
+    ) -> Iterator[bytes]:
         """Bytes ``[start, end)`` (``end=None``: to the end), streamed in chunks.
 
         The object is opened (or the request made) before this returns, so a
         missing object raises here rather than on the first ``next()``. A range
         beyond the object's end yields what exists (possibly nothing).
+
+        ``expect``: read only if the object is still the one ``head`` described
+        (its size and its etag, version or stamp), else ``ObjectChanged``. The
+        check rides on the read itself (S3: ``If-Match`` and ``VersionId`` on the
+        GET; local: ``fstat`` of the opened file), so a reader that already knows
+        the object pays no extra request for it.
         """
 
     def read_bytes(self, key: str, start: int = 0, end: int | None = None) -> bytes:
         """A small range in one piece (headers, trailers)."""
         return b"".join(self.get_range(key, start, end))
+
+    def read_described(self, key: str, start: int, end: int) -> tuple[bytes, ObjectInfo]:
+        """A small range in one piece and the identity of the object it came from.
+
+        Why: a reader that needs both (a player opening a recording: its
+        header and what to make later reads conditional on) gets them from
+        one request where the store can (S3: the GET's ETag, VersionId and
+        Content-Range); this default asks for the identity first.
+        """
+        info = self.head(key)
+        return b"".join(self.get_range(key, start, end, expect=info)), info
 
     @abstractmethod
     def head(self, key: str) -> ObjectInfo:

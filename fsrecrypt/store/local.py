@@ -16,6 +16,7 @@ from fsrecrypt.store.base import (
     READ_CHUNK,
     InvalidObjectKey,
     ObjectAccessDenied,
+    ObjectChanged,
     ObjectInfo,
     ObjectStore,
     StorageAccessError,
@@ -132,7 +133,14 @@ class LocalStore(ObjectStore):
             raise StorageError(f"cannot sync directory of {key}: {exc.strerror}") from None
         return ObjectInfo(key=key, size=size)
 
-    def get_range(self, key: str, start: int = 0, end: int | None = None) -> Iterator[bytes]:
+    def get_range(
+        self,
+        key: str,
+        start: int = 0,
+        end: int | None = None,
+        *,
+        expect: ObjectInfo | None = None,
+    ) -> Iterator[bytes]:
         _check_range(start, end)
         path = self._path(key)
         try:
@@ -143,7 +151,37 @@ class LocalStore(ObjectStore):
             raise _denied(key, path, exc) from None
         except OSError as exc:
             raise StorageError(f"cannot read object {key}: {exc.strerror}") from None
+        if expect is not None:
+            # The file actually opened, not the name: a rename between a
+            # check and this open cannot slip another file past it.
+            try:
+                st = os.fstat(f.fileno())
+            except OSError as exc:
+                f.close()
+                raise StorageError(f"cannot stat object {key}: {exc.strerror}") from None
+            if (st.st_size, _stamp(st)) != (expect.size, expect.stamp):
+                f.close()
+                raise ObjectChanged(f"object {key} changed since it was last read")
         return self._iter_file(f, key, start, end)
+
+    def read_described(self, key: str, start: int, end: int) -> tuple[bytes, ObjectInfo]:
+        """The bytes and the identity of the very file they were read from (its ``fstat``)."""
+        _check_range(start, end)
+        path = self._path(key)
+        try:
+            with open(path, "rb") as f:
+                st = os.fstat(f.fileno())
+                if not stat.S_ISREG(st.st_mode):
+                    raise ObjectNotFound(f"object {key} is not a regular file")
+                f.seek(start)
+                data = f.read(end - start)
+        except FileNotFoundError:
+            raise ObjectNotFound(f"object {key} not found") from None
+        except PermissionError as exc:
+            raise _denied(key, path, exc) from None
+        except OSError as exc:
+            raise StorageError(f"cannot read object {key}: {exc.strerror}") from None
+        return data, ObjectInfo(key=key, size=st.st_size, stamp=_stamp(st))
 
     @staticmethod
     def _iter_file(f: Any, key: str, start: int, end: int | None) -> Iterator[bytes]:
@@ -174,8 +212,7 @@ class LocalStore(ObjectStore):
             raise StorageError(f"cannot stat object {key}: {exc.strerror}") from None
         if not stat.S_ISREG(st.st_mode):
             raise ObjectNotFound(f"object {key} is not a regular file")
-        stamp = f"{st.st_dev}:{st.st_ino}:{st.st_mtime_ns}:{st.st_ctime_ns}"
-        return ObjectInfo(key=key, size=st.st_size, stamp=stamp)
+        return ObjectInfo(key=key, size=st.st_size, stamp=_stamp(st))
 
     def delete(self, key: str) -> int:
         path = self._path(key)
@@ -237,3 +274,8 @@ class LocalStore(ObjectStore):
             raise StorageAccessError(
                 f"store root {self.root} is not writable: {exc.strerror}"
             ) from None
+
+
+def _stamp(st: os.stat_result) -> str:
+    """What changes whenever a file's bytes may have changed (``ObjectInfo.stamp``)."""
+    return f"{st.st_dev}:{st.st_ino}:{st.st_mtime_ns}:{st.st_ctime_ns}"

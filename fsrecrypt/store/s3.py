@@ -31,6 +31,7 @@ from fsrecrypt.store.base import (
     READ_CHUNK,
     InvalidObjectKey,
     ObjectAccessDenied,
+    ObjectChanged,
     ObjectInfo,
     ObjectStore,
     StorageAccessError,
@@ -269,28 +270,63 @@ class S3Store(S3ObjectLock, ObjectStore):
         with contextlib.suppress(Exception):
             self._call("abort_multipart_upload", key, Key=key, UploadId=upload_id)
 
-    def get_range(self, key: str, start: int = 0, end: int | None = None) -> Iterator[bytes]:
+    def get_range(
+        self,
+        key: str,
+        start: int = 0,
+        end: int | None = None,
+        *,
+        expect: ObjectInfo | None = None,
+    ) -> Iterator[bytes]:
         _check_range(start, end)
         if end is not None and end == start:
             return iter(())
         kwargs: dict[str, Any] = {"Key": key}
         if start or end is not None:
             kwargs["Range"] = f"bytes={start}-{'' if end is None else end - 1}"
+        if expect is not None:
+            # Conditions S3 checks on the GET itself: no HEAD before each read.
+            if expect.etag:
+                kwargs["IfMatch"] = f'"{expect.etag}"'
+            if expect.version_id:
+                kwargs["VersionId"] = expect.version_id
         try:
             resp = self._call("get_object", key, **kwargs)
         except _RangeNotSatisfiable:
+            if expect is not None and start < expect.size:
+                raise ObjectChanged(f"object {key} changed since it was last read") from None
             return iter(())
+        except ObjectExists:  # 412: the If-Match failed
+            raise ObjectChanged(f"object {key} changed since it was last read") from None
+        if expect is not None and _total_size(resp) not in (None, expect.size):
+            resp["Body"].close()
+            raise ObjectChanged(f"object {key} changed since it was last read")
         return _S3Body(resp["Body"], key)
+
+    def read_described(self, key: str, start: int, end: int) -> tuple[bytes, ObjectInfo]:
+        """One GET: the bytes, and the object's identity from its answer's headers."""
+        _check_range(start, end)
+        if end == start:
+            return b"", self.head(key)
+        try:
+            resp = self._call("get_object", key, Key=key, Range=f"bytes={start}-{end - 1}")
+        except _RangeNotSatisfiable:  # an empty object, or a start past the end
+            info = self.head(key)
+            return b"".join(self.get_range(key, start, end, expect=info)), info
+        size = _total_size(resp)
+        body = _S3Body(resp["Body"], key)
+        try:
+            data = b"".join(body)
+        finally:
+            body.close()
+        if size is None:  # a store that does not say: ask, and read under that identity
+            info = self.head(key)
+            return b"".join(self.get_range(key, start, end, expect=info)), info
+        return data, _object_info(key, size, resp)
 
     def head(self, key: str) -> ObjectInfo:
         resp = self._call("head_object", key, Key=key)
-        etag = resp.get("ETag")
-        return ObjectInfo(
-            key=key,
-            size=int(resp["ContentLength"]),
-            etag=etag.strip('"') if isinstance(etag, str) else None,
-            version_id=resp.get("VersionId"),
-        )
+        return _object_info(key, int(resp["ContentLength"]), resp)
 
     def delete(self, key: str) -> int:
         """Delete every version and delete marker of ``key`` (needs s3:ListBucketVersions).
@@ -375,6 +411,28 @@ def _known_to_exist(store: S3Store, key: str) -> bool:
         return store.exists(key)
     except ObjectAccessDenied:
         return False
+
+
+def _object_info(key: str, size: int, resp: Mapping[str, Any]) -> ObjectInfo:
+    """Identity of an object from a HEAD's or a GET's answer."""
+    etag = resp.get("ETag")
+    return ObjectInfo(
+        key=key,
+        size=size,
+        etag=etag.strip('"') if isinstance(etag, str) else None,
+        version_id=resp.get("VersionId"),
+    )
+
+
+def _total_size(resp: Mapping[str, Any]) -> int | None:
+    """The object's whole size as a GET answered it (``Content-Range: bytes a-b/TOTAL``)."""
+    content_range = resp.get("ContentRange")
+    if isinstance(content_range, str) and "/" in content_range:
+        total = content_range.rpartition("/")[2]
+        return int(total) if total.isascii() and total.isdigit() else None
+    if content_range is None and isinstance(resp.get("ContentLength"), int):
+        return int(resp["ContentLength"])  # a whole-object GET
+    return None
 
 
 class _RangeNotSatisfiable(StorageError):

@@ -216,9 +216,8 @@ class Views(AdminViews):
             if wanted is None:
                 chunks = full_plaintext(services, recording, opened_with)
             else:
-                opened = pipeline.open_recording(services, recording)
+                opened, _plan, chunks = pipeline.open_range(services, recording, start, end)
                 opened_with.update(pipeline.playback.opened_details(opened))
-                _plan, chunks = pipeline.iter_plaintext_range(services, opened, start, end)
             # The first frame is authenticated before the status line goes out,
             # so a bad header or first frame is a clean JSON error, not a cut stream.
             first = next(chunks, b"")

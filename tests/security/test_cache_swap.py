@@ -12,6 +12,7 @@
 from __future__ import annotations
 
 import os
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -111,8 +112,6 @@ def test_tampered_header_is_never_served_from_cache_to_range_reads(world: World,
 
 
 def test_frame_failure_drops_the_cached_header(world: World, client) -> None:
-    from fsrecrypt.pipeline import object_identity  # new with the fix
-
     rec = world.ingest("framefail", "a", 1.2, seed=43)
     ok = ranged(client, world, rec, 0, 99)
     assert ok.status_code == 206
@@ -125,8 +124,7 @@ def test_frame_failure_drops_the_cached_header(world: World, client) -> None:
     data[header.size + (4096 + 32) + 4 + 12 + 50] ^= 0x01
     replace_object(world, rec.s3_path, bytes(data))
     # As if the change went unseen by the store's HEAD (same identity):
-    identity = object_identity(world.services.store.head(rec.s3_path))
-    world.services.headers.put(rec.s3_path, identity, header)
+    world.services.headers.put(rec.s3_path, world.services.store.head(rec.s3_path), header)
     r = ranged(client, world, rec, 0, 8999)
     assert r.status_code == 206  # the first frame verified; the second one cuts the stream
     with pytest.raises(StreamAborted):
@@ -189,3 +187,55 @@ def test_swapped_object_is_an_audited_integrity_error_not_503(world: World, clie
             assert row["details"]["error_code"] == "key_unavailable"
     finally:
         keys.decrypt_data_key = real  # type: ignore[method-assign]
+
+
+def store_calls(world: World) -> list[str]:
+    """What the store is asked, by operation (wraps the service's store in place)."""
+    store = world.services.store
+    calls: list[str] = []
+    for name in ("head", "read_described", "get_range"):
+        real = getattr(store, name)
+
+        def counted(*args, _real=real, _name=name, **kwargs):
+            calls.append(_name)
+            return _real(*args, **kwargs)
+
+        setattr(store, name, counted)
+    return calls
+
+
+def test_a_seek_on_a_cached_header_is_one_store_request(world: World, client) -> None:
+    """Issue 10, many listeners: no HEAD before each seek; the read itself is conditional."""
+    rec = world.ingest("oneread", "a", 2.0, seed=47)
+    original = world.originals["oneread"]
+    store = world.services.store
+    calls = store_calls(world)
+    try:
+        first = ranged(client, world, rec, 0, 99)
+        assert first.status_code == 206 and first.data == original[:100]
+        first.close()
+        assert calls == ["read_described", "get_range"]  # header with identity, frames
+        for lo, hi in ((20_000, 20_999), (5, 9), (30_000, 31_999)):
+            calls.clear()
+            r = ranged(client, world, rec, lo, hi)
+            assert r.status_code == 206 and r.data == original[lo : hi + 1]
+            r.close()
+            assert calls == ["get_range"], calls
+        # The object replaced by a good copy of itself written anew (a restore):
+        # where the store can tell (a new file), the conditional read notices,
+        # the header is read afresh and the seek plays.
+        good = object_bytes(world, rec.s3_path)
+        if world.backend == "local":
+            time.sleep(0.01)  # a new mtime even on coarse clocks
+        replace_object(world, rec.s3_path, good)
+        calls.clear()
+        r = ranged(client, world, rec, 1000, 1999)
+        assert r.status_code == 206 and r.data == original[1000:2000]
+        r.close()
+        if world.backend == "local":  # a new file: the fstat on the read tells
+            assert calls == ["get_range", "read_described", "get_range"], calls
+        else:  # the same bytes are the same etag to S3: nothing changed, one request
+            assert calls == ["get_range"], calls
+    finally:
+        for name in ("head", "read_described", "get_range"):
+            store.__dict__.pop(name, None)
