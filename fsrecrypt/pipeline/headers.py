@@ -52,9 +52,9 @@ class HeaderCache:
     Only a header that verified (key commitment and header tag, under the
     data key unwrapped from the database's copy) is put here, together with
     the object's identity it was read under (``ObjectInfo``: size, etag,
-    version, local stamp). A read that uses the entry is made conditional on
-    that identity (``get_range(..., expect=info)``: S3 checks ``If-Match``
-    on the GET itself, the local store ``fstat``s the file it opened), so a
+    local stamp). A read that uses the entry is made conditional on that
+    identity (``get_range(..., expect=info)``: S3 checks ``If-Match`` on the
+    GET itself, the local store ``fstat``s the file it opened), so a
     rewritten, tampered or restored object is noticed by the read, without a
     HEAD before it, and is read and verified again at once. A read that fails
     in any way drops the entry (``drop``), so a bad object is never served

@@ -125,10 +125,10 @@ class ObjectStore(ABC):
         beyond the object's end yields what exists (possibly nothing).
 
         ``expect``: read only if the object is still the one ``head`` described
-        (its size and its etag, version or stamp), else ``ObjectChanged``. The
-        check rides on the read itself (S3: ``If-Match`` and ``VersionId`` on the
-        GET; local: ``fstat`` of the opened file), so a reader that already knows
-        the object pays no extra request for it.
+        (its size and its etag or stamp), else ``ObjectChanged``. The check
+        rides on the read itself (S3: ``If-Match`` on the GET and the size in its
+        ``Content-Range``; local: ``fstat`` of the opened file), so a reader that
+        already knows the object pays no extra request for it.
         """
 
     def read_bytes(self, key: str, start: int = 0, end: int | None = None) -> bytes:

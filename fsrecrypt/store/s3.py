@@ -284,12 +284,12 @@ class S3Store(S3ObjectLock, ObjectStore):
         kwargs: dict[str, Any] = {"Key": key}
         if start or end is not None:
             kwargs["Range"] = f"bytes={start}-{'' if end is None else end - 1}"
-        if expect is not None:
-            # Conditions S3 checks on the GET itself: no HEAD before each read.
-            if expect.etag:
-                kwargs["IfMatch"] = f'"{expect.etag}"'
-            if expect.version_id:
-                kwargs["VersionId"] = expect.version_id
+        if expect is not None and expect.etag:
+            # A condition S3 checks on the GET itself: no HEAD before each read.
+            # Not VersionId: naming a version needs s3:GetObjectVersion, which
+            # the playback role does not have (conf/iam/playback.json); the
+            # etag already tells another object's bytes from these.
+            kwargs["IfMatch"] = f'"{expect.etag}"'
         try:
             resp = self._call("get_object", key, **kwargs)
         except _RangeNotSatisfiable:
