@@ -57,3 +57,39 @@ def test_wav_info_reads_freeswitch_header(tmp_path: Path) -> None:
         "duration_s": 3.0,
     }
     assert wav_info(b"not a wav", 9) == {}
+
+
+def test_the_directory_sync_after_a_deletion_does_not_stop_the_daemon(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """Under gevent (the daemon) fsync runs on the thread pool: a slow disk holds up the one
+    deletion, not every other recording, the Event Socket reader and the liveness probe."""
+    import subprocess
+    import sys
+
+    code = """
+from gevent import monkey
+monkey.patch_all()
+import os, sys, time
+import gevent
+from fsrecrypt import plaintext
+real_sleep = monkey.get_original("time", "sleep")
+os.fsync = lambda fd: real_sleep(0.3)  # a disk that takes 300 ms to flush
+ticks = []
+def ticker():
+    while True:
+        ticks.append(time.monotonic())
+        gevent.sleep(0.01)
+gevent.spawn(ticker)
+gevent.sleep(0.05)
+before = len(ticks)
+fd = os.open(sys.argv[1], os.O_RDONLY)
+plaintext._fsync_cooperatively(fd)
+print(len(ticks) - before)
+"""
+    out = subprocess.run(
+        [sys.executable, "-c", code, str(tmp_path)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=True,
+    )
+    assert int(out.stdout.strip()) >= 10, "the other greenlets stood still during the fsync"

@@ -225,6 +225,7 @@ class Daemon:
         rt = self.rt
         if self.events is not None:
             self.events.stop(timeout=2.0)
+        self.handler.finish_intake(timeout=2.0)
         for g in self._greenlets:
             g.kill(block=False)
         # Queued jobs are not started: their rows stay pending for the next run.

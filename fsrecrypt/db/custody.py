@@ -13,7 +13,7 @@ class Custody(Pool):
 
     def note_plaintext_deleted(self, recording_id: str, host: str) -> None:
         """When and on which host the plaintext went (chain of custody); first deletion wins."""
-        with self.transaction("noting the plaintext deletion") as cur:
+        with self.statement("noting the plaintext deletion") as cur:  # one UPDATE: autocommit
             cur.execute(
                 "UPDATE call_recordings SET plaintext_deleted_at = now(),"
                 " plaintext_deleted_host = %s WHERE id = %s AND plaintext_deleted_at IS NULL",

@@ -119,7 +119,9 @@ class MaskSessions(Pool):
 
     def mask_session_stop(self, core: str, channel: str, path: str, stopped_us: int) -> int | None:
         """Close the open session of a recording at its RECORD_STOP; its id, or None."""
-        with self.transaction("recording a RECORD_STOP's mask session") as cur:
+        # One UPDATE, atomic on its own: autocommit spares BEGIN and COMMIT
+        # round trips on every RECORD_STOP.
+        with self.statement("recording a RECORD_STOP's mask session") as cur:
             cur.execute(
                 "UPDATE recording_mask_sessions SET stopped_us = %s WHERE id = ("
                 " SELECT id FROM recording_mask_sessions WHERE core_uuid = %s"
@@ -142,29 +144,26 @@ class MaskSessions(Pool):
         is only ever used by its id (its RECORD_STOP handed it to the row),
         so an older recording's spans never land on a new file at the path.
         """
-        with self.transaction("reading a recording's mask events") as cur:
-            if session_id is not None:
-                cur.execute(
-                    "SELECT id, started_us, stopped_us, marks FROM recording_mask_sessions"
-                    " WHERE id = %s AND (recording_id IS NULL)",
-                    (session_id,),
-                )
-            else:
-                cur.execute(
-                    "SELECT id, started_us, stopped_us, marks FROM recording_mask_sessions"
-                    " WHERE source_path = %s AND recording_id IS NULL AND stopped_us IS NULL"
-                    " ORDER BY started_us DESC, id DESC LIMIT 1",
-                    (source_path,),
-                )
-            row = cur.fetchone()
-            if row is None:
-                return None
+        # The session and its marks in one statement (one round trip per
+        # recording stored: this runs for every recording while tracking is on).
+        if session_id is not None:
+            where, args = "id = %s AND recording_id IS NULL", (session_id,)
+        else:
+            where = "source_path = %s AND recording_id IS NULL AND stopped_us IS NULL"
+            args = (source_path,)
+        with self.statement("reading a recording's mask events") as cur:
             cur.execute(
-                "SELECT kind, via, at_us FROM recording_mask_marks WHERE session_id = %s"
-                " ORDER BY seq",
-                (row[0],),
+                "SELECT s.id, s.started_us, s.stopped_us, s.marks, COALESCE((SELECT"
+                " array_agg(ARRAY[m.kind::text, m.via::text, m.at_us::text] ORDER BY m.seq)"
+                " FROM recording_mask_marks m WHERE m.session_id = s.id), '{}')"
+                f" FROM (SELECT * FROM recording_mask_sessions WHERE {where}"
+                " ORDER BY started_us DESC, id DESC LIMIT 1) s",
+                args,
             )
-            marks = tuple((str(k), str(v), int(t)) for k, v, t in cur.fetchall())
+            row = cur.fetchone()
+        if row is None:
+            return None
+        marks = tuple((str(k), str(v), int(t)) for k, v, t in row[4])
         return MaskAnnouncement(int(row[0]), int(row[1]), row[2], marks, int(row[3]))
 
     def unacknowledged_masks(self, tenant_ids: list[str] | None) -> int:

@@ -26,7 +26,7 @@ from fsrecrypt.errors import (
     SourceChanged,
     SourceIncomplete,
 )
-from fsrecrypt.pipeline.custody import FingerprintingReader, FingerprintKey
+from fsrecrypt.pipeline.custody import FingerprintingReader
 from fsrecrypt.pipeline.envelope import ALGORITHM_NAME, edk_to_bytes, encryption_context
 from fsrecrypt.pipeline.masks import plan_mask_check
 from fsrecrypt.pipeline.services import Services, worker_id
@@ -184,7 +184,7 @@ def store_recording(
                 on_chunk(len(chunk))
             yield chunk
 
-    fingerprint_key = FingerprintKey.from_config(config)
+    fingerprint_key = services.fingerprint_key
     mask_check = plan_mask_check(services, recording)
     stream = source.fileobj if mask_check is None else mask_check.wrap(source.fileobj)
     plaintext = FingerprintingReader(stream, fingerprint_key.hasher(tenant.id))

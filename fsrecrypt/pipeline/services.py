@@ -17,6 +17,7 @@ from fsrecrypt.config import Config
 from fsrecrypt.db import Database
 from fsrecrypt.keys import KeyProvider, build_key_provider
 from fsrecrypt.keys.escrow import EscrowKeys
+from fsrecrypt.pipeline.custody import FingerprintKey
 from fsrecrypt.pipeline.headers import HeaderCache
 from fsrecrypt.store import ObjectStore, build_store
 
@@ -31,6 +32,7 @@ class Services:
     _store: ObjectStore | None = field(default=None, repr=False)
     headers: HeaderCache = field(default_factory=HeaderCache, repr=False)
     _escrow: EscrowKeys | None = field(default=None, repr=False)
+    _fingerprint_key: FingerprintKey | None = field(default=None, repr=False)
 
     @property
     def db(self) -> Database:
@@ -61,6 +63,14 @@ class Services:
         if self._escrow is None:
             self._escrow = EscrowKeys(self.config.keys)
         return self._escrow
+
+    @property
+    def fingerprint_key(self) -> FingerprintKey:
+        """The custody fingerprint key, read from its file once per process (created if
+        missing): every stored recording is fingerprinted with it."""
+        if self._fingerprint_key is None:
+            self._fingerprint_key = FingerprintKey.from_config(self.config)
+        return self._fingerprint_key
 
     @property
     def store(self) -> ObjectStore:

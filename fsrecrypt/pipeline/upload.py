@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from fsrecrypt.errors import FsrecryptError
-from fsrecrypt.pipeline.custody import FingerprintingReader, FingerprintKey
+from fsrecrypt.pipeline.custody import FingerprintingReader
 from fsrecrypt.pipeline.envelope import ALGORITHM_NAME, edk_to_bytes
 from fsrecrypt.pipeline.ingest import begin_encryption, object_metadata
 from fsrecrypt.pipeline.playback import IterReader
@@ -135,7 +135,7 @@ def _store(
         f"{recording.id}.{secrets.token_hex(4)}",
         recording.created_at,
     )
-    fingerprint_key = FingerprintKey.from_config(config)
+    fingerprint_key = services.fingerprint_key
     plaintext = FingerprintingReader(IterReader(chunks), fingerprint_key.hasher(tenant.id))  # type: ignore[arg-type]
     info = services.store.put_stream(
         key,

@@ -46,13 +46,15 @@ def _kill_repeatedly(cmd: list[str], env: dict[str, str], check) -> list[int]:
             cmd, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
         )
         if round_ == 0:  # early: while starting up or listing
-            time.sleep(rng.uniform(0.5, 1.5))
-        else:  # once this run has stored something, at a random instant after
+            time.sleep(rng.uniform(0.05, 0.4))
+        else:  # once this run has stored something, at a random instant soon after
+            # (soon: on a quiet machine a run stores the whole archive in well
+            # under a second, and a kill after the end proves nothing)
             deadline = time.monotonic() + 120
             while check() <= progress[-1] and proc.poll() is None:
                 assert time.monotonic() < deadline, "the backfill made no progress"
                 time.sleep(0.05)
-            time.sleep(rng.uniform(0.0, 0.3))
+            time.sleep(rng.uniform(0.0, 0.05))
         proc.send_signal(signal.SIGKILL)
         proc.wait(30)
         progress.append(check())
