@@ -142,46 +142,46 @@ class LocalStore(ObjectStore):
         expect: ObjectInfo | None = None,
     ) -> Iterator[bytes]:
         _check_range(start, end)
-        path = self._path(key)
-        try:
-            f = open(path, "rb")  # closed by the generator below
-        except FileNotFoundError:
-            raise ObjectNotFound(f"object {key} not found") from None
-        except PermissionError as exc:
-            raise _denied(key, path, exc) from None
-        except OSError as exc:
-            raise StorageError(f"cannot read object {key}: {exc.strerror}") from None
-        if expect is not None:
-            # The file actually opened, not the name: a rename between a
-            # check and this open cannot slip another file past it.
-            try:
-                st = os.fstat(f.fileno())
-            except OSError as exc:
-                f.close()
-                raise StorageError(f"cannot stat object {key}: {exc.strerror}") from None
-            if (st.st_size, _stamp(st)) != (expect.size, expect.stamp):
-                f.close()
-                raise ObjectChanged(f"object {key} changed since it was last read")
+        f, st = self._open(key)  # f is closed by the generator below
+        # The file actually opened, not the name: a rename between a check
+        # and this open cannot slip another file past it.
+        if expect is not None and (st.st_size, _stamp(st)) != (expect.size, expect.stamp):
+            f.close()
+            raise ObjectChanged(f"object {key} changed since it was last read")
         return self._iter_file(f, key, start, end)
 
     def read_described(self, key: str, start: int, end: int) -> tuple[bytes, ObjectInfo]:
         """The bytes and the identity of the very file they were read from (its ``fstat``)."""
         _check_range(start, end)
-        path = self._path(key)
-        try:
-            with open(path, "rb") as f:
-                st = os.fstat(f.fileno())
-                if not stat.S_ISREG(st.st_mode):
-                    raise ObjectNotFound(f"object {key} is not a regular file")
+        f, st = self._open(key)
+        with f:
+            try:
                 f.seek(start)
                 data = f.read(end - start)
+            except OSError as exc:
+                raise StorageError(f"cannot read object {key}: {exc.strerror}") from None
+        return data, ObjectInfo(key=key, size=st.st_size, stamp=_stamp(st))
+
+    def _open(self, key: str) -> tuple[Any, os.stat_result]:
+        """The object's file, open for reading, and its ``fstat``; typed errors otherwise."""
+        path = self._path(key)
+        try:
+            f = open(path, "rb")
         except FileNotFoundError:
             raise ObjectNotFound(f"object {key} not found") from None
         except PermissionError as exc:
             raise _denied(key, path, exc) from None
         except OSError as exc:
             raise StorageError(f"cannot read object {key}: {exc.strerror}") from None
-        return data, ObjectInfo(key=key, size=st.st_size, stamp=_stamp(st))
+        try:
+            st = os.fstat(f.fileno())
+        except OSError as exc:
+            f.close()
+            raise StorageError(f"cannot stat object {key}: {exc.strerror}") from None
+        if not stat.S_ISREG(st.st_mode):
+            f.close()
+            raise ObjectNotFound(f"object {key} is not a regular file")
+        return f, st
 
     @staticmethod
     def _iter_file(f: Any, key: str, start: int, end: int | None) -> Iterator[bytes]:

@@ -234,13 +234,7 @@ class S3Store(S3ObjectLock, ObjectStore):
             if upload_id is not None:
                 self._abort(key, upload_id)
             raise
-        etag = resp.get("ETag")
-        return ObjectInfo(
-            key=key,
-            size=size,
-            etag=etag.strip('"') if isinstance(etag, str) else None,
-            version_id=resp.get("VersionId"),
-        )
+        return _object_info(key, size, resp)
 
     def _upload_part(self, key: str, upload_id: str, number: int, data: bytes) -> dict[str, Any]:
         if number > MAX_PARTS:

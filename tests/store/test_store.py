@@ -66,11 +66,7 @@ def test_object_key() -> None:
 # --- local store ---------------------------------------------------------------------
 
 
-@pytest.fixture
-def local(tmp_path: Path) -> LocalStore:
-    root = tmp_path / "objects"
-    root.mkdir()
-    return LocalStore(root)
+# ``local``: the fixture in ``tests/store/conftest.py``.
 
 
 def test_local_put_get_range_head_delete(local: LocalStore) -> None:

@@ -21,13 +21,6 @@ from fsrecrypt.store import LocalStore, ObjectChanged, ObjectInfo
 from tests.store.test_store import count_calls, s3store
 
 
-@pytest.fixture
-def local(tmp_path: Path) -> LocalStore:
-    root = tmp_path / "objects"
-    root.mkdir()
-    return LocalStore(root)
-
-
 def test_local_read_as_described(local: LocalStore) -> None:
     local.put_stream("rec/a.esdk", [b"0123456789" * 100])
     info = local.head("rec/a.esdk")
