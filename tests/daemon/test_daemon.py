@@ -77,7 +77,9 @@ def test_min_sec_discard_is_recorded_once_and_never_retried(
 def test_uri_failure_marks_failed_and_leaves_the_file(daemon_env: DaemonEnv) -> None:
     env = daemon_env
     env.start()
-    path, data = env.write_wav(seconds=1, mtime_ago=30)
+    # A fresh file (inside the quiet period), so no sweep can adopt it before
+    # the event's row exists: that race, not the daemon, once failed this test.
+    path, data = env.write_wav(seconds=1)
     env.emit_stop(
         path,
         **{
@@ -88,9 +90,13 @@ def test_uri_failure_marks_failed_and_leaves_the_file(daemon_env: DaemonEnv) -> 
     row = env.wait_status(path, "failed")
     assert "uri-failure" in (row.last_error or "")
     assert row.source_fingerprint.startswith("uri-failure:")
-    # Several sweeps later the file is still there, untouched and not adopted.
+    # Now old enough for any sweep: several sweeps later the file is still
+    # there, untouched and not adopted.
+    import os
     import time
 
+    old = time.time() - 30
+    os.utime(path, (old, old))
     time.sleep(3)
     assert path.read_bytes() == data
     assert [r.status for r in env.rows(path)] == ["failed"]
