@@ -413,11 +413,11 @@ def _fsync_cooperatively(fd: int) -> None:
     a burst on an idle disk; far longer on a busy one). The calling greenlet
     still waits for it, so the deletion is durable before it is reported.
     """
+    # Only a process that loaded and applied gevent takes this path, so it is
+    # looked up, never imported here (the light commands never load gevent).
     monkey = sys.modules.get("gevent.monkey")
     if monkey is not None and monkey.is_module_patched("socket"):
-        import gevent
-
-        gevent.get_hub().threadpool.apply(os.fsync, (fd,))
+        sys.modules["gevent.hub"].get_hub().threadpool.apply(os.fsync, (fd,))
     else:
         os.fsync(fd)
 

@@ -273,50 +273,23 @@ class S3Store(S3ObjectLock, ObjectStore):
         expect: ObjectInfo | None = None,
     ) -> Iterator[bytes]:
         _check_range(start, end)
-        if end is not None and end == start:
-            return iter(())
-        kwargs: dict[str, Any] = {"Key": key}
-        if start or end is not None:
-            kwargs["Range"] = f"bytes={start}-{'' if end is None else end - 1}"
-        if expect is not None and expect.etag:
-            # A condition S3 checks on the GET itself: no HEAD before each read.
-            # Not VersionId: naming a version needs s3:GetObjectVersion, which
-            # the playback role does not have (conf/iam/playback.json); the
-            # etag already tells another object's bytes from these.
-            kwargs["IfMatch"] = f'"{expect.etag}"'
-        try:
-            resp = self._call("get_object", key, **kwargs)
-        except _RangeNotSatisfiable:
-            if expect is not None and start < expect.size:
-                raise ObjectChanged(f"object {key} changed since it was last read") from None
-            return iter(())
-        except ObjectExists:  # 412: the If-Match failed
-            raise ObjectChanged(f"object {key} changed since it was last read") from None
-        if expect is not None and _total_size(resp) not in (None, expect.size):
-            resp["Body"].close()
-            raise ObjectChanged(f"object {key} changed since it was last read")
-        return _S3Body(resp["Body"], key)
+        resp = None if end == start else _ranged_get(self, key, start, end, expect)
+        return iter(()) if resp is None else _S3Body(resp["Body"], key)
 
     def read_described(self, key: str, start: int, end: int) -> tuple[bytes, ObjectInfo]:
         """One GET: the bytes, and the object's identity from its answer's headers."""
         _check_range(start, end)
-        if end == start:
-            return b"", self.head(key)
-        try:
-            resp = self._call("get_object", key, Key=key, Range=f"bytes={start}-{end - 1}")
-        except _RangeNotSatisfiable:  # an empty object, or a start past the end
+        resp = None if end == start else _ranged_get(self, key, start, end, None)
+        size = None if resp is None else _total_size(resp)
+        if resp is None or size is None:
+            # Nothing to read (an empty object, a start past the end) or a store
+            # that does not say the size: ask, and read under that identity.
+            if resp is not None:
+                resp["Body"].close()
             info = self.head(key)
             return b"".join(self.get_range(key, start, end, expect=info)), info
-        size = _total_size(resp)
-        body = _S3Body(resp["Body"], key)
-        try:
-            data = b"".join(body)
-        finally:
-            body.close()
-        if size is None:  # a store that does not say: ask, and read under that identity
-            info = self.head(key)
-            return b"".join(self.get_range(key, start, end, expect=info)), info
-        return data, _object_info(key, size, resp)
+        with contextlib.closing(_S3Body(resp["Body"], key)) as body:
+            return b"".join(body), _object_info(key, size, resp)
 
     def head(self, key: str) -> ObjectInfo:
         resp = self._call("head_object", key, Key=key)
@@ -395,6 +368,38 @@ class S3Store(S3ObjectLock, ObjectStore):
         info = self.put_stream(probe, [b"ok"])
         version = {"VersionId": info.version_id} if info.version_id else {}
         self._call("delete_object", probe, Key=probe, **version)
+
+
+def _ranged_get(
+    store: S3Store, key: str, start: int, end: int | None, expect: ObjectInfo | None
+) -> dict[str, Any] | None:
+    """The GetObject answer for ``[start, end)``; None when the range starts past the end.
+
+    With ``expect``, the read is conditional on the object ``expect`` describes:
+    ``If-Match`` with its ETag (S3 checks it on the GET itself: no HEAD before
+    each read) and its size in the answer's ``Content-Range``; ``ObjectChanged``
+    otherwise. Not ``VersionId``: naming a version needs s3:GetObjectVersion,
+    which the playback role does not have (conf/iam/playback.json), and the
+    ETag already tells another object's bytes from these.
+    """
+    kwargs: dict[str, Any] = {"Key": key}
+    if start or end is not None:
+        kwargs["Range"] = f"bytes={start}-{'' if end is None else end - 1}"
+    if expect is not None and expect.etag:
+        kwargs["IfMatch"] = f'"{expect.etag}"'
+    changed = f"object {key} changed since it was last read"
+    try:
+        resp = store._call("get_object", key, **kwargs)
+    except _RangeNotSatisfiable:
+        if expect is not None and start < expect.size:
+            raise ObjectChanged(changed) from None
+        return None
+    except ObjectExists:  # 412: the If-Match failed
+        raise ObjectChanged(changed) from None
+    if expect is not None and _total_size(resp) not in (None, expect.size):
+        resp["Body"].close()
+        raise ObjectChanged(changed)
+    return resp
 
 
 def _known_to_exist(store: S3Store, key: str) -> bool:
