@@ -38,7 +38,7 @@ from fsrecrypt.plaintext import (
     open_source,
     wav_info,
 )
-from fsrecrypt.store import ObjectAccessDenied, object_key
+from fsrecrypt.store import ObjectAccessDenied, ObjectInfo, object_key
 
 if TYPE_CHECKING:
     from fsrecrypt.db import Recording, Tenant
@@ -161,11 +161,7 @@ def store_recording(
 
     started = time.monotonic()
     sealing = begin_encryption(services, tenant, recording.id)
-    data_key, escrow_missing, encryptor = (
-        sealing.data_key,
-        sealing.escrow_missing,
-        sealing.encryptor,
-    )
+    escrow_missing, encryptor = sealing.escrow_missing, sealing.encryptor
     # A per-attempt suffix: a zombie worker whose lease expired can never
     # overwrite the object a later attempt stored and recorded.
     key = object_key(
@@ -184,10 +180,9 @@ def store_recording(
                 on_chunk(len(chunk))
             yield chunk
 
-    fingerprint_key = services.fingerprint_key
     mask_check = plan_mask_check(services, recording)
     stream = source.fileobj if mask_check is None else mask_check.wrap(source.fileobj)
-    plaintext = FingerprintingReader(stream, fingerprint_key.hasher(tenant.id))
+    plaintext = FingerprintingReader(stream, services.fingerprint_key.hasher(tenant.id))
     info = services.store.put_stream(
         key,
         counted(encryptor.stream(plaintext)),  # type: ignore[arg-type]
@@ -222,32 +217,18 @@ def store_recording(
         spans = mask[1] or []
         details["mask"] = {"verified": mask[2], "span_count": len(spans), "spans": spans[:200]}
     try:
-        stored = services.db.mark_stored(
+        stored = record_stored(
+            services,
             recording.id,
-            encryption_algorithm=ALGORITHM_NAME,
-            encrypted_dek=edk_to_bytes(data_key.encrypted),
-            kms_key_id=data_key.key_id,
-            s3_path=key,
-            file_size_bytes=encryptor.plaintext_length,
-            encrypted_size_bytes=encryptor.ciphertext_length,
+            sealing,
+            key,
+            info,
+            plaintext_mac=plaintext.mac.hexdigest(),
             metadata=metadata,
-            claimed_by=worker,
-            plaintext_hmac=(plaintext.mac.hexdigest(), fingerprint_key.key_id),
-            escrow_deks=sealing.escrow_deks(),
-            audit={
-                "action": "encrypt",
-                "user_id": user_id,
-                "success": True,
-                "decryption_duration_ms": elapsed * 1000,
-                "details": {
-                    "object_key": key,
-                    "object_version": info.version_id,
-                    "bytes": encryptor.plaintext_length,
-                    "worker": worker,
-                    **(audit_details or {}),
-                    **details,
-                },
-            },
+            worker=worker,
+            user_id=user_id,
+            elapsed=elapsed,
+            audit_details={**(audit_details or {}), **details},
             mask=mask,
         )
     except InvalidState:
@@ -270,6 +251,57 @@ def store_recording(
         source_changed=bool(delete) and not deleted and changed(source) is not None,
         plaintext_hmac=plaintext.mac.hexdigest(),
         mask_reason=mask_check.reason if mask_check is not None else None,
+    )
+
+
+def record_stored(
+    services: Services,
+    recording_id: str,
+    sealing: Sealing,
+    key: str,
+    info: ObjectInfo,
+    *,
+    plaintext_mac: str,
+    metadata: Mapping[str, Any],
+    worker: str,
+    user_id: str,
+    elapsed: float,
+    audit_details: Mapping[str, Any],
+    audit_fields: Mapping[str, Any] | None = None,
+    mask: tuple[int, list[dict[str, Any]] | None, bool | None] | None = None,
+) -> Recording:
+    """The ``stored`` row of a just-uploaded object and its ``encrypt`` audit row, in one
+    transaction; the same columns whichever way the recording arrived (daemon, backfill,
+    upload). ``audit_details`` go into the row's details after the object's own;
+    ``audit_fields``: more audit columns (an upload's client address)."""
+    encryptor = sealing.encryptor
+    return services.db.mark_stored(
+        recording_id,
+        encryption_algorithm=ALGORITHM_NAME,
+        encrypted_dek=edk_to_bytes(sealing.data_key.encrypted),
+        kms_key_id=sealing.data_key.key_id,
+        s3_path=key,
+        file_size_bytes=encryptor.plaintext_length,
+        encrypted_size_bytes=encryptor.ciphertext_length,
+        metadata=metadata,
+        claimed_by=worker,
+        plaintext_hmac=(plaintext_mac, services.fingerprint_key.key_id),
+        escrow_deks=sealing.escrow_deks(),
+        audit={
+            "action": "encrypt",
+            "user_id": user_id,
+            "success": True,
+            "decryption_duration_ms": elapsed * 1000,
+            **(audit_fields or {}),
+            "details": {
+                "object_key": key,
+                "object_version": info.version_id,
+                "bytes": encryptor.plaintext_length,
+                "worker": worker,
+                **audit_details,
+            },
+        },
+        mask=mask,
     )
 
 

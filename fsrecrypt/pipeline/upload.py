@@ -27,8 +27,7 @@ from typing import TYPE_CHECKING, Any
 
 from fsrecrypt.errors import FsrecryptError
 from fsrecrypt.pipeline.custody import FingerprintingReader
-from fsrecrypt.pipeline.envelope import ALGORITHM_NAME, edk_to_bytes
-from fsrecrypt.pipeline.ingest import begin_encryption, object_metadata
+from fsrecrypt.pipeline.ingest import begin_encryption, object_metadata, record_stored
 from fsrecrypt.pipeline.playback import IterReader
 from fsrecrypt.pipeline.services import Services, worker_id
 from fsrecrypt.store import object_key
@@ -128,15 +127,14 @@ def _store(
     tenant = services.db.tenant_by_id(request.tenant_id)
     started = time.monotonic()
     sealing = begin_encryption(services, tenant, recording.id)
-    data_key, encryptor = sealing.data_key, sealing.encryptor
+    encryptor = sealing.encryptor
     key = object_key(
         config.storage.prefix,
         tenant.id,
         f"{recording.id}.{secrets.token_hex(4)}",
         recording.created_at,
     )
-    fingerprint_key = services.fingerprint_key
-    plaintext = FingerprintingReader(IterReader(chunks), fingerprint_key.hasher(tenant.id))  # type: ignore[arg-type]
+    plaintext = FingerprintingReader(IterReader(chunks), services.fingerprint_key.hasher(tenant.id))  # type: ignore[arg-type]
     info = services.store.put_stream(
         key,
         encryptor.stream(plaintext),  # type: ignore[arg-type]
@@ -147,33 +145,19 @@ def _store(
         elapsed = time.monotonic() - started
         missing = {"escrow_missing": sealing.escrow_missing} if sealing.escrow_missing else {}
         metadata = object_metadata(services, encryptor, info, **missing, **facts)
-        stored = services.db.mark_stored(
+        stored = record_stored(
+            services,
             recording.id,
-            encryption_algorithm=ALGORITHM_NAME,
-            encrypted_dek=edk_to_bytes(data_key.encrypted),
-            kms_key_id=data_key.key_id,
-            s3_path=key,
-            file_size_bytes=encryptor.plaintext_length,
-            encrypted_size_bytes=encryptor.ciphertext_length,
+            sealing,
+            key,
+            info,
+            plaintext_mac=plaintext.mac.hexdigest(),
             metadata=metadata,
-            claimed_by=worker,
-            plaintext_hmac=(plaintext.mac.hexdigest(), fingerprint_key.key_id),
-            escrow_deks=sealing.escrow_deks(),
-            audit={
-                "action": "encrypt",
-                "user_id": request.user_id,
-                "success": True,
-                "decryption_duration_ms": elapsed * 1000,
-                **request.audit,
-                "details": {
-                    "origin": UPLOAD_ORIGIN,
-                    "object_key": key,
-                    "object_version": info.version_id,
-                    "bytes": encryptor.plaintext_length,
-                    "worker": worker,
-                    **request.details,
-                },
-            },
+            worker=worker,
+            user_id=request.user_id,
+            elapsed=elapsed,
+            audit_details={"origin": UPLOAD_ORIGIN, **request.details},
+            audit_fields=request.audit,
         )
     except BaseException:
         # Nothing refers to the object: remove it (best effort; under S3 Object
