@@ -11,8 +11,9 @@ The modules, along an event's path:
 - ``health``: the heartbeat the daemon writes and the checks ``fsrecrypt health`` makes;
 - ``supervisor``: the arbiter (signals, greenlet supervision, reload, drain,
   systemd), composing the parts around a shared ``runtime``;
-- ``metrics``, ``logs``, ``systemd``, ``files``: the series, the log
-  configuration, sd_notify, and which names in the recordings dirs to look at.
+- ``metrics``, ``systemd``, ``files``: the series, sd_notify, and which names
+  in the recordings dirs to look at (the log configuration is ``fsrecrypt.logs``,
+  shared with ``fsrecrypt worker``).
 
 This package imports gevent, structlog and prometheus_client: ``fsrecrypt.cli``
 loads it only inside the ``run`` and ``health`` commands (``run``

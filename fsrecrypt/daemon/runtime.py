@@ -16,11 +16,11 @@ from typing import Any
 import gevent.event
 
 from fsrecrypt.config import Config
-from fsrecrypt.daemon.logs import get_logger
 from fsrecrypt.daemon.metrics import Metrics
 from fsrecrypt.daemon.systemd import Notifier
 from fsrecrypt.db import Tenant
 from fsrecrypt.errors import UnknownTenant
+from fsrecrypt.logs import get_logger
 from fsrecrypt.pipeline import Services, host_worker_prefix, worker_id
 
 

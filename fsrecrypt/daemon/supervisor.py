@@ -45,12 +45,12 @@ from fsrecrypt.daemon.eslsub import recording_subscription
 from fsrecrypt.daemon.events import EventHandler
 from fsrecrypt.daemon.health import HEARTBEAT_INTERVAL, Heartbeat
 from fsrecrypt.daemon.jobs import JobQueue, JobRunner, backoff, renew_claims
-from fsrecrypt.daemon.logs import configure_logging, get_logger
 from fsrecrypt.daemon.metrics import start_metrics_server
 from fsrecrypt.daemon.runtime import Runtime
 from fsrecrypt.daemon.sweep import Sweeper
 from fsrecrypt.daemon.systemd import watchdog_interval
 from fsrecrypt.errors import DatabaseError, FsrecryptError
+from fsrecrypt.logs import configure_logging, get_logger
 from fsrecrypt.pipeline import Services
 
 # A periodic loop whose pass fails with an unexpected (non-fsrecrypt) error this

@@ -20,16 +20,13 @@ hand finishes, unstarted claimed items are handed back at once.
 
 from __future__ import annotations
 
-import logging
 import signal
-import sys
 import time
 from collections.abc import Callable
 from typing import Any
 
 import gevent
 import gevent.event
-import structlog
 from prometheus_client import CollectorRegistry, Counter, Gauge, start_http_server
 
 from fsrecrypt import db
@@ -37,13 +34,13 @@ from fsrecrypt.config import Config
 from fsrecrypt.errors import FsrecryptError
 from fsrecrypt.jobs.runner import ItemEvent, JobWorker, reap_dead_local
 from fsrecrypt.lifecycle.anchors import anchor_if_due
+from fsrecrypt.logs import configure_logging, get_logger
 from fsrecrypt.pipeline import Services
 
 LOOP_CRASH_LIMIT = 5
 EXIT_GREENLET_DIED = 70
 HOUSEKEEPING_INTERVAL = 15.0
 ANCHOR_CHECK_INTERVAL = 60.0
-_LEVELS = {"debug": 10, "info": 20, "warning": 30, "error": 40}
 
 
 class WorkerMetrics:
@@ -80,33 +77,13 @@ class WorkerMetrics:
         )
 
 
-def configure_logging(level: str, fmt: str) -> None:
-    renderer: Any = (
-        structlog.processors.JSONRenderer(sort_keys=False)
-        if fmt == "json"
-        else structlog.dev.ConsoleRenderer(colors=False)
-    )
-    structlog.configure(
-        processors=[
-            structlog.processors.add_log_level,
-            structlog.processors.TimeStamper(fmt="iso", utc=True),
-            structlog.processors.format_exc_info,
-            renderer,
-        ],
-        wrapper_class=structlog.make_filtering_bound_logger(_LEVELS[level]),
-        logger_factory=structlog.PrintLoggerFactory(file=sys.stdout),
-        cache_logger_on_first_use=False,
-    )
-    logging.basicConfig(level=max(_LEVELS[level], logging.WARNING), stream=sys.stderr, force=True)
-
-
 class Worker:
     def __init__(self, config: Config, *, concurrency: int | None = None) -> None:
         self.config = config
         self.concurrency = concurrency or config.jobs.concurrency
         self.services = Services(config)
         self.metrics = WorkerMetrics()
-        self.log = structlog.get_logger("fsrecrypt.worker")
+        self.log = get_logger("fsrecrypt.worker")
         self.jobs = JobWorker(
             self.services,
             on_item=self._on_item,

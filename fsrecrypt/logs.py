@@ -1,4 +1,5 @@
-"""The daemon's log lines: structlog to stdout, JSON or console, one event name per line."""
+"""Log lines of the long-running processes (``run``, ``worker``): structlog to stdout,
+JSON or console, one event name per line."""
 
 from __future__ import annotations
 
@@ -37,6 +38,6 @@ def configure_logging(level: str, fmt: str) -> None:
     logging.basicConfig(level=max(_LEVELS[level], logging.WARNING), stream=sys.stderr, force=True)
 
 
-def get_logger() -> Any:
-    """The daemon's logger (resolved per call site, so a reload's configuration applies)."""
-    return structlog.get_logger("fsrecrypt.daemon")
+def get_logger(name: str = "fsrecrypt.daemon") -> Any:
+    """A process's logger (resolved per call site, so a reload's configuration applies)."""
+    return structlog.get_logger(name)
