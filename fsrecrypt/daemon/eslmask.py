@@ -25,7 +25,7 @@ import re
 from dataclasses import dataclass
 from typing import Literal
 
-from fsrecrypt.daemon.eslparse import Event, db_safe_text
+from fsrecrypt.daemon.eslparse import Event, db_safe_text, strip_variable_block
 from fsrecrypt.errors import EventError
 from fsrecrypt.numbers import NumberError, parse_int
 
@@ -56,15 +56,6 @@ class RecordMark:
     timestamp_us: int
 
 
-def _strip_prefix(path: str) -> str:
-    """Drop a leading ``{k=v,...}`` variable block, as RECORD_STOP's path handling does."""
-    if path.startswith("{"):
-        end = path.find("}")
-        if end != -1:
-            return path[end + 1 :]
-    return path
-
-
 def event_time_us(value: str | None) -> int | None:
     """``Event-Date-Timestamp`` in microseconds; None unless ASCII digits of a plausible clock."""
     try:
@@ -87,7 +78,7 @@ def _channel(value: str | None, what: str) -> str:
 
 
 def _path(value: str | None, what: str) -> str:
-    path = _strip_prefix((value or "").strip())
+    path = strip_variable_block((value or "").strip())
     if not path or len(path) > MAX_PATH:
         raise EventError(f"{what}: the recording path is empty or longer than {MAX_PATH}")
     if db_safe_text(path) != path:

@@ -130,8 +130,9 @@ class RecordStop:
         return f"{self.core_uuid}:{self.path}"
 
 
-def _strip_prefix(path: str) -> str:
-    """Drop a leading ``{k=v,...}`` variable block (``record_session {...}/x.wav``)."""
+def strip_variable_block(path: str) -> str:
+    """Drop a leading ``{k=v,...}`` variable block (``record_session {...}/x.wav``), as
+    RECORD_STOP's and the mask events' paths both carry it."""
     if path.startswith("{"):
         end = path.find("}")
         if end != -1:
@@ -187,7 +188,7 @@ def classify_record_stop(
     core_uuid = event.get("Core-UUID")
     if not core_uuid:
         raise EventError("RECORD_STOP without Core-UUID")
-    path = _strip_prefix(raw_path)
+    path = strip_variable_block(raw_path)
     if not path:
         raise EventError("RECORD_STOP with an empty Record-File-Path")
     cause = event.get("Record-Completion-Cause") or event.get("variable_record_completion_cause")
