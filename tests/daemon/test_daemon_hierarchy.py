@@ -103,7 +103,15 @@ def test_an_outage_longer_than_the_ttl_retries_and_loses_nothing(
             path, data = env.write_wav(seconds=0.5)
             env.emit_stop(path)
             during.append((path, data))
-        env.wait(lambda: metric(env, "fsrecrypt_retries_total") >= 5, 60, "retries")
+
+        # Every recording failed at least once (not just five retries in all: with
+        # four workers, one recording could fail twice before the fifth started).
+        def each_failed_once() -> bool:
+            rows = [env.rows(path) for path, _ in during]
+            return all(rs and all(r.attempts >= 1 for r in rs) for rs in rows)
+
+        env.wait(each_failed_once, 60, "every recording to have failed once")
+        env.wait(lambda: metric(env, "fsrecrypt_retries_total") >= 5, 10, "retries")
         for path, _ in during:
             assert path.exists(), "plaintext must stay while the key store is unreachable"
             assert all(r.status == "pending" for r in env.rows(path))
