@@ -11,7 +11,9 @@ against moto S3 + branch keys (``s3-hierarchy``: ``aws-kms-hierarchy``, the
 branch key store in moto's DynamoDB, KMS about once per tenant per cache TTL).
 Reported: recordings per second (first RECORD_STOP to last stored row),
 RECORD_STOP-to-stored latency p50/p99 (event emission time to the row's
-``stored_at``), and the daemon's maximum RSS over the burst. The baseline,
+``stored_at``), the daemon's maximum RSS over the burst, and the CPU each
+recording cost the daemon, moto and the whole machine (``/proc/stat``: the
+processes share the cores, so the machine's total says what bounds a burst). The baseline,
 measured in the same run against the same moto, is a plain boto3 upload of
 the same files (``put_object`` / ``upload_file``) with the same concurrency,
 all submitted at once; its latency is submission to upload done, so queueing
