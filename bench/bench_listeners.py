@@ -215,10 +215,16 @@ def _ingest_all(services: Any, tenant: str, root: Path, count: int) -> list[dict
 
 
 def run() -> dict[str, Any]:
-    from bench.bench_stream import _answers, cpu_seconds, database, free_port, process
+    from bench.bench_stream import (
+        _answers,
+        bench_tenant,
+        config_file,
+        cpu_seconds,
+        database,
+        free_port,
+        process,
+    )
     from fsrecrypt import pipeline
-    from fsrecrypt.config import Config, with_overrides
-    from fsrecrypt.web.auth import create_api_key
 
     workdir = Path(tempfile.mkdtemp(prefix="fsrecrypt-bench-listeners-"))
     aws = {
@@ -256,17 +262,9 @@ def run() -> dict[str, Any]:
             },
             "logging": {"level": "warning"},
         }
-        config = with_overrides(Config(), **sections)
-        cfg_path = workdir / "listeners.toml"
-        lines = []
-        for name, values in sections.items():
-            lines.append(f"[{name}]")
-            lines += [f"{k} = {json.dumps(v)}" for k, v in values.items()]
-        cfg_path.write_text("\n".join(lines) + "\n")
+        config, cfg_path = config_file(sections, workdir / "listeners.toml")
         services = pipeline.Services(config)
-        tenant = f"bench-listeners-{uuid.uuid4().hex[:6]}"
-        services.db.add_tenant(tenant, services.keys.create_key(f"bl-{uuid.uuid4().hex[:6]}"))
-        _row, api_key = create_api_key(services, tenant, "bench")
+        tenant, api_key = bench_tenant(services, "bench-listeners")
         t0 = time.perf_counter()
         recordings = _ingest_all(services, tenant, workdir, CLIENTS)
         ingest_s = time.perf_counter() - t0

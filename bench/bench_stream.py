@@ -175,13 +175,33 @@ def timed_http(port: int, path: str, headers: dict[str, str]) -> tuple[float, fl
     return first, elapsed, total, resp.status
 
 
+def config_file(sections: dict[str, dict[str, Any]], path: Path) -> tuple[Any, Path]:
+    """The Config for ``sections``, and the same written as TOML for a child ``serve``."""
+    from fsrecrypt.config import Config, with_overrides
+
+    lines = []
+    for name, values in sections.items():
+        lines.append(f"[{name}]")
+        lines += [f"{k} = {json.dumps(v)}" for k, v in values.items()]
+    path.write_text("\n".join(lines) + "\n")
+    return with_overrides(Config(), **sections), path
+
+
+def bench_tenant(services: Any, prefix: str) -> tuple[str, str]:
+    """A fresh tenant with its own key, and an API key for it (name, key)."""
+    from fsrecrypt.web.auth import create_api_key
+
+    tenant = f"{prefix}-{uuid.uuid4().hex[:6]}"
+    services.db.add_tenant(tenant, services.keys.create_key(f"{prefix}-{uuid.uuid4().hex[:6]}"))
+    _row, api_key = create_api_key(services, tenant, "bench")
+    return tenant, api_key
+
+
 def measure(
     backend: str, dsn: str, moto_url: str | None, workdir: Path, moto_pid: int | None = None
 ) -> dict[str, Any]:
     from fsrecrypt import format as esdk
     from fsrecrypt import pipeline
-    from fsrecrypt.config import Config, with_overrides
-    from fsrecrypt.web.auth import create_api_key
 
     sections: dict[str, dict[str, Any]] = {
         "database": {"dsn": dsn},
@@ -198,18 +218,9 @@ def measure(
             Bucket=bucket
         )
         sections["storage"] = {"backend": "s3", "bucket": bucket, "endpoint_url": moto_url or ""}
-    config = with_overrides(Config(), **sections)
-    cfg_path = workdir / f"{backend}.toml"
-    lines = []
-    for name, values in sections.items():
-        lines.append(f"[{name}]")
-        lines += [f"{k} = {json.dumps(v)}" for k, v in values.items()]
-    cfg_path.write_text("\n".join(lines) + "\n")
-
+    config, cfg_path = config_file(sections, workdir / f"{backend}.toml")
     services = pipeline.Services(config)
-    tenant = f"bench-{backend}-{uuid.uuid4().hex[:6]}"
-    services.db.add_tenant(tenant, services.keys.create_key(f"bench-{uuid.uuid4().hex[:6]}"))
-    _row, api_key = create_api_key(services, tenant, "bench")
+    tenant, api_key = bench_tenant(services, f"bench-{backend}")
     src = workdir / "recordings" / f"{backend}.wav"
     src.parent.mkdir(exist_ok=True)
     data = wav(MINUTES)
